@@ -1,0 +1,1 @@
+"""Latch's control API: devices, commands and their outcomes."""

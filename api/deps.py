@@ -1,0 +1,22 @@
+"""Dependency aliases every route reuses."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from api.auth import Principal, authenticate
+from api.runtime import Runtime
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def get_principal(request: Request) -> Principal:
+    return authenticate(request, request.app.state.runtime.settings.admin_token)
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]

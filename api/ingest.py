@@ -1,0 +1,107 @@
+"""Everything a device says, turned into state: acks, state reports, presence, telemetry, clock sync.
+
+A message that is malformed, oversized, from an unknown device or about
+another device's command is logged, counted and dropped; nothing a device
+sends can stop the API serving the others.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+
+from api.clock import now_ms
+from api.command_states import Event
+from api.commands import CommandService, Publisher
+from api.devices import DeviceRegistry
+from api.metrics import Metrics
+from protocol import messages, topics
+
+log = logging.getLogger("latch.ingest")
+
+ACK_EVENTS = {
+    messages.RECEIVED: Event.DEVICE_RECEIVED,
+    messages.SUCCEEDED: Event.DEVICE_SUCCEEDED,
+    messages.FAILED: Event.DEVICE_FAILED,
+    messages.REJECTED: Event.DEVICE_REJECTED,
+}
+
+
+class Ingest:
+    def __init__(self, registry: DeviceRegistry, commands: CommandService, publisher: Publisher,
+                 metrics: Metrics) -> None:
+        self.registry = registry
+        self.commands = commands
+        self.publisher = publisher
+        self.metrics = metrics
+
+    async def handle(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        parsed = topics.parse(topic)
+        if parsed is None:
+            self._drop("unknown_topic", topic, "not a Latch device topic")
+            return
+        device_id, kind = parsed
+        try:
+            if kind == topics.ACK:
+                await self._ack(device_id, messages.decode_ack(payload))
+            elif kind == topics.STATE:
+                await self._state(device_id, messages.decode_state(payload))
+            elif kind == topics.PRESENCE:
+                await self._presence(device_id, payload)
+            elif kind == topics.TELEMETRY:
+                await self._telemetry(device_id, messages.decode_telemetry(payload))
+            elif kind == topics.SYNC:
+                await self._sync(device_id, messages.decode_sync(payload))
+            else:
+                self._drop("unexpected_kind", topic, f"devices do not publish {kind}")
+        except messages.ProtocolError as e:
+            self._drop("malformed", topic, str(e))
+
+    def _drop(self, counter: str, topic: str, why: str) -> None:
+        self.metrics.inc(f"dropped_{counter}")
+        log.warning("dropped message on %s: %s", topic, why)
+
+    async def _ack(self, device_id: str, ack: dict) -> None:
+        cmd = await self.commands.get(ack["id"])
+        if cmd is None:
+            self._drop("unknown_command", topics.ack_topic(device_id), f"no command {ack['id']!r}")
+            return
+        if cmd.device_id != device_id:
+            # the broker fences topics, so this is a device naming another device's command
+            self._drop("foreign_ack", topics.ack_topic(device_id),
+                       f"command {cmd.id} belongs to {cmd.device_id}, not {device_id}")
+            return
+        self.metrics.inc(f"acks_{ack['result']}")
+        await self.commands.transition(cmd.id, ACK_EVENTS[ack["result"]], reason=ack.get("reason"),
+                                       detail=f"device says {ack['result']}"
+                                       + (f": {ack['reason']}" if ack.get("reason") else ""))
+        if ack.get("state"):
+            await self.registry.merge_reported(device_id, ack["state"])
+
+    async def _state(self, device_id: str, state: dict) -> None:
+        fields = {k: state[k] for k in ("locked", "battery") if k in state}
+        if not await self.registry.merge_reported(device_id, fields):
+            self._drop("unknown_device", topics.state_topic(device_id), "not in the registry")
+
+    async def _telemetry(self, device_id: str, tel: dict) -> None:
+        fields = {k: tel[k] for k in ("battery", "rssi") if tel.get(k) is not None}
+        if not await self.registry.merge_reported(device_id, fields):
+            self._drop("unknown_device", topics.telemetry_topic(device_id), "not in the registry")
+
+    async def _presence(self, device_id: str, payload: bytes) -> None:
+        online = messages.decode_presence(payload) == "online"
+        if not await self.registry.set_presence(device_id, online):
+            self._drop("unknown_device", topics.presence_topic(device_id), "not in the registry")
+            return
+        if online:
+            device = await self.registry.get(device_id)
+            if device is not None:
+                await self.commands.dispatch_queued(device)
+
+    async def _sync(self, device_id: str, req: dict) -> None:
+        device = await self.registry.get(device_id)
+        if device is None:
+            self._drop("unknown_device", topics.sync_topic(device_id), "not in the registry")
+            return
+        reply = messages.make_time_reply(device_id, req["t0"], now_ms(), binascii.unhexlify(device.command_key))
+        self.publisher.publish(topics.cmd_topic(device_id), messages.encode_command(reply), qos=0)

@@ -1,0 +1,49 @@
+"""The API's own MQTT connection: the service identity, subscribed to every device's uplink."""
+
+from __future__ import annotations
+
+import logging
+
+from mqtt_client import Handler, MqttClient
+from protocol import topics
+
+log = logging.getLogger("latch.link")
+
+UPLINK_KINDS = (topics.ACK, topics.STATE, topics.PRESENCE, topics.TELEMETRY, topics.SYNC)
+
+
+class BrokerLink:
+    """Publishes commands and feeds every device message to `handler`."""
+
+    def __init__(self, client_id: str, username: str, password: str, handler: Handler) -> None:
+        self.client = MqttClient(client_id, username=username, password=password, clean_session=False,
+                                 handler=handler)
+        self.client.on_connect_callbacks.append(self._on_connect)
+        self._host = ""
+        self._port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        self._host, self._port = host, port
+        await self.client.connect(host, port)
+        await self._subscribe()
+
+    def _on_connect(self, session_present: bool) -> None:
+        if not session_present:
+            log.info("broker has no session for the API: subscribing again")
+            import asyncio
+            asyncio.get_running_loop().create_task(self._subscribe())
+
+    async def _subscribe(self) -> None:
+        granted = await self.client.subscribe([(topics.all_devices_filter(k), 1) for k in UPLINK_KINDS])
+        if any(q == 0x80 for q in granted):
+            raise RuntimeError(f"broker refused the API's subscriptions: {granted}")
+
+    @property
+    def is_connected(self) -> bool:
+        return self.client.is_connected
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    async def stop(self) -> None:
+        await self.client.disconnect()

@@ -1,0 +1,130 @@
+"""Tables and the public shapes of the API. A table model never leaves the API as-is."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field as PField, field_validator
+from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from api.command_states import Status
+from protocol import messages, topics
+
+# ---- tables -------------------------------------------------------------------
+
+
+class Device(SQLModel, table=True):
+    id: str = Field(primary_key=True, max_length=64)
+    name: str = ""
+    secret_hash: str
+    command_key: str                      # hex; the API signs this device's commands with it
+    revoked: bool = False
+    created_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+    online: bool = False
+    last_seen: int | None = Field(default=None, sa_column=Column(BigInteger))
+    reported: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    reported_at: int | None = Field(default=None, sa_column=Column(BigInteger))
+
+
+class Command(SQLModel, table=True):
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_command_idempotency"),
+        Index("ix_command_deadline", "deadline_ms"),
+        Index("ix_command_device_created", "device_id", "created_at"),
+    )
+    id: str = Field(primary_key=True, max_length=32)
+    device_id: str = Field(foreign_key="device.id")
+    action: str
+    params: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Status.QUEUED
+    reason: str | None = None
+    owner: str
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    created_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+    expires_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+    # when the sweeper must act on a non-final command (expire or time out); NULL once final
+    deadline_ms: int | None = Field(default=None, sa_column=Column(BigInteger))
+    updated_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class CommandEvent(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    command_id: str = Field(foreign_key="command.id", index=True)
+    at: int = Field(sa_column=Column(BigInteger, nullable=False))
+    event: str
+    from_status: str | None = None
+    to_status: str | None = None
+    applied: bool = True
+    detail: str | None = None
+
+
+# ---- API shapes ---------------------------------------------------------------
+
+
+class DeviceCreate(BaseModel):
+    id: str = PField(description="1-64 characters of [A-Za-z0-9_-]", examples=["bike-0001"])
+    name: str = PField("", max_length=200)
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, v: str) -> str:
+        if not topics.valid_device_id(v):
+            raise ValueError("device id must be 1-64 characters of [A-Za-z0-9_-]")
+        return v
+
+
+class DevicePublic(BaseModel):
+    id: str
+    name: str
+    online: bool
+    last_seen: datetime | None
+    reported: dict[str, Any]
+    reported_at: datetime | None
+    created_at: datetime
+    revoked: bool
+
+
+class DeviceCredentials(DevicePublic):
+    mqtt_username: str
+    mqtt_password: str = PField(description="shown once; only its hash is stored")
+    mqtt_client_id: str
+    command_key: str = PField(description="hex HMAC-SHA256 key the device verifies commands with")
+
+
+class CommandCreate(BaseModel):
+    action: str = PField(examples=["unlock"])
+    params: dict[str, Any] = PField(default_factory=dict)
+    ttl_s: int | None = PField(None, ge=1, description="seconds the command stays valid; default 30")
+
+    @field_validator("action")
+    @classmethod
+    def _known_action(cls, v: str) -> str:
+        if v not in messages.ACTIONS:
+            raise ValueError(f"unknown action {v!r}; valid actions: {', '.join(messages.ACTIONS)}")
+        return v
+
+
+class HistoryEntry(BaseModel):
+    at: datetime
+    event: str
+    from_status: str | None
+    to_status: str | None
+    applied: bool
+    detail: str | None
+
+
+class CommandPublic(BaseModel):
+    id: str
+    device_id: str
+    action: str
+    params: dict[str, Any]
+    status: Status
+    final: bool
+    reason: str | None
+    created_at: datetime
+    expires_at: datetime
+    updated_at: datetime
+    history: list[HistoryEntry] = []

@@ -1,0 +1,40 @@
+from fastapi import APIRouter, HTTPException, Query, status
+
+from api.devices import DeviceExists, public
+from api.deps import PrincipalDep, RuntimeDep
+from api.models import DeviceCreate, DeviceCredentials, DevicePublic
+
+router = APIRouter(prefix="/v1/devices", tags=["devices"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=DeviceCredentials)
+async def register_device(body: DeviceCreate, rt: RuntimeDep, _: PrincipalDep) -> DeviceCredentials:
+    """Register a lock. The MQTT password and command key are returned here, once."""
+    try:
+        return await rt.registry.register(body)
+    except DeviceExists:
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            f"device {body.id!r} already exists; POST /v1/devices/{body.id}/credentials to rotate its secrets")
+
+
+@router.get("", response_model=list[DevicePublic])
+async def list_devices(rt: RuntimeDep, _: PrincipalDep, limit: int = Query(100, ge=1, le=1000),
+                       offset: int = Query(0, ge=0)) -> list[DevicePublic]:
+    return [public(d) for d in await rt.registry.list(limit, offset)]
+
+
+@router.get("/{device_id}", response_model=DevicePublic)
+async def get_device(device_id: str, rt: RuntimeDep, _: PrincipalDep) -> DevicePublic:
+    device = await rt.registry.get(device_id)
+    if device is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    return public(device)
+
+
+@router.post("/{device_id}/credentials", response_model=DeviceCredentials)
+async def rotate_credentials(device_id: str, rt: RuntimeDep, _: PrincipalDep) -> DeviceCredentials:
+    """New MQTT password and command key; the old ones stop working at once."""
+    creds = await rt.registry.rotate(device_id)
+    if creds is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    return creds

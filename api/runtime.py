@@ -1,0 +1,28 @@
+"""The API's live parts, built once at start-up and shared by every request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from api.commands import CommandService
+from api.db import Database
+from api.devices import DeviceRegistry
+from api.ingest import Ingest
+from api.link import BrokerLink
+from api.metrics import Metrics
+from api.sweeper import Sweeper
+from api.waiters import Waiters
+from latch.settings import Settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    registry: DeviceRegistry
+    commands: CommandService
+    ingest: Ingest
+    link: BrokerLink
+    sweeper: Sweeper
+    metrics: Metrics
+    waiters: Waiters

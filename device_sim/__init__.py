@@ -1,0 +1,1 @@
+"""A simulator of many bike locks, each running the firmware's own LockController."""

@@ -1,0 +1,36 @@
+"""Many simulated locks: started with bounded concurrency, stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterable
+
+from device_sim.lock import Behaviour, Credentials, SimulatedLock
+
+
+class Fleet:
+    def __init__(self, creds: Iterable[Credentials], behaviour: Behaviour | None = None, seed: int = 1,
+                 keepalive: int = 30) -> None:
+        rng = random.Random(seed)
+        self.locks = {c.device_id: SimulatedLock(c, behaviour or Behaviour(), random.Random(rng.random()),
+                                                 keepalive=keepalive)
+                      for c in creds}
+
+    def __getitem__(self, device_id: str) -> SimulatedLock:
+        return self.locks[device_id]
+
+    def __len__(self) -> int:
+        return len(self.locks)
+
+    async def start(self, host: str, port: int, concurrency: int = 50) -> None:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(lock: SimulatedLock) -> None:
+            async with gate:
+                await lock.start(host, port)
+
+        await asyncio.gather(*(one(lock) for lock in self.locks.values()))
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(lock.stop() for lock in self.locks.values()), return_exceptions=True)

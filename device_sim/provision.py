@@ -1,0 +1,56 @@
+"""`latch sim`: register simulated locks through the API (once) and run them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from pathlib import Path
+
+import httpx
+
+from device_sim.fleet import Fleet
+from device_sim.lock import Behaviour, Credentials
+from latch.settings import parse_broker_url
+
+
+async def ensure_registered(api_url: str, token: str, ids: list[str], cache: Path) -> list[Credentials]:
+    """Credentials for `ids`, registering (or rotating) through the API what `cache` does not hold."""
+    saved: dict[str, dict] = json.loads(cache.read_text()) if cache.exists() else {}
+    out: list[Credentials] = []
+    async with httpx.AsyncClient(base_url=api_url, headers={"Authorization": f"Bearer {token}"},
+                                 timeout=30) as http:
+        for device_id in ids:
+            entry = saved.get(device_id)
+            if entry is None:
+                r = await http.post("/v1/devices", json={"id": device_id, "name": f"Simulated {device_id}"})
+                if r.status_code == 409:
+                    r = await http.post(f"/v1/devices/{device_id}/credentials")
+                r.raise_for_status()
+                body = r.json()
+                entry = {"id": device_id, "mqtt_password": body["mqtt_password"], "command_key": body["command_key"]}
+                saved[device_id] = entry
+            out.append(Credentials.from_registration(entry))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.touch(mode=0o600)
+    cache.write_text(json.dumps(saved, indent=1))
+    return out
+
+
+async def run_sim(api_url: str, token: str, broker: str, n: int, prefix: str, behaviour: Behaviour,
+                  data_dir: Path) -> None:
+    ids = [f"{prefix}{i:04d}" for i in range(1, n + 1)]
+    creds = await ensure_registered(api_url, token, ids, data_dir / f"sim-fleet-{prefix.strip('-') or 'sim'}.json")
+    fleet = Fleet(creds, behaviour)
+    host, port = parse_broker_url(broker)
+    await fleet.start(host, port)
+    print(f"{len(fleet)} simulated locks online ({ids[0]}..{ids[-1]}) on {host}:{port}", flush=True)
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            asyncio.get_running_loop().add_signal_handler(sig, done.set)
+    try:
+        await done.wait()
+    finally:
+        await fleet.stop()

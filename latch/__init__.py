@@ -1,0 +1,1 @@
+"""The `latch` command: composes the broker, the API and the simulator."""

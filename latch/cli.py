@@ -1,0 +1,186 @@
+"""The `latch` command line. Every option is also an environment variable (LATCH_<OPTION>)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from latch.settings import Settings
+
+log = logging.getLogger("latch")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; env LATCH_HOST)")
+    p.add_argument("--data-dir", type=Path, help="SQLite database and secrets (default ./latch-data)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default sqlite+aiosqlite:///DATA_DIR/latch.db)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _broker_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mqtt-port", type=int, help="MQTT port (default 1883; 0 = any free port)")
+    p.add_argument("--ws-port", type=int, help="MQTT over WebSocket port (off unless given)")
+    p.add_argument("--tls-cert", type=Path, help="PEM server certificate for an MQTT TLS listener")
+    p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
+    p.add_argument("--tls-port", type=int, help="MQTT TLS port (default 8883)")
+    p.add_argument("--allow-anonymous", action="store_true", default=None,
+                   help="development only: accept MQTT clients without credentials (fenced off Latch topics)")
+
+
+def _api_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0 = any free port)")
+    p.add_argument("--broker", help="use this MQTT broker (mqtt://HOST:PORT) instead of HOST:--mqtt-port")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latch", description="Latch: device commands over MQTT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="broker + API (+ a simulated demo fleet), all in one process")
+    _common(serve), _broker_opts(serve), _api_opts(serve)
+    serve.add_argument("--demo-fleet", type=int, metavar="N", help="also run N simulated locks (bike-0001..)")
+
+    broker = sub.add_parser("broker", help="the MQTT broker alone")
+    _common(broker), _broker_opts(broker)
+
+    api = sub.add_parser("api", help="the control API alone, against a running broker")
+    _common(api), _api_opts(api)
+    api.add_argument("--mqtt-port", type=int, help="port of the broker on --host (when --broker is not given)")
+
+    sim = sub.add_parser("sim", help="simulated locks against a running broker")
+    sim.add_argument("--devices", type=int, default=100)
+    sim.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT of the MQTT broker")
+    sim.add_argument("--api", default="http://127.0.0.1:8000", help="API that registers the simulated locks")
+    sim.add_argument("--token", help="operator token (default: LATCH_ADMIN_TOKEN or DATA_DIR/admin.token)")
+    sim.add_argument("--data-dir", type=Path, help="where the fleet's credentials are kept")
+    sim.add_argument("--prefix", default="sim-", help="device ids are PREFIX0001..")
+    sim.add_argument("--actuation-delay", type=float, default=0.05, help="seconds the motor runs")
+    sim.add_argument("--ack-delay", type=float, default=0.0, help="seconds before a lock reacts")
+    sim.add_argument("--jam-rate", type=float, default=0.0, help="share of actuations that jam")
+    sim.add_argument("--drop-rate", type=float, default=0.0, help="share of commands never answered")
+    sim.add_argument("--log-level", default="INFO")
+
+    try:
+        from firmware.tools import add_parser as add_firmware
+    except ImportError:
+        pass
+    else:
+        add_firmware(sub)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items()
+                 if v is not None and k in Settings.model_fields}
+    return Settings(**overrides)
+
+
+async def _until_signalled(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, done.set)
+    await start()
+    try:
+        await done.wait()
+    finally:
+        await stop()
+
+
+async def _serve(settings: Settings, demo_fleet: int, embedded_broker: bool) -> None:
+    from latch.stack import Stack
+
+    stack = Stack(settings, embedded_broker=embedded_broker, demo_fleet=demo_fleet)
+
+    async def start() -> None:
+        await stack.start()
+        host, port = settings.broker_address()
+        print(f"Latch is running.\n"
+              f"  API:            {stack.api_url}\n"
+              f"  OpenAPI page:   {stack.api_url}/docs\n"
+              f"  MQTT broker:    mqtt://{host}:{port}" + ("" if embedded_broker else " (external)") + "\n"
+              f"  Operator token: {settings.admin_token}\n"
+              + (f"  Demo fleet:     {demo_fleet} simulated locks, bike-0001..bike-{demo_fleet:04d}\n" if demo_fleet else "")
+              + f"Try:\n  curl -s -X POST -H 'Authorization: Bearer {settings.admin_token}' "
+              f"-H 'Content-Type: application/json' -d '{{\"action\": \"unlock\"}}' "
+              f"'{stack.api_url}/v1/devices/bike-0001/commands?wait=5'\n", flush=True)
+
+    await _until_signalled(start, stack.stop)
+
+
+async def _broker(settings: Settings) -> None:
+    from api.db import Database, create_schema, make_engine
+    from broker.credentials import SqlCredentialStore
+    from broker.server import BrokerOptions, EmbeddedBroker
+
+    settings.ensure_secrets()
+    db = Database(make_engine(settings.resolved_database_url()))
+    broker = EmbeddedBroker(BrokerOptions(host=settings.host, port=settings.mqtt_port, ws_port=settings.ws_port,
+                                          tls_cert=settings.tls_cert, tls_key=settings.tls_key,
+                                          tls_port=settings.tls_port, allow_anonymous=settings.allow_anonymous),
+                            SqlCredentialStore(db.engine, settings.service_secret or ""))
+
+    async def start() -> None:
+        await create_schema(db.engine)
+        await broker.start()
+        print("Latch broker listening: " + ", ".join(f"{k} {settings.host}:{v}" for k, v in broker.ports.items()),
+              flush=True)
+
+    async def stop() -> None:
+        await broker.stop()
+        await db.engine.dispose()
+
+    await _until_signalled(start, stop)
+
+
+async def _sim(args: argparse.Namespace) -> None:
+    from device_sim.lock import Behaviour
+    from device_sim.provision import run_sim
+
+    behaviour = Behaviour(ack_delay_s=args.ack_delay, actuation_delay_s=args.actuation_delay,
+                          jam_rate=args.jam_rate, drop_rate=args.drop_rate)
+    settings = Settings(**({"data_dir": args.data_dir} if args.data_dir else {}))
+    token = args.token or settings.admin_token
+    if token is None:
+        token_file = settings.data_dir / "admin.token"
+        if not token_file.exists():
+            raise SystemExit(f"no operator token: pass --token, set LATCH_ADMIN_TOKEN or create {token_file}")
+        token = token_file.read_text().strip()
+    await run_sim(args.api, token, args.broker, args.devices, args.prefix, behaviour, settings.data_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("amqtt").setLevel(logging.WARNING)
+    logging.getLogger("gmqtt").setLevel(logging.WARNING)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    if args.command == "sim":
+        asyncio.run(_sim(args))
+        return
+    if args.command not in ("serve", "broker", "api"):
+        args.func(args)  # subcommands that bring their own handler (firmware tools)
+        return
+    settings = settings_from(args)
+    try:
+        if args.command == "serve":
+            demo = args.demo_fleet if args.demo_fleet is not None else settings.demo_fleet
+            asyncio.run(_serve(settings, demo, embedded_broker=settings.broker is None))
+        elif args.command == "broker":
+            asyncio.run(_broker(settings))
+        else:
+            asyncio.run(_serve(settings, 0, embedded_broker=False))
+    except OSError as e:
+        raise SystemExit(f"latch {args.command}: {e}") from e
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,71 @@
+"""Every setting of Latch, in one place. Each is also an environment variable LATCH_<NAME>."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LATCH_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    mqtt_port: int = 1883
+    ws_port: int | None = None
+    data_dir: Path = Path("latch-data")
+    database_url: str | None = None
+    # where the API and simulator find the broker; default: the embedded one on host:mqtt_port
+    broker: str | None = None
+    admin_token: str | None = None
+    service_secret: str | None = None
+    allow_anonymous: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_port: int | None = None
+
+    # command timing
+    settle_grace_s: float = Field(5.0, description="after expiry, how long a device may still report the outcome")
+    max_wait_s: float = 60.0
+    max_ttl_s: int = 3600
+    default_ttl_s: int = 30
+    api_client_id: str = "latch-api"
+
+    demo_fleet: int = 0
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'latch.db'}"
+
+    def broker_address(self) -> tuple[str, int]:
+        if self.broker:
+            return parse_broker_url(self.broker)
+        return self.host, self.mqtt_port
+
+    def ensure_secrets(self) -> None:
+        """Fill admin token and service secret from the data dir, generating them on first start."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.admin_token is None:
+            self.admin_token = _stored_secret(self.data_dir / "admin.token")
+        if self.service_secret is None:
+            self.service_secret = _stored_secret(self.data_dir / "service.secret")
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """'mqtt://host:port' or 'host:port' -> (host, port)."""
+    rest = url.split("://", 1)[1] if "://" in url else url
+    host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"broker address {url!r} must look like mqtt://HOST:PORT or HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _stored_secret(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(32)
+    path.touch(mode=0o600)
+    path.write_text(value + "\n")
+    return value

@@ -1,0 +1,127 @@
+"""Latch in one process: the embedded broker, the API under uvicorn, and optionally a demo fleet.
+
+`latch serve` runs this, and the tests start the very same thing on
+ephemeral loopback ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from api.app import create_app
+from api.db import Database, create_schema, make_engine
+from api.devices import DeviceExists, DeviceRegistry
+from api.models import DeviceCreate
+from broker.credentials import SqlCredentialStore
+from broker.server import BrokerOptions, EmbeddedBroker
+from device_sim.fleet import Fleet
+from device_sim.lock import Behaviour, Credentials
+from latch.settings import Settings
+
+log = logging.getLogger("latch")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+class Stack:
+    def __init__(self, settings: Settings, *, embedded_broker: bool = True, demo_fleet: int = 0,
+                 fleet_behaviour: Behaviour | None = None) -> None:
+        settings.ensure_secrets()
+        self.settings = settings
+        self.embedded_broker = embedded_broker
+        self.demo_fleet = demo_fleet
+        self.fleet_behaviour = fleet_behaviour
+        self.db = Database(make_engine(settings.resolved_database_url()))
+        self.broker: EmbeddedBroker | None = None
+        self.fleet: Fleet | None = None
+        self._server: uvicorn.Server | None = None
+        self._server_task: asyncio.Task[None] | None = None
+        self.http_port = 0
+
+    @property
+    def api_url(self) -> str:
+        host = self.settings.host
+        return f"http://[{host}]:{self.http_port}" if ":" in host else f"http://{host}:{self.http_port}"
+
+    async def start(self) -> None:
+        await create_schema(self.db.engine)
+        s = self.settings
+        if self.embedded_broker:
+            self.broker = EmbeddedBroker(
+                BrokerOptions(host=s.host, port=s.mqtt_port, ws_port=s.ws_port, tls_cert=s.tls_cert,
+                              tls_key=s.tls_key, tls_port=s.tls_port, allow_anonymous=s.allow_anonymous),
+                SqlCredentialStore(self.db.engine, s.service_secret or ""))
+            await self.broker.start()
+            s.mqtt_port = self.broker.port
+        app = create_app(s, self.db)
+        sock = bind_socket(s.host, s.http_port)
+        self.http_port = sock.getsockname()[1]
+        self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                                     timeout_graceful_shutdown=2))
+        self._server_task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:  # uvicorn flips this after the lifespan startup completed
+            if self._server_task.done():
+                await self._server_task
+                raise RuntimeError("the API server stopped during start-up")
+            await asyncio.sleep(0.01)
+        if self.demo_fleet:
+            creds = await demo_credentials(DeviceRegistry(self.db), self.demo_fleet,
+                                           s.data_dir / "demo-fleet.json")
+            self.fleet = Fleet(creds, self.fleet_behaviour)
+            host, port = s.broker_address()
+            await self.fleet.start(host, port)
+
+    async def stop(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.stop()
+        if self._server is not None and self._server_task is not None:
+            self._server.should_exit = True
+            await asyncio.gather(self._server_task, return_exceptions=True)
+        if self.broker is not None:
+            await self.broker.stop()
+        await self.db.engine.dispose()
+
+    async def __aenter__(self) -> "Stack":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def demo_credentials(registry: DeviceRegistry, n: int, path: Path) -> list[Credentials]:
+    """bike-0001..bike-N, registered on first use; their secrets kept in `path` (mode 0600)."""
+    saved: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    out: list[Credentials] = []
+    changed = False
+    for i in range(1, n + 1):
+        device_id = f"bike-{i:04d}"
+        entry = saved.get(device_id)
+        if entry is None or await registry.get(device_id) is None:
+            try:
+                reg = await registry.register(DeviceCreate(id=device_id, name=f"Demo bike {i}"))
+            except DeviceExists:
+                reg = await registry.rotate(device_id)
+                assert reg is not None
+            entry = {"id": device_id, "mqtt_password": reg.mqtt_password, "command_key": reg.command_key}
+            saved[device_id] = entry
+            changed = True
+        out.append(Credentials.from_registration(entry))
+    if changed:
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(saved, indent=1))
+    return out

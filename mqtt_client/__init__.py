@@ -1,0 +1,145 @@
+"""The thin MQTT 3.1.1 client the API and the simulator share, over gmqtt.
+
+gmqtt defaults to MQTT 5, which amqtt does not speak (the CONNECT hangs), so
+every connection here is MQTT 3.1.1. Inbound QoS 1 messages are acknowledged
+only after the handler returns: a message the handler did not finish is
+redelivered by the broker, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import gmqtt
+from gmqtt.mqtt.constants import MQTTv311
+
+log = logging.getLogger("latch.mqtt")
+
+Handler = Callable[[str, bytes, int, bool], Awaitable[None]]
+
+
+class MqttError(Exception):
+    """Base of this module's errors."""
+
+
+class MqttConnectError(MqttError):
+    """The broker could not be reached or refused the login."""
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttClient:
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        clean_session: bool = False,
+        will: Will | None = None,
+        handler: Handler | None = None,
+        keepalive: int = 30,
+        reconnect_delay: float = 1.0,
+    ) -> None:
+        will_message = None
+        if will is not None:
+            will_message = gmqtt.Message(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        self._client = gmqtt.Client(client_id, clean_session=clean_session,
+                                    optimistic_acknowledgement=False, will_message=will_message)
+        if username is not None:
+            self._client.set_auth_credentials(username, password)
+        self._client.set_config({"reconnect_retries": -1, "reconnect_delay": reconnect_delay})
+        self._handler = handler
+        self._keepalive = keepalive
+        self._subscribed: dict[int, asyncio.Future[list[int]]] = {}
+        self.connected = asyncio.Event()
+        self.client_id = client_id
+        self.on_connect_callbacks: list[Callable[[bool], None]] = []
+        self._refused: int | None = None
+        self._client.on_message = self._on_message
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
+
+    async def connect(self, host: str, port: int, *, tls: ssl.SSLContext | bool = False,
+                      timeout: float = 10.0) -> None:
+        try:
+            await asyncio.wait_for(
+                self._client.connect(host, port, ssl=tls, keepalive=self._keepalive, version=MQTTv311),
+                timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            raise MqttConnectError(f"cannot connect to MQTT broker at {host}:{port}: {e!r}") from e
+        except Exception as e:  # gmqtt raises its own types for a refused CONNACK
+            raise MqttConnectError(f"MQTT broker at {host}:{port} refused {self.client_id!r}: {e}") from e
+        if self._refused:
+            raise MqttConnectError(f"MQTT broker at {host}:{port} refused {self.client_id!r} (code {self._refused})")
+
+    async def disconnect(self) -> None:
+        self.connected.clear()
+        try:
+            await self._client.disconnect()
+        except Exception:  # already gone: nothing left to close
+            log.debug("disconnect of %s failed", self.client_id, exc_info=True)
+
+    async def subscribe(self, filters: list[tuple[str, int]], timeout: float = 10.0) -> list[int]:
+        """Subscribe and wait for the SUBACK; returns the granted QoS per filter (128 = refused)."""
+        subs = [gmqtt.Subscription(t, qos=q) for t, q in filters]
+        mid = self._client.subscribe(subs)
+        fut: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._subscribed[mid] = fut
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._subscribed.pop(mid, None)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._client.is_connected
+
+    # gmqtt callbacks
+    def _on_connect(self, client: gmqtt.Client, flags: int, rc: int, properties: dict) -> None:
+        self.connected.set()
+        for cb in self.on_connect_callbacks:
+            cb(bool(flags))
+
+    def _on_disconnect(self, client: gmqtt.Client, packet: bytes | None, exc: Exception | None = None) -> None:
+        self.connected.clear()
+
+    def _on_subscribe(self, client: gmqtt.Client, mid: int, qos: tuple[int, ...], properties: dict) -> None:
+        fut = self._subscribed.get(mid)
+        if fut is not None and not fut.done():
+            fut.set_result(list(qos))
+
+    async def _on_message(self, client: gmqtt.Client, topic: str, payload: bytes, qos: int,
+                          properties: dict) -> int:
+        if self._handler is not None:
+            try:
+                await self._handler(topic, payload, qos, bool(properties.get("retain")))
+            except Exception:
+                # one bad message must not wedge the session by being redelivered forever
+                log.exception("handler failed for a message on %s", topic)
+        return 0
+
+
+def drop_connection(client: MqttClient) -> None:
+    """Cut the TCP connection without a DISCONNECT, as a lock losing power would (the will fires)."""
+    gm = client._client
+    gm._is_active = False          # no automatic reconnect after this
+    conn = gm._connection
+    if conn is not None:
+        conn._transport.abort()
+    client.connected.clear()

@@ -1,0 +1,110 @@
+"""The topic scheme: the only place a Latch topic string is built or parsed.
+
+    latch/v1/d/<device_id>/cmd        API -> device   commands (QoS 1)
+    latch/v1/d/<device_id>/ack        device -> API   receipt and outcome of a command (QoS 1)
+    latch/v1/d/<device_id>/state      device -> API   reported state, retained (QoS 1)
+    latch/v1/d/<device_id>/presence   device -> API   "online"/"offline", retained, the will (QoS 1)
+    latch/v1/d/<device_id>/telemetry  device -> API   battery, signal (QoS 0)
+    latch/v1/d/<device_id>/sync       device -> API   clock sync request; the reply comes on cmd
+
+Device ids are 1-64 characters of [A-Za-z0-9_-]: never a wildcard, a slash
+or a leading '$', so a device id can be substituted into a topic safely.
+"""
+
+PREFIX = "latch/v1/d/"
+
+CMD = "cmd"
+ACK = "ack"
+STATE = "state"
+PRESENCE = "presence"
+TELEMETRY = "telemetry"
+
+SYNC = "sync"
+
+# What a device may publish (to its own topics only) and receive.
+DEVICE_PUBLISH_KINDS = (ACK, STATE, PRESENCE, TELEMETRY, SYNC)
+DEVICE_SUBSCRIBE_KINDS = (CMD,)
+KINDS = (CMD, ACK, STATE, PRESENCE, TELEMETRY, SYNC)
+
+MAX_DEVICE_ID_LEN = 64
+_ID_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
+
+
+def valid_device_id(device_id):
+    """True when `device_id` is safe to put in a topic and a URL."""
+    if not isinstance(device_id, str) or not 0 < len(device_id) <= MAX_DEVICE_ID_LEN:
+        return False
+    for ch in device_id:
+        if ch not in _ID_CHARS:
+            return False
+    return True
+
+
+def topic(device_id, kind):
+    """The topic of `kind` for one device; raises ValueError on a bad id or kind."""
+    if not valid_device_id(device_id):
+        raise ValueError("invalid device id %r: use 1-64 of [A-Za-z0-9_-]" % (device_id,))
+    if kind not in KINDS:
+        raise ValueError("unknown topic kind %r" % (kind,))
+    return PREFIX + device_id + "/" + kind
+
+
+def cmd_topic(device_id):
+    return topic(device_id, CMD)
+
+
+def ack_topic(device_id):
+    return topic(device_id, ACK)
+
+
+def state_topic(device_id):
+    return topic(device_id, STATE)
+
+
+def presence_topic(device_id):
+    return topic(device_id, PRESENCE)
+
+
+def telemetry_topic(device_id):
+    return topic(device_id, TELEMETRY)
+
+
+def all_devices_filter(kind):
+    """The subscription filter matching `kind` for every device (the API's view)."""
+    if kind not in KINDS:
+        raise ValueError("unknown topic kind %r" % (kind,))
+    return PREFIX + "+/" + kind
+
+
+def parse(topic_name):
+    """(device_id, kind) for a Latch device topic, or None for anything else."""
+    if not isinstance(topic_name, str) or not topic_name.startswith(PREFIX):
+        return None
+    rest = topic_name[len(PREFIX):]
+    parts = rest.split("/")
+    if len(parts) != 2:
+        return None
+    device_id, kind = parts
+    if kind not in KINDS or not valid_device_id(device_id):
+        return None
+    return device_id, kind
+
+
+def device_may_publish(device_id, topic_name):
+    """The broker's publish fence for a device identity."""
+    parsed = parse(topic_name)
+    return parsed is not None and parsed[0] == device_id and parsed[1] in DEVICE_PUBLISH_KINDS
+
+
+def device_may_subscribe(device_id, topic_filter):
+    """The broker's subscribe fence: a device subscribes to its own command topic, exactly."""
+    return topic_filter == PREFIX + device_id + "/" + CMD if valid_device_id(device_id) else False
+
+
+def device_may_receive(device_id, topic_name):
+    """The broker's delivery fence: a device receives only its own commands."""
+    return device_may_subscribe(device_id, topic_name)
+
+
+def sync_topic(device_id):
+    return topic(device_id, SYNC)

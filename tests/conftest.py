@@ -1,0 +1,39 @@
+"""Shared fixtures: the real stack on ephemeral loopback ports, real MQTT clients, simulated locks.
+
+In CI (LATCH_REQUIRE_ALL set) a skipped test fails the run: nothing may
+quietly not run because a dependency is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from latch.stack import Stack
+from tests.support import REQUIRE_ALL, LiveStack, make_settings
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not REQUIRE_ALL:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if skipped:
+        reporter.write_line(f"LATCH_REQUIRE_ALL: {skipped} test(s) skipped; skips are failures here", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[LiveStack]:
+    async with Stack(make_settings(tmp_path)) as st:
+        async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
+                                     headers={"Authorization": f"Bearer {st.settings.admin_token}"}) as http:
+            live = LiveStack(st, http)
+            try:
+                yield live
+            finally:
+                await asyncio.gather(*(lock.stop() for lock in live.locks), return_exceptions=True)

@@ -1,0 +1,58 @@
+"""The simulator: a fleet comes online, answers commands, and its fault knobs do what they say."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from api.models import DeviceCreate
+from device_sim.fleet import Fleet
+from device_sim.lock import Behaviour, Credentials
+from tests.support import LiveStack, eventually
+
+FLEET = 1000
+
+
+async def test_a_thousand_locks_come_online_and_answer(stack: LiveStack) -> None:
+    registry = stack.runtime.registry
+    creds = [Credentials.from_registration((await registry.register(DeviceCreate(id=f"f{i:04d}"))).model_dump())
+             for i in range(FLEET)]
+    fleet = Fleet(creds, Behaviour(actuation_delay_s=0.01))
+    await fleet.start(stack.mqtt_host, stack.mqtt_port)
+    try:
+        async def all_online() -> bool:
+            devices = (await stack.http.get("/v1/devices", params={"limit": 1000})).json()
+            return sum(d["online"] for d in devices) == FLEET
+        await eventually(all_online, timeout=60, interval=0.2, what=f"{FLEET} locks online")
+        picks = random.Random(7).sample(range(FLEET), 20)
+        rs = await asyncio.gather(*(stack.command(f"f{i:04d}", "unlock") for i in picks))
+        assert [r.json()["status"] for r in rs] == ["succeeded"] * len(picks)
+        assert sum(len(lock.actuations) for lock in fleet.locks.values()) == len(picks)
+    finally:
+        await fleet.stop()
+
+
+async def test_jam_and_drop_knobs(stack: LiveStack) -> None:
+    jammed = await stack.lock("s-jam", Behaviour(actuation_delay_s=0.01, jam_rate=1.0))
+    assert (await stack.command("s-jam", "unlock")).json()["status"] == "failed"
+    assert jammed.controller.locked is True                      # the sensor did not move
+    await stack.lock("s-drop", Behaviour(drop_rate=1.0))
+    r = await stack.command("s-drop", "report", wait=0.3)
+    assert r.json()["status"] == "sent"
+
+
+async def test_ack_delay_delays_receipt(stack: LiveStack) -> None:
+    await stack.lock("s-slow", Behaviour(ack_delay_s=0.3, actuation_delay_s=0.01))
+    r = await stack.command("s-slow", "unlock", wait=0.1)
+    assert r.json()["status"] == "sent"
+    done = await stack.http.get(f"/v1/commands/{r.json()['id']}", params={"wait": 5})
+    assert done.json()["status"] == "succeeded"
+
+
+async def test_lock_goes_offline_gracefully_and_comes_back(stack: LiveStack) -> None:
+    lock = await stack.lock("s-away")
+    await lock.stop()
+    await stack.wait_presence("s-away", False)
+    await stack.start_lock(lock)
+    assert (await stack.command("s-away", "unlock")).json()["status"] == "succeeded"
+    await eventually(lambda: lock.controller.locked is False, what="sensor to read unlocked")

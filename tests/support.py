@@ -1,0 +1,101 @@
+"""Helpers for tests: the live stack and its conveniences, polling with a deadline, require()."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from device_sim.lock import Behaviour, Credentials, SimulatedLock
+from latch.settings import Settings
+from latch.stack import Stack
+
+REQUIRE_ALL = bool(os.environ.get("LATCH_REQUIRE_ALL"))
+
+
+def require(condition: bool, what: str) -> None:
+    """Skip when `what` is missing locally; fail in CI."""
+    if condition:
+        return
+    if REQUIRE_ALL:
+        pytest.fail(f"required for this test and missing: {what}")
+    pytest.skip(f"missing: {what}")
+
+
+async def eventually(check: Callable[[], Awaitable[Any] | Any], timeout: float = 5.0,
+                     interval: float = 0.01, what: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy, failing after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class LiveStack:
+    """A started Stack plus the helpers tests use on it."""
+
+    def __init__(self, stack: Stack, http: httpx.AsyncClient) -> None:
+        self.stack = stack
+        self.settings = stack.settings
+        self.http = http
+        self.api_url = stack.api_url
+        self.admin_token = stack.settings.admin_token
+        self.mqtt_host = stack.settings.host
+        self.mqtt_port = stack.settings.mqtt_port
+        self.locks: list[SimulatedLock] = []
+
+    @property
+    def runtime(self):  # type: ignore[no-untyped-def]
+        return self.stack._server.config.app.state.runtime  # type: ignore[union-attr]
+
+    async def register(self, device_id: str) -> dict:
+        r = await self.http.post("/v1/devices", json={"id": device_id})
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    async def lock(self, device_id: str, behaviour: Behaviour | None = None, online: bool = True) -> SimulatedLock:
+        """Register a device and run a simulated lock for it; waits until the API sees it online."""
+        creds = Credentials.from_registration(await self.register(device_id))
+        lock = SimulatedLock(creds, behaviour or Behaviour(actuation_delay_s=0.01))
+        self.locks.append(lock)
+        if online:
+            await self.start_lock(lock)
+        return lock
+
+    async def start_lock(self, lock: SimulatedLock) -> None:
+        await lock.start(self.mqtt_host, self.mqtt_port)
+        await self.wait_presence(lock.device_id, True)
+
+    async def wait_presence(self, device_id: str, online: bool) -> None:
+        async def seen() -> bool:
+            r = await self.http.get(f"/v1/devices/{device_id}")
+            return r.json()["online"] is online
+        await eventually(seen, what=f"{device_id} online={online}")
+
+    async def command(self, device_id: str, action: str = "unlock", wait: float = 5, **body: Any) -> httpx.Response:
+        return await self.http.post(f"/v1/devices/{device_id}/commands", params={"wait": wait},
+                                    json={"action": action, **body})
+
+    async def metrics(self) -> dict[str, int]:
+        return (await self.http.get("/v1/metrics")).json()["counts"]
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(data_dir=tmp_path / "data", http_port=0, mqtt_port=0, host="127.0.0.1",
+                                  settle_grace_s=0.5, admin_token="test-admin-token")
+    values.update(overrides)
+    return Settings(**values)
+
+
