@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.commands import CommandService
-from api.db import Database, create_schema, make_engine
+from api.db import Database
 from api.devices import DeviceRegistry
 from api.ingest import Ingest
 from api.link import BrokerLink
@@ -42,12 +42,12 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     """The API. `db` may be shared with an embedded broker; otherwise one is made from the settings."""
     settings.ensure_secrets()
     own_db = db is None
-    database = db or Database(make_engine(settings.resolved_database_url()))
+    database = db or Database(settings.resolved_database_url())
     runtime = build_runtime(settings, database)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await create_schema(database.engine)
+        await database.create_schema()
         host, port = settings.broker_address()
         await runtime.link.start(host, port)
         runtime.sweeper.start()
@@ -57,7 +57,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
             await runtime.sweeper.stop()
             await runtime.link.stop()
             if own_db:
-                await database.engine.dispose()
+                await database.close()
 
     app = FastAPI(title="Latch", version="0.1.0", lifespan=lifespan,
                   description="Press Unlock, a lock opens, exactly once. Operator API: "

@@ -19,11 +19,12 @@ from typing import Protocol
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from api.clock import now_ms, to_datetime
 from api.command_states import Event, Status, advance, is_final
 from api.db import Database
+from api.devices import merge_reported
 from api.metrics import Metrics
 from api.models import Command, CommandCreate, CommandEvent, CommandPublic, Device, HistoryEntry
 from api.waiters import Waiters
@@ -41,6 +42,10 @@ class Publisher(Protocol):
     def is_connected(self) -> bool: ...
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
+
+
+class ForeignCommand(Exception):
+    """A device answered for a command that belongs to another device."""
 
 
 class IdempotencyConflict(Exception):
@@ -65,9 +70,20 @@ def public(cmd: Command, history: list[CommandEvent] | None = None) -> CommandPu
     )
 
 
+def new_command_id() -> str:
+    return uuid.uuid4().hex
+
+
 def _request_hash(device_id: str, body: CommandCreate) -> str:
     text = json.dumps({"device": device_id, **body.model_dump()}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def wait_until(fut: asyncio.Future[None], timeout: float) -> None:
+    try:
+        await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        pass
 
 
 class CommandService:
@@ -82,79 +98,80 @@ class CommandService:
 
     # ---- create -----------------------------------------------------------------
     async def create(self, device: Device, body: CommandCreate, owner: str,
-                     idempotency_key: str | None) -> tuple[Command, bool]:
-        """(command, created). A repeated Idempotency-Key with the same request returns the first command."""
+                     idempotency_key: str | None, command_id: str | None = None) -> tuple[Command, bool]:
+        """(command, created). A repeated Idempotency-Key with the same request returns the first command.
+
+        The command is written with its first state changes in one transaction (queued, then
+        dispatched or failed fast), and published after the commit.
+        """
         req_hash = _request_hash(device.id, body) if idempotency_key else None
-        if idempotency_key:
-            existing = await self._by_idempotency_key(owner, idempotency_key)
-            if existing is not None:
-                return self._replay(existing, req_hash), False
         now = now_ms()
         ttl_s = min(body.ttl_s or self.settings.default_ttl_s, self.settings.max_ttl_s)
-        cmd = Command(id=uuid.uuid4().hex, device_id=device.id, action=body.action, params=body.params,
+        cmd = Command(id=command_id or new_command_id(), device_id=device.id, action=body.action, params=body.params,
                       status=Status.QUEUED, owner=owner, idempotency_key=idempotency_key,
-                      request_hash=req_hash, created_at=now, expires_at=now + ttl_s * 1000,
-                      deadline_ms=now + ttl_s * 1000, updated_at=now)
-        async with self.db.session() as s:
+                      request_hash=req_hash, created_at=now, expires_at=now + ttl_s * 1000, updated_at=now)
+        events = [CommandEvent(command_id=cmd.id, at=now, event="created", to_status=Status.QUEUED,
+                               detail=f"ttl {ttl_s}s, by {owner}")]
+        publish = False
+        if device.online and self.publisher.is_connected:
+            publish = True
+            self._apply(cmd, Event.DISPATCH, None, None, now, events)
+        elif body.action in messages.FAIL_FAST_OFFLINE:
+            reason = OFFLINE_REASON.format(action=body.action) if not device.online else NO_BROKER_REASON
+            self._apply(cmd, Event.DEVICE_OFFLINE, reason, None, now, events)
+        cmd.deadline_ms = self._deadline(Status(cmd.status), cmd)
+
+        def insert(s: Session) -> Command | None:
+            """The new command, or the earlier one holding this Idempotency-Key."""
+            if idempotency_key:
+                existing = s.exec(select(Command).where(Command.owner == owner,
+                                                        Command.idempotency_key == idempotency_key)).first()
+                if existing is not None:
+                    return existing
             s.add(cmd)
-            s.add(CommandEvent(command_id=cmd.id, at=now, event="created", to_status=Status.QUEUED,
-                               detail=f"ttl {ttl_s}s, by {owner}"))
-            try:
-                await s.commit()
-            except IntegrityError:
-                await s.rollback()
-                existing = await self._by_idempotency_key(owner, idempotency_key or "")
-                if existing is None:
-                    raise
-                return self._replay(existing, req_hash), False
+            s.add_all(events)
+            s.commit()
+            return None
+
+        try:
+            existing = await self.db.write(insert)
+        except IntegrityError:   # another writer took the key between our check and insert
+            existing = await self.db.read(lambda s: s.exec(select(Command).where(
+                Command.owner == owner, Command.idempotency_key == idempotency_key)).first())
+            if existing is None:
+                raise
+        if existing is not None:
+            if existing.request_hash != req_hash:
+                raise IdempotencyConflict(existing.id)
+            return existing, False
         self.metrics.inc("commands_created")
-        self.deadline_changed(cmd.expires_at)
-        if not device.online:
-            if body.action in messages.FAIL_FAST_OFFLINE:
-                out = await self.transition(cmd.id, Event.DEVICE_OFFLINE,
-                                            reason=OFFLINE_REASON.format(action=body.action))
-                return out.command if out else cmd, True
-            return cmd, True  # waits, queued, until the device comes online or the command expires
-        return await self.dispatch(cmd, device.command_key), True
-
-    def _replay(self, existing: Command, req_hash: str | None) -> Command:
-        if existing.request_hash != req_hash:
-            raise IdempotencyConflict(existing.id)
-        return existing
-
-    async def _by_idempotency_key(self, owner: str, key: str) -> Command | None:
-        async with self.db.session() as s:
-            rows = await s.exec(select(Command).where(Command.owner == owner, Command.idempotency_key == key))
-            return rows.first()
+        if publish:
+            self._publish(cmd, device.command_key)
+        self._after_change(cmd)
+        return cmd, True
 
     # ---- dispatch ---------------------------------------------------------------
-    async def dispatch(self, cmd: Command, command_key: str) -> Command:
-        """Mark the command sent and publish it, once: only the caller whose transition applied publishes."""
-        if not self.publisher.is_connected:
-            if cmd.action in messages.FAIL_FAST_OFFLINE:
-                out = await self.transition(cmd.id, Event.DEVICE_OFFLINE, reason=NO_BROKER_REASON)
-                return out.command if out else cmd
-            return cmd
+    def _publish(self, cmd: Command, command_key: str) -> None:
         msg = messages.make_command(cmd.id, cmd.device_id, cmd.action, cmd.params, cmd.created_at,
                                     cmd.expires_at, key=binascii.unhexlify(command_key))
-        out = await self.transition(cmd.id, Event.DISPATCH)
-        if out is None or not out.applied:
-            return out.command if out else cmd
         self.publisher.publish(topics.cmd_topic(cmd.device_id), messages.encode_command(msg), qos=1)
         self.metrics.inc("commands_sent")
-        return out.command
 
     async def dispatch_queued(self, device: Device) -> int:
-        """The device came online: send what waited for it."""
+        """The device came online: send what waited for it, once (only a transition that applied publishes)."""
+        if not self.publisher.is_connected:
+            return 0
         now = now_ms()
-        async with self.db.session() as s:
-            rows = await s.exec(select(Command).where(
-                Command.device_id == device.id, Command.status == Status.QUEUED, Command.expires_at > now,
-            ).order_by(col(Command.created_at)))
-            queued = list(rows.all())
-        for cmd in queued:
-            await self.dispatch(cmd, device.command_key)
-        return len(queued)
+        queued = await self.db.read(lambda s: list(s.exec(select(Command.id).where(
+            Command.device_id == device.id, Command.status == Status.QUEUED, Command.expires_at > now,
+        ).order_by(col(Command.created_at))).all()))
+        sent = 0
+        for command_id in queued:
+            out = await self.transition(command_id, Event.DISPATCH)
+            if out is not None and out.applied:
+                self._publish(out.command, device.command_key)
+                sent += 1
+        return sent
 
     # ---- state changes ------------------------------------------------------------
     def _deadline(self, status: Status, cmd: Command) -> int | None:
@@ -164,91 +181,122 @@ class CommandService:
             return cmd.expires_at + int(self.settings.settle_grace_s * 1000)
         return None
 
+    def _apply(self, cmd: Command, event: Event, reason: str | None, detail: str | None, now: int,
+               events: list[CommandEvent]) -> bool:
+        """Move an in-memory command through the table, recording the event either way."""
+        old = Status(cmd.status)
+        new = advance(old, event)
+        if new is None:
+            events.append(CommandEvent(command_id=cmd.id, at=now, event=event, from_status=old,
+                                       applied=False, detail=detail or reason))
+            return False
+        cmd.status = new
+        if reason is not None:
+            cmd.reason = reason
+        cmd.deadline_ms = self._deadline(new, cmd)
+        cmd.updated_at = now
+        events.append(CommandEvent(command_id=cmd.id, at=now, event=event, from_status=old, to_status=new,
+                                   applied=True, detail=detail or reason))
+        return True
+
+    def _after_change(self, cmd: Command) -> None:
+        status = Status(cmd.status)
+        if is_final(status):
+            self.metrics.inc(f"commands_{status}")
+            self.waiters.notify(cmd.id)
+        elif cmd.deadline_ms is not None:
+            self.deadline_changed(cmd.deadline_ms)
+
     async def transition(self, command_id: str, event: Event, *, reason: str | None = None,
-                         detail: str | None = None) -> Outcome | None:
-        """Apply `event` to the command; None when there is no such command."""
-        for _ in range(8):  # a lost race re-reads the row; bounded, each loss means another writer won
-            now = now_ms()
-            async with self.db.session() as s:
-                cmd = await s.get(Command, command_id)
+                         detail: str | None = None, device_id: str | None = None,
+                         reported: dict | None = None) -> Outcome | None:
+        """Apply `event` to the command in one transaction; None when there is no such command.
+
+        With `device_id`, the command must belong to that device (else ForeignCommand);
+        `reported` state is merged into that device's record in the same transaction.
+        """
+
+        def unit(s: Session) -> Outcome | None:
+            for _ in range(8):  # a lost race re-reads the row; bounded, each loss means another writer won
+                now = now_ms()
+                cmd = s.get(Command, command_id, populate_existing=True)
                 if cmd is None:
                     return None
+                s.expunge(cmd)  # changed in memory; written only by the conditional UPDATE below
+                if device_id is not None and cmd.device_id != device_id:
+                    raise ForeignCommand(cmd.device_id)
                 old = Status(cmd.status)
-                new = advance(old, event)
-                if new is None:
-                    s.add(CommandEvent(command_id=command_id, at=now, event=event, from_status=old,
-                                       applied=False, detail=detail or reason))
-                    await s.commit()
-                    self.metrics.inc(f"events_ignored_{event}")
-                    return Outcome(cmd, False)
-                new_reason = reason if reason is not None else cmd.reason
-                deadline = self._deadline(new, cmd)
-                res = await s.exec(
-                    update(Command).where(Command.id == command_id, Command.status == old)
-                    .values(status=new, reason=new_reason, deadline_ms=deadline, updated_at=now))
-                if res.rowcount != 1:
-                    await s.rollback()
-                    continue
-                s.add(CommandEvent(command_id=command_id, at=now, event=event, from_status=old,
-                                   to_status=new, applied=True, detail=detail or reason))
-                await s.commit()
-            cmd.status, cmd.reason, cmd.deadline_ms, cmd.updated_at = new, new_reason, deadline, now
-            if is_final(new):
-                self.metrics.inc(f"commands_{new}")
-                self.waiters.notify(command_id)
-            elif deadline is not None:
-                self.deadline_changed(deadline)
-            return Outcome(cmd, True)
-        raise RuntimeError(f"command {command_id}: state change kept losing races")
+                events: list[CommandEvent] = []
+                applied = self._apply(cmd, event, reason, detail, now, events)
+                if applied:
+                    res = s.exec(  # type: ignore[call-overload]
+                        update(Command).where(Command.id == command_id, Command.status == old)
+                        .values(status=cmd.status, reason=cmd.reason, deadline_ms=cmd.deadline_ms,
+                                updated_at=now))
+                    if res.rowcount != 1:
+                        s.rollback()
+                        continue
+                s.add_all(events)
+                if reported:
+                    merge_reported(s, cmd.device_id, reported, now)   # commits
+                else:
+                    s.commit()
+                return Outcome(cmd, applied)
+            raise RuntimeError(f"command {command_id}: state change kept losing races")
+
+        out = await self.db.write(unit)
+        if out is not None:
+            if out.applied:
+                self._after_change(out.command)
+            else:
+                self.metrics.inc(f"events_ignored_{event}")
+        return out
 
     async def cancel(self, command_id: str) -> Outcome | None:
         return await self.transition(command_id, Event.CANCEL, reason="cancelled by the operator")
 
     # ---- reading ------------------------------------------------------------------
     async def get(self, command_id: str) -> Command | None:
-        async with self.db.session() as s:
-            return await s.get(Command, command_id)
-
-    async def history(self, command_id: str) -> list[CommandEvent]:
-        async with self.db.session() as s:
-            rows = await s.exec(select(CommandEvent).where(CommandEvent.command_id == command_id)
-                                .order_by(col(CommandEvent.id)))
-            return list(rows.all())
+        return await self.db.read(lambda s: s.get(Command, command_id))
 
     async def list_for_device(self, device_id: str, limit: int, offset: int) -> list[Command]:
-        async with self.db.session() as s:
-            rows = await s.exec(select(Command).where(Command.device_id == device_id)
-                                .order_by(col(Command.created_at).desc()).offset(offset).limit(limit))
-            return list(rows.all())
+        return await self.db.read(lambda s: list(s.exec(
+            select(Command).where(Command.device_id == device_id)
+            .order_by(col(Command.created_at).desc()).offset(offset).limit(limit)).all()))
 
-    async def wait_final(self, command_id: str, timeout: float) -> Command | None:
-        """Hold until the command is final or `timeout` passes; returns the command as it then is."""
+    async def wait_final(self, command_id: str, timeout: float) -> None:
+        """Hold until the command is final or `timeout` passes; the caller then reads the row (the truth)."""
         fut = self.waiters.register(command_id)
         try:
-            cmd = await self.get(command_id)
+            cmd = await self.get(command_id)   # registered first, so a change in between is not missed
             if cmd is None or is_final(Status(cmd.status)) or timeout <= 0:
-                return cmd
-            try:
-                await asyncio.wait_for(fut, timeout)
-            except asyncio.TimeoutError:
-                pass
-            return await self.get(command_id)  # the row is the truth
+                return
+            await wait_until(fut, timeout)
         finally:
             self.waiters.unregister(command_id, fut)
+
+    async def with_history(self, command_id: str) -> tuple[Command, list[CommandEvent]] | None:
+        def load(s: Session) -> tuple[Command, list[CommandEvent]] | None:
+            cmd = s.get(Command, command_id)
+            if cmd is None:
+                return None
+            rows = s.exec(select(CommandEvent).where(CommandEvent.command_id == command_id)
+                          .order_by(col(CommandEvent.id)))
+            return cmd, list(rows.all())
+
+        return await self.db.read(load)
 
     # ---- expiry and timeouts ----------------------------------------------------------
     async def sweep(self, limit: int = 500) -> int | None:
         """Expire or time out every command whose deadline passed; returns the next deadline."""
         now = now_ms()
-        async with self.db.session() as s:
-            due = (await s.exec(select(Command.id, Command.status).where(
-                col(Command.deadline_ms).is_not(None), col(Command.deadline_ms) <= now).limit(limit))).all()
+        due = await self.db.read(lambda s: s.exec(select(Command.id, Command.status).where(
+            col(Command.deadline_ms).is_not(None), col(Command.deadline_ms) <= now).limit(limit)).all())
         for command_id, status in due:
             event = Event.EXPIRE if status == Status.QUEUED else Event.TIMEOUT
             reason = ("expired before it could be delivered" if event == Event.EXPIRE
                       else "no final answer from the device before the deadline")
             await self.transition(command_id, event, reason=reason)
-        async with self.db.session() as s:
-            nxt = (await s.exec(select(Command.deadline_ms).where(col(Command.deadline_ms).is_not(None))
-                                .order_by(col(Command.deadline_ms)).limit(1))).first()
-        return nxt
+        return await self.db.read(lambda s: s.exec(
+            select(Command.deadline_ms).where(col(Command.deadline_ms).is_not(None))
+            .order_by(col(Command.deadline_ms)).limit(1)).first())

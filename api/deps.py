@@ -6,15 +6,17 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+# async on purpose: FastAPI runs a plain `def` dependency in a worker thread, per request.
+
 from api.auth import Principal, authenticate
 from api.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
     return authenticate(request, request.app.state.runtime.settings.admin_token)
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from api.clock import now_ms, to_datetime
 from api.db import Database
@@ -39,55 +38,71 @@ class DeviceRegistry:
         secret = new_secret()
         device = Device(id=body.id, name=body.name, secret_hash=hash_secret(secret),
                         command_key=secrets.token_hex(32), created_at=now_ms())
-        async with self.db.session() as s:
+
+        def insert(s: Session) -> None:
             s.add(device)
             try:
-                await s.commit()
+                s.commit()
             except IntegrityError as e:
                 raise DeviceExists(body.id) from e
+
+        await self.db.write(insert)
         return _credentials(device, secret)
 
     async def rotate(self, device_id: str) -> DeviceCredentials | None:
         """New MQTT secret and command key; the old ones stop working at once."""
         secret = new_secret()
-        async with self.db.session() as s:
-            device = await s.get(Device, device_id)
+
+        def rotate(s: Session) -> Device | None:
+            device = s.get(Device, device_id)
             if device is None:
                 return None
             device.secret_hash = hash_secret(secret)
             device.command_key = secrets.token_hex(32)
             device.revoked = False
             s.add(device)
-            await s.commit()
-            return _credentials(device, secret)
+            s.commit()
+            return device
+
+        device = await self.db.write(rotate)
+        return None if device is None else _credentials(device, secret)
 
     async def get(self, device_id: str) -> Device | None:
-        async with self.db.session() as s:
-            return await s.get(Device, device_id)
+        return await self.db.read(lambda s: s.get(Device, device_id))
 
     async def list(self, limit: int, offset: int) -> list[Device]:
-        async with self.db.session() as s:
-            rows = await s.exec(select(Device).order_by(Device.id).offset(offset).limit(limit))
-            return list(rows.all())
+        return await self.db.read(
+            lambda s: list(s.exec(select(Device).order_by(Device.id).offset(offset).limit(limit)).all()))
 
-    async def set_presence(self, device_id: str, online: bool) -> bool:
-        """Record presence; True when the device was known."""
+    async def set_presence(self, device_id: str, online: bool) -> Device | None:
+        """Record presence; returns the device, or None when it is not in the registry."""
         now = now_ms()
-        async with self.db.session() as s:
-            res = await s.exec(update(Device).where(Device.id == device_id)
-                                  .values(online=online, last_seen=now))
-            await s.commit()
-            return res.rowcount == 1
+
+        def mark(s: Session) -> Device | None:
+            device = s.get(Device, device_id)
+            if device is None:
+                return None
+            device.online = online
+            device.last_seen = now
+            s.add(device)
+            s.commit()
+            return device
+
+        return await self.db.write(mark)
 
     async def merge_reported(self, device_id: str, fields: dict[str, Any]) -> bool:
         now = now_ms()
-        async with self.db.session() as s:
-            device = await s.get(Device, device_id)
-            if device is None:
-                return False
-            device.reported = {**device.reported, **fields}
-            device.reported_at = now
-            device.last_seen = now
-            s.add(device)
-            await s.commit()
-            return True
+        return await self.db.write(lambda s: merge_reported(s, device_id, fields, now))
+
+
+def merge_reported(s: Session, device_id: str, fields: dict[str, Any], now: int) -> bool:
+    """Merge reported state into the device's record (commits); False for an unknown device."""
+    device = s.get(Device, device_id)
+    if device is None:
+        return False
+    device.reported = {**device.reported, **fields}
+    device.reported_at = now
+    device.last_seen = now
+    s.add(device)
+    s.commit()
+    return True

@@ -12,7 +12,7 @@ import logging
 
 from api.clock import now_ms
 from api.command_states import Event
-from api.commands import CommandService, Publisher
+from api.commands import CommandService, ForeignCommand, Publisher
 from api.devices import DeviceRegistry
 from api.metrics import Metrics
 from protocol import messages, topics
@@ -62,21 +62,19 @@ class Ingest:
         log.warning("dropped message on %s: %s", topic, why)
 
     async def _ack(self, device_id: str, ack: dict) -> None:
-        cmd = await self.commands.get(ack["id"])
-        if cmd is None:
-            self._drop("unknown_command", topics.ack_topic(device_id), f"no command {ack['id']!r}")
-            return
-        if cmd.device_id != device_id:
+        detail = f"device says {ack['result']}" + (f": {ack['reason']}" if ack.get("reason") else "")
+        try:
+            out = await self.commands.transition(ack["id"], ACK_EVENTS[ack["result"]], reason=ack.get("reason"),
+                                                 detail=detail, device_id=device_id, reported=ack.get("state"))
+        except ForeignCommand as e:
             # the broker fences topics, so this is a device naming another device's command
             self._drop("foreign_ack", topics.ack_topic(device_id),
-                       f"command {cmd.id} belongs to {cmd.device_id}, not {device_id}")
+                       f"command {ack['id']} belongs to {e.args[0]}, not {device_id}")
+            return
+        if out is None:
+            self._drop("unknown_command", topics.ack_topic(device_id), f"no command {ack['id']!r}")
             return
         self.metrics.inc(f"acks_{ack['result']}")
-        await self.commands.transition(cmd.id, ACK_EVENTS[ack["result"]], reason=ack.get("reason"),
-                                       detail=f"device says {ack['result']}"
-                                       + (f": {ack['reason']}" if ack.get("reason") else ""))
-        if ack.get("state"):
-            await self.registry.merge_reported(device_id, ack["state"])
 
     async def _state(self, device_id: str, state: dict) -> None:
         fields = {k: state[k] for k in ("locked", "battery") if k in state}
@@ -90,13 +88,12 @@ class Ingest:
 
     async def _presence(self, device_id: str, payload: bytes) -> None:
         online = messages.decode_presence(payload) == "online"
-        if not await self.registry.set_presence(device_id, online):
+        device = await self.registry.set_presence(device_id, online)
+        if device is None:
             self._drop("unknown_device", topics.presence_topic(device_id), "not in the registry")
             return
         if online:
-            device = await self.registry.get(device_id)
-            if device is not None:
-                await self.commands.dispatch_queued(device)
+            await self.commands.dispatch_queued(device)
 
     async def _sync(self, device_id: str, req: dict) -> None:
         device = await self.registry.get(device_id)

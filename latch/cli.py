@@ -19,7 +19,7 @@ log = logging.getLogger("latch")
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; env LATCH_HOST)")
     p.add_argument("--data-dir", type=Path, help="SQLite database and secrets (default ./latch-data)")
-    p.add_argument("--database-url", help="SQLAlchemy URL (default sqlite+aiosqlite:///DATA_DIR/latch.db)")
+    p.add_argument("--database-url", help="SQLAlchemy URL (default sqlite:///DATA_DIR/latch.db)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -116,26 +116,26 @@ async def _serve(settings: Settings, demo_fleet: int, embedded_broker: bool) -> 
 
 
 async def _broker(settings: Settings) -> None:
-    from api.db import Database, create_schema, make_engine
+    from api.db import Database
     from broker.credentials import SqlCredentialStore
     from broker.server import BrokerOptions, EmbeddedBroker
 
     settings.ensure_secrets()
-    db = Database(make_engine(settings.resolved_database_url()))
+    db = Database(settings.resolved_database_url())
     broker = EmbeddedBroker(BrokerOptions(host=settings.host, port=settings.mqtt_port, ws_port=settings.ws_port,
                                           tls_cert=settings.tls_cert, tls_key=settings.tls_key,
                                           tls_port=settings.tls_port, allow_anonymous=settings.allow_anonymous),
-                            SqlCredentialStore(db.engine, settings.service_secret or ""))
+                            SqlCredentialStore(db, settings.service_secret or ""))
 
     async def start() -> None:
-        await create_schema(db.engine)
+        await db.create_schema()
         await broker.start()
         print("Latch broker listening: " + ", ".join(f"{k} {settings.host}:{v}" for k, v in broker.ports.items()),
               flush=True)
 
     async def stop() -> None:
         await broker.stop()
-        await db.engine.dispose()
+        await db.close()
 
     await _until_signalled(start, stop)
 
@@ -157,6 +157,9 @@ async def _sim(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Database work runs on threads that hand the GIL back and forth with the event loop at every
+    # statement; at the default 5 ms switch interval each hand-off can stall a transaction that long.
+    sys.setswitchinterval(0.0005)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     demo_fleet: int = 0
 
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'latch.db'}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'latch.db'}"
 
     def broker_address(self) -> tuple[str, int]:
         if self.broker:

@@ -15,7 +15,7 @@ from pathlib import Path
 import uvicorn
 
 from api.app import create_app
-from api.db import Database, create_schema, make_engine
+from api.db import Database
 from api.devices import DeviceExists, DeviceRegistry
 from api.models import DeviceCreate
 from broker.credentials import SqlCredentialStore
@@ -45,7 +45,7 @@ class Stack:
         self.embedded_broker = embedded_broker
         self.demo_fleet = demo_fleet
         self.fleet_behaviour = fleet_behaviour
-        self.db = Database(make_engine(settings.resolved_database_url()))
+        self.db = Database(settings.resolved_database_url())
         self.broker: EmbeddedBroker | None = None
         self.fleet: Fleet | None = None
         self._server: uvicorn.Server | None = None
@@ -58,13 +58,13 @@ class Stack:
         return f"http://[{host}]:{self.http_port}" if ":" in host else f"http://{host}:{self.http_port}"
 
     async def start(self) -> None:
-        await create_schema(self.db.engine)
+        await self.db.create_schema()
         s = self.settings
         if self.embedded_broker:
             self.broker = EmbeddedBroker(
                 BrokerOptions(host=s.host, port=s.mqtt_port, ws_port=s.ws_port, tls_cert=s.tls_cert,
                               tls_key=s.tls_key, tls_port=s.tls_port, allow_anonymous=s.allow_anonymous),
-                SqlCredentialStore(self.db.engine, s.service_secret or ""))
+                SqlCredentialStore(self.db, s.service_secret or ""))
             await self.broker.start()
             s.mqtt_port = self.broker.port
         app = create_app(s, self.db)
@@ -93,7 +93,7 @@ class Stack:
             await asyncio.gather(self._server_task, return_exceptions=True)
         if self.broker is not None:
             await self.broker.stop()
-        await self.db.engine.dispose()
+        await self.db.close()
 
     async def __aenter__(self) -> "Stack":
         await self.start()

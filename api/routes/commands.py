@@ -2,7 +2,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
-from api.commands import IdempotencyConflict, public
+from api.command_states import Status, is_final
+from api.commands import IdempotencyConflict, new_command_id, public, wait_until
+from api.runtime import Runtime
 from api.deps import PrincipalDep, RuntimeDep
 from api.models import CommandCreate, CommandPublic
 
@@ -25,24 +27,37 @@ async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
     if device.revoked:
         raise HTTPException(status.HTTP_409_CONFLICT, f"device {device_id!r} is revoked")
+    command_id = new_command_id()
+    outcome = rt.waiters.register(command_id)   # before the command exists, so no outcome can slip past
     try:
-        cmd, created = await rt.commands.create(device, body, who.name, idempotency_key)
-    except IdempotencyConflict as e:
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            f"Idempotency-Key was already used for command {e.args[0]} with a different request")
-    if not created:
-        response.status_code = status.HTTP_200_OK
-    if wait:
-        cmd = await rt.commands.wait_final(cmd.id, min(wait, rt.settings.max_wait_s)) or cmd
-    return public(cmd, await rt.commands.history(cmd.id))
+        try:
+            cmd, created = await rt.commands.create(device, body, who.name, idempotency_key, command_id)
+        except IdempotencyConflict as e:
+            raise HTTPException(status.HTTP_409_CONFLICT,
+                                f"Idempotency-Key was already used for command {e.args[0]} with a different request")
+        if not created:
+            response.status_code = status.HTTP_200_OK
+            if wait:   # a replay: wait on the original command
+                await rt.commands.wait_final(cmd.id, min(wait, rt.settings.max_wait_s))
+        elif wait and not is_final(Status(cmd.status)):
+            await wait_until(outcome, min(wait, rt.settings.max_wait_s))
+    finally:
+        rt.waiters.unregister(command_id, outcome)
+    return await _with_history(rt, cmd.id)
+
+
+async def _with_history(rt: Runtime, command_id: str) -> CommandPublic:
+    found = await rt.commands.with_history(command_id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command {command_id!r}")
+    return public(*found)
 
 
 @router.get("/v1/commands/{command_id}", response_model=CommandPublic)
 async def get_command(command_id: str, rt: RuntimeDep, _: PrincipalDep, wait: WaitQuery = 0) -> CommandPublic:
-    cmd = await (rt.commands.wait_final(command_id, wait) if wait else rt.commands.get(command_id))
-    if cmd is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command {command_id!r}")
-    return public(cmd, await rt.commands.history(command_id))
+    if wait:
+        await rt.commands.wait_final(command_id, wait)
+    return await _with_history(rt, command_id)
 
 
 @router.post("/v1/commands/{command_id}/cancel", response_model=CommandPublic)
@@ -53,7 +68,7 @@ async def cancel_command(command_id: str, rt: RuntimeDep, _: PrincipalDep) -> Co
     if not out.applied:
         raise HTTPException(status.HTTP_409_CONFLICT,
                             f"command is {out.command.status}; only a queued command can be cancelled")
-    return public(out.command, await rt.commands.history(command_id))
+    return await _with_history(rt, command_id)
 
 
 @router.get("/v1/devices/{device_id}/commands", response_model=list[CommandPublic])

@@ -1,0 +1,68 @@
+"""Start Latch's processes for a benchmark and read their memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, in KiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Proc:
+    def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.proc = proc
+        self.output = ""
+
+    @classmethod
+    async def start(cls, name: str, *args: str, env: dict[str, str] | None = None) -> "Proc":
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "latch.cli", *args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env={**os.environ, **(env or {})})
+        return cls(name, proc)
+
+    async def expect(self, pattern: str, timeout: float = 120) -> re.Match[str]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        assert self.proc.stdout is not None
+        while True:
+            if (m := re.search(pattern, self.output)) is not None:
+                return m
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name}: no {pattern!r} within {timeout}s:\n{self.output[-2000:]}")
+            line = await asyncio.wait_for(self.proc.stdout.readline(), remaining)
+            if not line:
+                raise RuntimeError(f"{self.name} exited with {await self.proc.wait()}:\n{self.output[-2000:]}")
+            self.output += line.decode(errors="replace")
+
+    def drain(self) -> None:
+        """Keep reading output in the background so the process never blocks on a full pipe."""
+        async def pump() -> None:
+            assert self.proc.stdout is not None
+            while await self.proc.stdout.readline():
+                pass
+        asyncio.get_running_loop().create_task(pump())
+
+    @property
+    def rss_kib(self) -> int:
+        return rss_kib(self.proc.pid)
+
+    async def stop(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 20)
+            except asyncio.TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
