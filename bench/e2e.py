@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import tempfile
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from bench.procs import Proc
+from bench.procs import Proc, cpu_seconds
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -47,6 +48,7 @@ class RunResult:
     broker_rss_mib: float
     api_rss_mib: float
     sim_rss_mib: float
+    cpu_ms_per_command: dict[str, float]
 
 
 def pct(values: list[float], p: float) -> float:
@@ -107,6 +109,8 @@ class Bench:
         """Open-loop load. The generator uses aiohttp: httpx saturated its own core at ~100 requests/s
         with hundreds in flight, which measured the client instead of Latch."""
         n = int(rate * duration)
+        cpu_before = {name: p.cpu_s for name, p in self.procs.items()}
+        own_before = cpu_seconds(os.getpid())
         latencies: list[float] = []
         finals: dict[str, int] = {}
         errors = 0
@@ -145,6 +149,9 @@ class Bench:
             await asyncio.wait(tasks, timeout=duration + 60)
             elapsed = loop.time() - start
         succeeded = finals.pop("succeeded", 0)
+        per = max(succeeded, 1)
+        cpu = {name: round((p.cpu_s - cpu_before[name]) * 1000 / per, 2) for name, p in self.procs.items()}
+        cpu["load_generator"] = round((cpu_seconds(os.getpid()) - own_before) * 1000 / per, 2)
         return RunResult(
             rate=rate, duration_s=round(elapsed, 2), sent=n, succeeded=succeeded, errors=errors, other_final=finals,
             achieved_per_s=round(succeeded / elapsed, 1), p50_ms=round(pct(latencies, 50), 1),
@@ -152,14 +159,14 @@ class Bench:
             max_ms=round(max(latencies, default=float("nan")), 1),
             broker_rss_mib=round(self.procs["broker"].rss_kib / 1024, 1),
             api_rss_mib=round(self.procs["api"].rss_kib / 1024, 1),
-            sim_rss_mib=round(self.procs["sim"].rss_kib / 1024, 1))
+            sim_rss_mib=round(self.procs["sim"].rss_kib / 1024, 1), cpu_ms_per_command=cpu)
 
 
 def show(r: RunResult) -> None:
     print(f"  {r.rate:>6.0f}/s for {r.duration_s:>5.1f}s: {r.succeeded}/{r.sent} ok, {r.errors} errors "
           f"{r.other_final or ''}| achieved {r.achieved_per_s}/s | p50 {r.p50_ms} ms  p95 {r.p95_ms} ms  "
           f"p99 {r.p99_ms} ms  max {r.max_ms} ms | RSS broker {r.broker_rss_mib} MiB, api {r.api_rss_mib} MiB, "
-          f"sim {r.sim_rss_mib} MiB", flush=True)
+          f"sim {r.sim_rss_mib} MiB | CPU ms/command {r.cpu_ms_per_command}", flush=True)
 
 
 async def main() -> None:

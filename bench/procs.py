@@ -18,6 +18,12 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Proc:
     def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
         self.name = name
@@ -57,6 +63,10 @@ class Proc:
     @property
     def rss_kib(self) -> int:
         return rss_kib(self.proc.pid)
+
+    @property
+    def cpu_s(self) -> float:
+        return cpu_seconds(self.proc.pid)
 
     async def stop(self) -> None:
         if self.proc.returncode is None:
