@@ -26,11 +26,12 @@ MAX_PENDING = 4           # commands held while the clock is not yet synchronise
 IN_PROGRESS = "in_progress"
 REASON_INTERRUPTED = "interrupted by restart"
 REASON_CLOCK = "clock not synchronised"
+REASON_FULL = "too many unexpired commands to remember; retry after they expire"
 
 
 class LockController:
     def __init__(self, device_id, key, record=None, clock_offset_ms=None,
-                 actuation_timeout_ms=5000, heartbeat_ms=60000, telemetry_ms=300000):
+                 actuation_timeout_ms=5000, heartbeat_ms=60000, telemetry_ms=300000, max_records=MAX_RECORDS):
         self.device_id = device_id
         self.key = key
         self.cmd_topic = topics.cmd_topic(device_id)
@@ -53,6 +54,7 @@ class LockController:
         self.next_heartbeat = 0
         self.next_telemetry = 0
         self.stats = {"executed": 0, "duplicates": 0, "rejected": 0, "ignored": 0}
+        self.max_records = max_records  # a board short of RAM keeps fewer (see firmware/config.py)
 
     # ---- clock -------------------------------------------------------------
     def server_now(self, local_ms):
@@ -168,6 +170,9 @@ class LockController:
             return self.request_sync(local_ms) if self.sync_nonce is None else []
         if now > cmd["expires_at"]:
             return self._reject(cmd, m.REASON_EXPIRED_ON_DEVICE, local_ms)
+        if not self._make_room(now):
+            # every remembered id is still valid: forgetting one could let its redelivery actuate twice
+            return self._reject(cmd, REASON_FULL, local_ms, record=False)
         action = cmd["action"]
         if action not in m.ACTIONS:
             return self._reject(cmd, m.REASON_UNKNOWN_ACTION, local_ms)
@@ -204,10 +209,27 @@ class LockController:
             r[3] = reason
         return [self._persist(), self._ack(command_id, result, reason, local_ms, with_state=True)]
 
+    def _make_room(self, now):
+        """Free a slot for one more record without weakening the once-only promise.
+
+        A record is needed only while its command could still be actuated: an expired command is
+        rejected on redelivery anyway, and a rejected one never actuates. So expired records go
+        first, then rejected ones (oldest first); True when a slot is free."""
+        if len(self.records) < self.max_records:
+            return True
+        self.records = [r for r in self.records if r[1] >= now]
+        i = 0
+        while len(self.records) >= self.max_records and i < len(self.records):
+            if self.records[i][2] == m.REJECTED:
+                del self.records[i]
+            else:
+                i += 1
+        return len(self.records) < self.max_records
+
     def _remember(self, command_id, expires_at, result, reason):
+        if len(self.records) >= self.max_records:
+            return  # only rejections get here when full (see _make_room); they need no record
         self.records.append([command_id, expires_at, result, reason])
-        if len(self.records) > MAX_RECORDS:
-            del self.records[0:len(self.records) - MAX_RECORDS]
 
     def _persist(self):
         return ("persist", {"executed": [list(r) for r in self.records]})

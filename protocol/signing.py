@@ -28,11 +28,17 @@ def hexdigest(key, msg):
 
 def equal(a, b):
     """Compare two strings in time independent of where they differ."""
-    if not isinstance(a, str) or not isinstance(b, str) or len(a) != len(b):
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    # compared as bytes: on MicroPython, indexing a str is O(n) and interns each
+    # 1-character result as a permanent string (RAM the board never gets back)
+    a = a.encode()
+    b = b.encode()
+    if len(a) != len(b):
         return False
     diff = 0
     for i in range(len(a)):
-        diff |= ord(a[i]) ^ ord(b[i])
+        diff |= a[i] ^ b[i]
     return diff == 0
 
 

@@ -1,0 +1,126 @@
+"""Compile the firmware (and the shared protocol/) with mpy-cross into a folder laid out like the
+board's filesystem:
+
+    OUT/main.py                 (stays source: MicroPython runs /main.py)
+    OUT/firmware/*.mpy          (firmware/tools/ is host tooling and is left out)
+    OUT/protocol/*.mpy
+
+Compiling proves MicroPython accepts every file's syntax, and .mpy files load without the
+compiler's memory peak on the board.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("firmware", "protocol")
+EXCLUDE_DIRS = {"tools", "__pycache__"}
+BOARD_MAIN = REPO / "firmware" / "board_main.py"
+
+
+# protocol/ also carries the server's half of the contract (signing commands, decoding uplink
+# messages, the broker's topic fence). The board never calls those functions, and the board's
+# RAM holds every function it loads, so the build leaves them out of the device's copy (the
+# source is not edited; what stays is byte-for-byte the same code).
+SERVER_ONLY = {
+    "protocol/messages.py": ("sign_command", "make_command", "encode_command", "make_time_reply",
+                             "decode_sync", "decode_ack", "decode_state", "decode_telemetry",
+                             "decode_presence", "_check_state"),
+    "protocol/topics.py": ("all_devices_filter", "parse", "device_may_publish", "device_may_subscribe",
+                           "device_may_receive", "USER_PREFIX", "USER_EVENTS", "user_events_topic",
+                           "user_may_subscribe", "user_may_receive"),
+}
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def device_source(rel: Path) -> str:
+    """The text that goes onto the board for `rel`: server-only functions removed."""
+    text = (REPO / rel).read_text()
+    names = SERVER_ONLY.get(rel.as_posix())
+    if not names:
+        return text
+    import ast
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    cut = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in names:
+            start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+            cut.append((start, node.end_lineno))
+        elif (isinstance(node, ast.Assign) and len(node.targets) == 1
+              and isinstance(node.targets[0], ast.Name) and node.targets[0].id in names):
+            cut.append((node.lineno - 1, node.end_lineno))
+    for start, end in reversed(cut):
+        del lines[start:end]
+    return "".join(lines)
+
+
+def find_tool(name: str, given: str | None = None) -> str:
+    if given:
+        return given
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise BuildError(f"{name} not found: pip install {name} (or pass its path)")
+    return found
+
+
+def sources() -> list[Path]:
+    """Every file that goes onto the board, relative to the repository root."""
+    out = []
+    for pkg in PACKAGES:
+        for path in sorted((REPO / pkg).rglob("*.py")):
+            rel = path.relative_to(REPO)
+            if EXCLUDE_DIRS & set(rel.parts[1:-1]) or path == BOARD_MAIN:
+                continue
+            out.append(rel)
+    return out
+
+
+def build(out: Path, mpy_cross: str | None = None, compile: bool = True, log=print) -> list[Path]:
+    """Build into `out` (emptied first). Returns the files written, relative to `out`."""
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tool = find_tool("mpy-cross", mpy_cross) if compile else None
+    if tool:
+        version = subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.strip()
+        log(f"mpy-cross: {version}")
+    written = []
+    files = sources()
+    for i, rel in enumerate(files, 1):
+        dest = out / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        text = device_source(rel)
+        if compile:
+            src = out / ".src" / rel
+            src.parent.mkdir(parents=True, exist_ok=True)
+            src.write_text(text)
+            dest = dest.with_suffix(".mpy")
+            # -s: the source name tracebacks show. "firmware/app.mpy" is also the module's __file__
+            # when the board imports it from its root, and the two then share one interned
+            # string: every byte of RAM counts on the board
+            r = subprocess.run([tool, "-s", rel.with_suffix(".mpy").as_posix(), "-o", str(dest), str(src)],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise BuildError(f"mpy-cross rejected {rel}:\n{r.stderr or r.stdout}")
+        else:
+            dest.write_text(text)
+        written.append(dest.relative_to(out))
+        log(f"[{i}/{len(files)}] {rel} -> {dest.relative_to(out)}")
+    if compile:
+        shutil.rmtree(out / ".src")
+    shutil.copy2(BOARD_MAIN, out / "main.py")
+    written.append(Path("main.py"))
+    log(f"built {len(written)} files into {out}")
+    return written
