@@ -25,6 +25,7 @@ from api.clock import now_ms, to_datetime
 from api.command_states import Event, Status, advance, is_final
 from api.db import Database
 from api.devices import merge_reported
+from api.hooks import NO_HOOKS, ChangeHooks
 from api.metrics import Metrics
 from api.models import Command, CommandCreate, CommandEvent, CommandPublic, Device, HistoryEntry
 from api.waiters import Waiters
@@ -95,6 +96,7 @@ class CommandService:
         self.waiters = waiters
         self.metrics = metrics
         self.deadline_changed: Callable[[int], None] = lambda deadline_ms: None  # the sweeper hooks in here
+        self.hooks: ChangeHooks = NO_HOOKS   # the event log hooks in here (inside each change's transaction)
 
     # ---- create -----------------------------------------------------------------
     async def create(self, device: Device, body: CommandCreate, owner: str,
@@ -130,6 +132,7 @@ class CommandService:
                     return existing
             s.add(cmd)
             s.add_all(events)
+            self.hooks.command_changed(s, cmd, events)
             s.commit()
             return None
 
@@ -237,8 +240,10 @@ class CommandService:
                         s.rollback()
                         continue
                 s.add_all(events)
+                if applied:
+                    self.hooks.command_changed(s, cmd, events)
                 if reported:
-                    merge_reported(s, cmd.device_id, reported, now)   # commits
+                    merge_reported(s, cmd.device_id, reported, now, self.hooks)   # commits
                 else:
                     s.commit()
                 return Outcome(cmd, applied)
@@ -263,6 +268,14 @@ class CommandService:
         return await self.db.read(lambda s: list(s.exec(
             select(Command).where(Command.device_id == device_id)
             .order_by(col(Command.created_at).desc()).offset(offset).limit(limit)).all()))
+
+    async def list_recent(self, owner: str | None, limit: int, offset: int) -> list[Command]:
+        """Newest first; only `owner`'s when given."""
+        def load(s: Session) -> list[Command]:
+            q = select(Command) if owner is None else select(Command).where(Command.owner == owner)
+            return list(s.exec(q.order_by(col(Command.created_at).desc()).offset(offset).limit(limit)).all())
+
+        return await self.db.read(load)
 
     async def wait_final(self, command_id: str, timeout: float) -> None:
         """Hold until the command is final or `timeout` passes; the caller then reads the row (the truth)."""

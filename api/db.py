@@ -78,7 +78,7 @@ class Database:
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn)
 
     async def create_schema(self) -> None:
-        from api import models  # noqa: F401  (registers the tables)
+        from api import event_models, models, rider_models  # noqa: F401  (registers the tables)
 
         await asyncio.get_running_loop().run_in_executor(self._writer, SQLModel.metadata.create_all, self.engine)
 

@@ -1,10 +1,16 @@
-"""Dependency aliases every route reuses."""
+"""Dependency aliases every route reuses.
+
+    PrincipalDep  an operator (the admin token or an operator's token); a rider gets 403.
+                  The fleet-management endpoints use it, as they did before riders existed.
+    CallerDep     anyone with a valid token; the route applies rider rights itself (api/rights.py).
+    StreamCallerDep  like CallerDep, but also accepts a short-lived stream token in ?token=.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request, status
 
 # async on purpose: FastAPI runs a plain `def` dependency in a worker thread, per request.
 
@@ -16,9 +22,26 @@ async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
+async def get_caller(request: Request) -> Principal:
+    settings = request.app.state.runtime.settings
+    return authenticate(request, settings.admin_token, settings.jwt_secret)
+
+
+async def get_stream_caller(request: Request) -> Principal:
+    settings = request.app.state.runtime.settings
+    return authenticate(request, settings.admin_token, settings.jwt_secret, query_token=True)
+
+
 async def get_principal(request: Request) -> Principal:
-    return authenticate(request, request.app.state.runtime.settings.admin_token)
+    who = await get_caller(request)
+    if not who.is_operator:
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            "operators only: riders use /v1/bikes, /v1/rides, /v1/commands/{id} and /v1/events")
+    return who
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+OperatorDep = PrincipalDep
+CallerDep = Annotated[Principal, Depends(get_caller)]
+StreamCallerDep = Annotated[Principal, Depends(get_stream_caller)]

@@ -10,6 +10,7 @@ from sqlmodel import Session, select
 
 from api.clock import now_ms, to_datetime
 from api.db import Database
+from api.hooks import NO_HOOKS, ChangeHooks
 from api.models import Device, DeviceCreate, DeviceCredentials, DevicePublic
 from broker.identity import hash_secret, new_secret
 
@@ -33,6 +34,7 @@ def _credentials(d: Device, secret: str) -> DeviceCredentials:
 class DeviceRegistry:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.hooks: ChangeHooks = NO_HOOKS   # the event log hooks in here (inside each change's transaction)
 
     async def register(self, body: DeviceCreate) -> DeviceCredentials:
         secret = new_secret()
@@ -82,8 +84,10 @@ class DeviceRegistry:
             device = s.get(Device, device_id)
             if device is None:
                 return None
+            was_online = device.online
             device.online = online
             device.last_seen = now
+            self.hooks.device_changed(s, device, was_online, device.reported)
             s.add(device)
             s.commit()
             return device
@@ -92,17 +96,30 @@ class DeviceRegistry:
 
     async def merge_reported(self, device_id: str, fields: dict[str, Any]) -> bool:
         now = now_ms()
-        return await self.db.write(lambda s: merge_reported(s, device_id, fields, now))
+        return await self.db.write(lambda s: merge_reported(s, device_id, fields, now, self.hooks))
 
 
-def merge_reported(s: Session, device_id: str, fields: dict[str, Any], now: int) -> bool:
+LAST_SEEN_RESOLUTION_MS = 5_000
+
+
+def merge_reported(s: Session, device_id: str, fields: dict[str, Any], now: int,
+                   hooks: ChangeHooks = NO_HOOKS) -> bool:
     """Merge reported state into the device's record (commits); False for an unknown device."""
     device = s.get(Device, device_id)
     if device is None:
+        s.commit()
         return False
-    device.reported = {**device.reported, **fields}
+    before = device.reported
+    merged = {**device.reported, **fields}
+    if merged == before and device.last_seen is not None and now - device.last_seen < LAST_SEEN_RESOLUTION_MS:
+        # a repeat of what we know (a lock reports its state in the ack and again, retained, right
+        # after): not worth a write; last_seen is kept to this resolution
+        s.commit()
+        return True
+    device.reported = merged
     device.reported_at = now
     device.last_seen = now
+    hooks.device_changed(s, device, device.online, before)
     s.add(device)
     s.commit()
     return True

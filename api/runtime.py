@@ -7,10 +7,14 @@ from dataclasses import dataclass
 from api.commands import CommandService
 from api.db import Database
 from api.devices import DeviceRegistry
+from api.events import EventLog
 from api.ingest import Ingest
 from api.link import BrokerLink
 from api.metrics import Metrics
+from api.rides import RideService
+from api.rights import Rights
 from api.sweeper import Sweeper
+from api.users import UserService
 from api.waiters import Waiters
 from latch.settings import Settings
 
@@ -26,3 +30,7 @@ class Runtime:
     sweeper: Sweeper
     metrics: Metrics
     waiters: Waiters
+    events: EventLog
+    rides: RideService
+    rights: Rights
+    users: UserService

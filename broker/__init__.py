@@ -1,1 +1,1 @@
-"""Latch's embedded MQTT broker: amqtt with Latch's identities and topic fences."""
+"""Latch's MQTT 3.1.1 broker: its own core (sessions, routing, durable store, fences) — see docs/broker.md."""

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from sqlalchemy import text
 
+from api import tokens
 from api.db import Database
 
 from broker.identity import SERVICE_USERNAME, Identity, Role, hash_secret, secret_matches
@@ -19,13 +20,17 @@ from broker.identity import SERVICE_USERNAME, Identity, Role, hash_secret, secre
 class CredentialStore(Protocol):
     async def check(self, username: str | None, password: str | None) -> Identity | None: ...
 
+    # optional: `async def check_certificate(self, common_name: str) -> Identity | None`, for a TLS
+    # client certificate the listener already verified against --tls-client-ca
+
 
 class SqlCredentialStore:
-    """Checks devices against the registry and the service against its secret."""
+    """Checks devices against the registry, the service against its secret, and users by their token."""
 
-    def __init__(self, db: Database, service_secret: str) -> None:
+    def __init__(self, db: Database, service_secret: str, jwt_secret: str | None = None) -> None:
         self._db = db
         self._service_hash = hash_secret(service_secret)
+        self._jwt_secret = jwt_secret
 
     async def check(self, username: str | None, password: str | None) -> Identity | None:
         if not username or password is None:
@@ -33,9 +38,29 @@ class SqlCredentialStore:
         if username == SERVICE_USERNAME:
             ok = secret_matches(password, self._service_hash)
             return Identity(Role.SERVICE, username) if ok else None
-        row = await self._db.read(lambda s: s.connection().execute(
-            text("SELECT secret_hash, revoked FROM device WHERE id = :id"), {"id": username}).first())
+        if self._jwt_secret is not None and tokens.looks_like_jwt(password):
+            # a user's app: username = user id, password = the user's access token (device secrets have no '.')
+            try:
+                claims = tokens.verify(self._jwt_secret, password)
+            except tokens.TokenError:
+                return None
+            return Identity(Role.USER, username) if claims.user_id == username else None
+        row = await self._device(username)
         if row is None or row.revoked or not secret_matches(password, row.secret_hash):
             return None
         return Identity(Role.DEVICE, username)
+
+    async def check_certificate(self, common_name: str) -> Identity | None:
+        """A client certificate signed by the broker's client CA names a device: it must exist and
+        not be revoked (revocation in the registry works for certificates too)."""
+        if common_name == SERVICE_USERNAME:
+            return None          # the service identity logs in with its secret only
+        row = await self._device(common_name)
+        if row is None or row.revoked:
+            return None
+        return Identity(Role.DEVICE, common_name)
+
+    async def _device(self, device_id: str):  # type: ignore[no-untyped-def]
+        return await self._db.read(lambda s: s.connection().execute(
+            text("SELECT secret_hash, revoked FROM device WHERE id = :id"), {"id": device_id}).first())
 

@@ -19,6 +19,7 @@ SERVICE_USERNAME = "latch-service"
 class Role(StrEnum):
     DEVICE = "device"
     SERVICE = "service"
+    USER = "user"          # a rider's (or operator's) app: reads its own events topic, publishes nothing
     ANONYMOUS = "anonymous"
 
 

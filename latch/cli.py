@@ -31,6 +31,16 @@ def _broker_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-port", type=int, help="MQTT TLS port (default 8883)")
     p.add_argument("--allow-anonymous", action="store_true", default=None,
                    help="development only: accept MQTT clients without credentials (fenced off Latch topics)")
+    p.add_argument("--tls-client-ca", type=Path, help="PEM CA: client certificates it signed log devices in (CN)")
+    p.add_argument("--mqtt-session-expiry-s", type=float, metavar="S",
+                   help="keep a disconnected persistent session this long (default 7 days; 0 = forever)")
+    p.add_argument("--mqtt-max-queued", type=int, metavar="N", help="QoS 1/2 messages queued per session (1000)")
+    p.add_argument("--mqtt-queue-policy", choices=("drop-new", "drop-oldest"), help="when a queue is full")
+    p.add_argument("--mqtt-max-inflight", type=int, metavar="N", help="unacknowledged messages per session (100)")
+    p.add_argument("--mqtt-max-packet-size", type=int, metavar="BYTES", help="larger packets close the connection")
+    p.add_argument("--mqtt-connect-timeout-s", type=float, metavar="S", help="TCP accept to CONNECT (10)")
+    p.add_argument("--mqtt-fsync", action="store_true", default=None,
+                   help="fsync each broker commit: survive power loss, not only a killed process")
 
 
 def _api_opts(p: argparse.ArgumentParser) -> None:
@@ -118,18 +128,17 @@ async def _serve(settings: Settings, demo_fleet: int, embedded_broker: bool) -> 
 async def _broker(settings: Settings) -> None:
     from api.db import Database
     from broker.credentials import SqlCredentialStore
-    from broker.server import BrokerOptions, EmbeddedBroker
+    from broker.server import EmbeddedBroker, broker_options, tune_gc
 
     settings.ensure_secrets()
     db = Database(settings.resolved_database_url())
-    broker = EmbeddedBroker(BrokerOptions(host=settings.host, port=settings.mqtt_port, ws_port=settings.ws_port,
-                                          tls_cert=settings.tls_cert, tls_key=settings.tls_key,
-                                          tls_port=settings.tls_port, allow_anonymous=settings.allow_anonymous),
-                            SqlCredentialStore(db, settings.service_secret or ""))
+    broker = EmbeddedBroker(broker_options(settings),
+                            SqlCredentialStore(db, settings.service_secret or "", settings.jwt_secret))
 
     async def start() -> None:
         await db.create_schema()
         await broker.start()
+        tune_gc()       # this process is only the broker: no full-heap collections mid-stream
         print("Latch broker listening: " + ", ".join(f"{k} {settings.host}:{v}" for k, v in broker.ports.items()),
               flush=True)
 
@@ -170,15 +179,15 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(_sim(args))
         return
     if args.command not in ("serve", "broker", "api"):
-        args.func(args)  # subcommands that bring their own handler (firmware tools)
-        return
+        sys.exit(args.func(args))  # subcommands that bring their own handler (firmware tools)
     settings = settings_from(args)
     try:
         if args.command == "serve":
             demo = args.demo_fleet if args.demo_fleet is not None else settings.demo_fleet
             asyncio.run(_serve(settings, demo, embedded_broker=settings.broker is None))
         elif args.command == "broker":
-            asyncio.run(_broker(settings))
+            from broker.server import run as run_broker   # with uvloop when installed
+            run_broker(lambda: _broker(settings))
         else:
             asyncio.run(_serve(settings, 0, embedded_broker=False))
     except OSError as e:

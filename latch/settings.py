@@ -26,6 +26,15 @@ class Settings(BaseSettings):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_port: int | None = None
+    # the broker's own settings (broker/server.py broker_options; docs/broker.md)
+    tls_client_ca: Path | None = None      # client certificates signed by this CA log devices in (CN = id)
+    mqtt_session_expiry_s: float = 7 * 86400.0  # a disconnected persistent session is kept this long (0 = forever)
+    mqtt_max_queued: int = 1000            # QoS 1/2 messages queued per session beyond the in-flight window
+    mqtt_queue_policy: str = "drop-new"    # when that queue is full: drop-new | drop-oldest
+    mqtt_max_inflight: int = 100           # unacknowledged QoS 1/2 messages per session
+    mqtt_max_packet_size: int = 1 << 20    # bytes; a bigger packet closes the connection
+    mqtt_connect_timeout_s: float = 10.0   # from TCP accept to CONNECT
+    mqtt_fsync: bool = False               # fsync every broker commit (survive power loss, not only kill -9)
 
     # command timing
     settle_grace_s: float = Field(5.0, description="after expiry, how long a device may still report the outcome")
@@ -35,6 +44,20 @@ class Settings(BaseSettings):
     api_client_id: str = "latch-api"
 
     demo_fleet: int = 0
+
+    # riders: accounts, tokens, rights (see api/users.py, api/rides.py)
+    jwt_secret: str | None = None          # HS256 signing key; generated into DATA_DIR/jwt.secret
+    token_ttl_s: int = 12 * 3600           # access tokens (Authorization: Bearer, MQTT password)
+    stream_token_ttl_s: int = 120          # short-lived tokens for ?token= (EventSource, WebSocket)
+    command_rate_per_s: float = Field(1.0, description="per-user command rate (token bucket, per process)")
+    command_burst: int = 10
+    low_battery_pct: int = 20
+
+    # the event log and its transports (see api/events.py)
+    event_ring: int = 10_000               # recent events kept in memory for resume without a query
+    subscriber_buffer: int = 500           # events queued for one connection before it is cut off
+    sse_keepalive_s: float = 15.0
+    event_page: int = 500                  # most events in one poll/backlog page
 
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'latch.db'}"
@@ -51,6 +74,8 @@ class Settings(BaseSettings):
             self.admin_token = _stored_secret(self.data_dir / "admin.token")
         if self.service_secret is None:
             self.service_secret = _stored_secret(self.data_dir / "service.secret")
+        if self.jwt_secret is None:
+            self.jwt_secret = _stored_secret(self.data_dir / "jwt.secret")
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:

@@ -19,7 +19,7 @@ from api.db import Database
 from api.devices import DeviceExists, DeviceRegistry
 from api.models import DeviceCreate
 from broker.credentials import SqlCredentialStore
-from broker.server import BrokerOptions, EmbeddedBroker
+from broker.server import EmbeddedBroker, broker_options
 from device_sim.fleet import Fleet
 from device_sim.lock import Behaviour, Credentials
 from latch.settings import Settings
@@ -64,9 +64,8 @@ class Stack:
         s = self.settings
         if self.embedded_broker:
             self.broker = EmbeddedBroker(
-                BrokerOptions(host=s.host, port=s.mqtt_port, ws_port=s.ws_port, tls_cert=s.tls_cert,
-                              tls_key=s.tls_key, tls_port=s.tls_port, allow_anonymous=s.allow_anonymous),
-                SqlCredentialStore(self.db, s.service_secret or ""))
+                broker_options(s),   # its store: DATA_DIR/broker.db
+                SqlCredentialStore(self.db, s.service_secret or "", s.jwt_secret))
             await self.broker.start()
             s.mqtt_port = self.broker.port
         app = create_app(s, self.db)
@@ -91,6 +90,8 @@ class Stack:
         if self.fleet is not None:
             await self.fleet.stop()
         if self._server is not None and self._server_task is not None:
+            # end event streams and held polls now, or the server waits out its graceful-shutdown timeout
+            self._server.config.app.state.runtime.events.close_all("server shutting down")
             self._server.should_exit = True
             await asyncio.gather(self._server_task, return_exceptions=True)
         if self.broker is not None:

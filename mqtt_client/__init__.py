@@ -1,9 +1,9 @@
 """The thin MQTT 3.1.1 client the API and the simulator share, over gmqtt.
 
-gmqtt defaults to MQTT 5, which amqtt does not speak (the CONNECT hangs), so
-every connection here is MQTT 3.1.1. Inbound QoS 1 messages are acknowledged
-only after the handler returns: a message the handler did not finish is
-redelivered by the broker, never lost.
+gmqtt defaults to MQTT 5, which Latch's broker refuses (CONNACK 1, after which
+gmqtt would retry with 3.1.1), so every connection here is MQTT 3.1.1 from the
+start. Inbound QoS 1 messages are acknowledged only after the handler returns:
+a message the handler did not finish is redelivered by the broker, never lost.
 """
 
 from __future__ import annotations

@@ -7,8 +7,11 @@
     latch/v1/d/<device_id>/telemetry  device -> API   battery, signal (QoS 0)
     latch/v1/d/<device_id>/sync       device -> API   clock sync request; the reply comes on cmd
 
+    latch/v1/u/<user_id>/events       API -> a user's app  the user's events (JSON, QoS 1), read-only
+
 Device ids are 1-64 characters of [A-Za-z0-9_-]: never a wildcard, a slash
 or a leading '$', so a device id can be substituted into a topic safely.
+User ids follow the same rule.
 """
 
 PREFIX = "latch/v1/d/"
@@ -108,3 +111,25 @@ def device_may_receive(device_id, topic_name):
 
 def sync_topic(device_id):
     return topic(device_id, SYNC)
+
+
+# ---- users' event topics (the MQTT push transport) ----------------------------------
+
+USER_PREFIX = "latch/v1/u/"
+USER_EVENTS = "events"
+
+
+def user_events_topic(user_id):
+    """The topic carrying one user's events; raises ValueError on a bad id."""
+    if not valid_device_id(user_id):
+        raise ValueError("invalid user id %r: use 1-64 of [A-Za-z0-9_-]" % (user_id,))
+    return USER_PREFIX + user_id + "/" + USER_EVENTS
+
+
+def user_may_subscribe(user_id, topic_filter):
+    """The broker's subscribe fence for a user: their own events topic, exactly (no wildcards)."""
+    return valid_device_id(user_id) and topic_filter == USER_PREFIX + user_id + "/" + USER_EVENTS
+
+
+def user_may_receive(user_id, topic_name):
+    return user_may_subscribe(user_id, topic_name)

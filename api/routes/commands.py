@@ -5,7 +5,8 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from api.command_states import Status, is_final
 from api.commands import IdempotencyConflict, new_command_id, public, wait_until
 from api.runtime import Runtime
-from api.deps import PrincipalDep, RuntimeDep
+from api.deps import CallerDep, PrincipalDep, RuntimeDep
+from api.rights import Refused
 from api.models import CommandCreate, CommandPublic
 
 router = APIRouter(tags=["commands"])
@@ -17,11 +18,18 @@ WaitQuery = Annotated[float, Query(ge=0, le=60, description="hold the response u
 @router.post("/v1/devices/{device_id}/commands", status_code=status.HTTP_201_CREATED,
              response_model=CommandPublic,
              responses={200: {"description": "replay of an earlier request with the same Idempotency-Key"},
+                        403: {"description": "a rider who does not hold this bike, or an operator-only action"},
                         404: {"description": "no such device"},
-                        409: {"description": "Idempotency-Key reused with a different request"}})
-async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who: PrincipalDep,
+                        409: {"description": "Idempotency-Key reused with a different request"},
+                        429: {"description": "too many commands from this user (see Retry-After)"}})
+async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who: CallerDep,
                        response: Response, wait: WaitQuery = 0,
                        idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> CommandPublic:
+    """Operators command any device; a rider only the bike of their open ride (unlock, lock, locate)."""
+    try:
+        await rt.rights.check_command(who, device_id, body.action)
+    except Refused as e:
+        raise e.http()
     device = await rt.registry.get(device_id)
     if device is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
@@ -53,8 +61,25 @@ async def _with_history(rt: Runtime, command_id: str) -> CommandPublic:
     return public(*found)
 
 
-@router.get("/v1/commands/{command_id}", response_model=CommandPublic)
-async def get_command(command_id: str, rt: RuntimeDep, _: PrincipalDep, wait: WaitQuery = 0) -> CommandPublic:
+@router.get("/v1/commands", response_model=list[CommandPublic])
+async def list_commands(rt: RuntimeDep, who: CallerDep, limit: int = Query(50, ge=1, le=500),
+                        offset: int = Query(0, ge=0)) -> list[CommandPublic]:
+    """Newest first: every command for an operator, a rider's own for a rider."""
+    owner = None if who.is_operator else who.name
+    return [public(c) for c in await rt.commands.list_recent(owner, limit, offset)]
+
+
+@router.get("/v1/commands/{command_id}", response_model=CommandPublic,
+            responses={403: {"description": "a rider asking for someone else's command"}})
+async def get_command(command_id: str, rt: RuntimeDep, who: CallerDep, wait: WaitQuery = 0) -> CommandPublic:
+    if not who.is_operator:
+        cmd = await rt.commands.get(command_id)
+        if cmd is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command {command_id!r}")
+        try:
+            rt.rights.check_sees_command(who, cmd)
+        except Refused as e:
+            raise e.http()
     if wait:
         await rt.commands.wait_final(command_id, wait)
     return await _with_history(rt, command_id)

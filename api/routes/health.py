@@ -12,4 +12,5 @@ async def healthz(rt: RuntimeDep) -> dict[str, object]:
 
 @router.get("/v1/metrics")
 async def metrics(rt: RuntimeDep, _: PrincipalDep) -> dict[str, object]:
-    return {"counts": rt.metrics.snapshot(), "waiting_requests": len(rt.waiters)}
+    return {"counts": rt.metrics.snapshot(), "waiting_requests": len(rt.waiters), "event_subscribers": len(rt.events),
+            "event_head": rt.events.head}

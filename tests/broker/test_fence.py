@@ -6,8 +6,6 @@ import asyncio
 
 import pytest
 
-from amqtt.contexts import Action
-
 from broker.identity import SERVICE_USERNAME
 from mqtt_client import MqttClient, MqttConnectError
 from protocol import messages, topics
@@ -91,8 +89,9 @@ async def test_device_cannot_publish_on_another_devices_topics(stack: LiveStack)
 
 
 async def test_retained_state_of_other_devices_does_not_leak_to_a_reconnecting_device(stack: LiveStack) -> None:
-    """amqtt as shipped sends a reconnecting persistent client every retained message matching *any*
-    client's subscription, bypassing the ACL; broker.server.LatchBroker mends that."""
+    """amqtt as shipped sent a reconnecting persistent client every retained message matching *any*
+    client's subscription, bypassing the ACL; Latch's broker sends retained messages only for the
+    client's own new subscriptions, each through the delivery fence."""
     await stack.lock("bike-other")                       # publishes retained presence and state
     creds = await stack.register("bike-me")
     received: list[str] = []
@@ -113,44 +112,60 @@ async def test_retained_state_of_other_devices_does_not_leak_to_a_reconnecting_d
     assert set(received) == {topics.cmd_topic("bike-me")}, received
 
 
-async def test_a_subscribe_during_a_broadcast_loses_no_message(stack: LiveStack) -> None:
-    """amqtt 0.12.1 iterates its subscription dict across an await while broadcasting; a SUBSCRIBE
-    landing then raises 'dictionary changed size during iteration' and the message is lost for the
-    remaining subscribers (seen at start-up with a fleet subscribing). The interleaving is forced
-    here: the first RECEIVE check of the broadcast lets a concurrent subscription in."""
-    amqtt_broker = stack.stack.broker.amqtt  # type: ignore[union-attr]
-    got: dict[str, list[bytes]] = {"a": [], "b": []}
+async def test_subscribes_during_a_burst_lose_no_message(stack: LiveStack) -> None:
+    """amqtt 0.12.1 lost a broadcast when a SUBSCRIBE landed while it iterated its subscription dict
+    across an await. Latch's broker routes each PUBLISH synchronously against its index, so a fleet
+    subscribing while messages flow cannot disturb delivery to those already subscribed."""
+    got: list[bytes] = []
 
-    def recorder(name: str):  # type: ignore[no-untyped-def]
-        async def record(topic: str, payload: bytes, qos: int, retain: bool) -> None:
-            got[name].append(payload)
-        return record
+    async def record(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        got.append(payload)
 
-    clients = []
-    for name, flt in (("a", "test/burst"), ("b", "test/+")):
-        c = MqttClient(f"sub-{name}", username=SERVICE_USERNAME, password=stack.settings.service_secret,
-                       clean_session=True, handler=recorder(name))
+    def service(name: str, handler=None) -> MqttClient:  # type: ignore[no-untyped-def]
+        return MqttClient(name, username=SERVICE_USERNAME, password=stack.settings.service_secret,
+                          clean_session=True, handler=handler)
+
+    sub = service("burst-sub", record)
+    pub = service("burst-pub")
+    joiners = [service(f"joiner-{i}") for i in range(20)]
+    for c in (sub, pub, *joiners):
         await c.connect(stack.mqtt_host, stack.mqtt_port)
-        await c.subscribe([(flt, 1)])
-        clients.append(c)
-    late = MqttClient("late", username=SERVICE_USERNAME, password=stack.settings.service_secret, clean_session=True)
-    await late.connect(stack.mqtt_host, stack.mqtt_port)
-    clients.append(late)
-    original = amqtt_broker._topic_filtering
-    injected = asyncio.Event()
-
-    async def interleaving(session, topic, action):  # type: ignore[no-untyped-def]
-        allowed = await original(session, topic, action)
-        if topic == "test/burst" and action == Action.RECEIVE and not injected.is_set():
-            injected.set()
-            await late.subscribe([("test/late/#", 1)])   # a new filter while the broadcast is mid-loop
-        return allowed
-
-    amqtt_broker._topic_filtering = interleaving
     try:
-        clients[0].publish("test/burst", b"m1", qos=1)
-        await eventually(lambda: got["a"] and got["b"], what="both subscribers to get the message")
+        await sub.subscribe([("test/burst", 1)])
+        for i in range(200):
+            pub.publish("test/burst", str(i).encode(), qos=1)
+        await asyncio.gather(*(j.subscribe([(f"test/late/{n}/#", 1), ("test/+", 1)])
+                               for n, j in enumerate(joiners)))
+        await eventually(lambda: len(got) >= 200, what="all 200 messages")
     finally:
-        amqtt_broker._topic_filtering = original
-        await asyncio.gather(*(c.disconnect() for c in clients))
-    assert got == {"a": [b"m1"], "b": [b"m1"]}
+        await asyncio.gather(*(c.disconnect() for c in (sub, pub, *joiners)))
+    assert got == [str(i).encode() for i in range(200)]
+
+
+async def test_anonymous_clients_cannot_squat_or_take_over_a_devices_session(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Sessions belong to identities: with --allow-anonymous on, an anonymous client that took a
+    device's client id is pushed out when the device logs in, and cannot take the device's session
+    (or kick it off) while the device owns it."""
+    import httpx
+
+    from latch.stack import Stack
+    from tests.support import make_settings
+
+    async with Stack(make_settings(tmp_path, allow_anonymous=True)) as st:
+        async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
+                                     headers={"Authorization": f"Bearer {st.settings.admin_token}"}) as http:
+            live = LiveStack(st, http)
+            creds = await live.register("bike-sq")
+            squatter = MqttClient("bike-sq", clean_session=False)            # anonymous, the device's id
+            await squatter.connect(live.mqtt_host, live.mqtt_port)
+            assert await squatter.subscribe([("dev/null", 1), (topics.cmd_topic("bike-sq"), 1)]) == [1, 0x80]
+            device = await device_client(live, creds)
+            await eventually(lambda: not squatter.is_connected, what="the squatter to be pushed out")
+            thief = MqttClient("bike-sq", clean_session=False)
+            thief._client.set_config({"reconnect_retries": 0})
+            with pytest.raises(MqttConnectError):
+                await thief.connect(live.mqtt_host, live.mqtt_port, timeout=5)
+            await thief.disconnect()
+            assert device.is_connected
+            await squatter.disconnect()
+            await device.disconnect()

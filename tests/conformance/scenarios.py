@@ -31,6 +31,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from rawmqtt import (
+    CONNECT,
+    PUBLISH,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBSCRIBE,
     ClientSet,
     MQTTClosed,
     MQTTTimeout,
@@ -38,6 +43,7 @@ from rawmqtt import (
     encode_connect,
     encode_publish,
     encode_subscribe,
+    packet,
     wait_until,
 )
 
@@ -643,6 +649,58 @@ async def garbage_instead_of_connect(host: str, port: int) -> Observation:
         return {}
 
     return await _violation(host, port, act)
+
+
+def _raw_publish(topic: bytes, payload: bytes, flags: int = 0, packet_id: bytes = b"") -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic + packet_id + payload
+    return packet(PUBLISH, flags, body)
+
+
+def _after_connect(raw: bytes, *, extra: Callable[[dict], Awaitable[None]] | None = None) -> Scenario:
+    """A violation frame: CONNECT properly, then send `raw`."""
+
+    async def run(host: str, port: int) -> Observation:
+        async def act(cs: ClientSet, c: RawClient) -> dict:
+            await c.connect("offender")
+            await c.send_raw(raw)
+            return {}
+
+        return await _violation(host, port, act)
+
+    return run
+
+
+def _instead_of_connect(raw: bytes) -> Scenario:
+    async def run(host: str, port: int) -> Observation:
+        async def act(cs: ClientSet, c: RawClient) -> dict:
+            await c.send_raw(raw)
+            await c.wait_for(lambda: c.received or c.is_closed, CLOSE_DEADLINE)
+            return {"connack_codes": [p.body[1] for p in c.received if p.name == "CONNACK" and len(p.body) == 2]}
+
+        return await _violation(host, port, act)
+
+    return run
+
+
+def _connect_body(level: int = 4, flags: int = 0x02, payload: bytes = b"\x00\x01x", name: bytes = b"MQTT") -> bytes:
+    return packet(CONNECT, 0, len(name).to_bytes(2, "big") + name + bytes((level, flags)) + b"\x00\x3c" + payload)
+
+
+SCENARIOS["wrong_protocol_level"] = _instead_of_connect(_connect_body(level=3))     # MQTT with level 3
+SCENARIOS["unknown_protocol_name"] = _instead_of_connect(_connect_body(name=b"MQTX"))
+SCENARIOS["connect_reserved_flag"] = _instead_of_connect(_connect_body(flags=0x03))
+SCENARIOS["will_topic_with_wildcard"] = _instead_of_connect(
+    _connect_body(flags=0x06, payload=b"\x00\x01x" + b"\x00\x03w/+" + b"\x00\x01!"))
+SCENARIOS["invalid_utf8_client_id"] = _instead_of_connect(_connect_body(payload=b"\x00\x02\xc3\x28"))
+SCENARIOS["publish_qos3"] = _after_connect(_raw_publish(b"q3/t", b"x", flags=0x06, packet_id=b"\x00\x01"))
+SCENARIOS["invalid_utf8_topic"] = _after_connect(_raw_publish(b"bad/\xff\xfe", b"x"))
+SCENARIOS["nul_in_topic"] = _after_connect(_raw_publish(b"bad/\x00/t", b"x"))
+SCENARIOS["reserved_packet_type_15"] = _after_connect(b"\xf0\x00")
+SCENARIOS["pubrel_reserved_flags"] = _after_connect(packet(PUBREL, 0, b"\x00\x01"))
+SCENARIOS["unsubscribe_reserved_flags"] = _after_connect(packet(UNSUBSCRIBE, 0, b"\x00\x01\x00\x01a"))
+SCENARIOS["subscribe_invalid_filter"] = _after_connect(encode_subscribe(1, [("a/#/b", 0)]))
+SCENARIOS["subscribe_without_filters"] = _after_connect(packet(SUBSCRIBE, 2, b"\x00\x01"))
+SCENARIOS["subscribe_qos3"] = _after_connect(encode_subscribe(1, [("a/b", 3)]))
 
 
 @scenario

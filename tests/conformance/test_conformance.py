@@ -242,6 +242,26 @@ VIOLATIONS = {
 }
 
 
+# More malformed input, each closing the offender on Mosquitto 2.0 and on Latch's broker. The amqtt
+# reasons are observations of the harness (amqtt keeps the offender connected), not source analysis.
+VIOLATIONS.update({
+    "wrong_protocol_level": None,          # "MQTT" with level 3: CONNACK 1, then close [MQTT-3.1.2-2]
+    "unknown_protocol_name": None,         # [MQTT-3.1.2-1]
+    "connect_reserved_flag": None,         # [MQTT-3.1.2-3]
+    "will_topic_with_wildcard": "a will topic with a wildcard is accepted (observed: connection kept)",      # [MQTT-3.1.3-... / 4.7.3]
+    "invalid_utf8_client_id": "client id bytes are not UTF-8 validated (observed: connection kept)",        # [MQTT-1.5.3-1]
+    "publish_qos3": "PUBLISH QoS 3 is not rejected (observed: connection kept)",                  # [MQTT-3.3.1-4]
+    "invalid_utf8_topic": "topic names are not UTF-8 validated (observed: connection kept)",            # [MQTT-1.5.3-1]
+    "nul_in_topic": "U+0000 in a topic name is not rejected (observed: connection kept)",                  # [MQTT-1.5.3-2]
+    "reserved_packet_type_15": None,       # [MQTT-2.2.1]
+    "pubrel_reserved_flags": "PUBREL fixed-header flags are not checked (observed: connection kept)",         # [MQTT-3.6.1-1]
+    "unsubscribe_reserved_flags": "UNSUBSCRIBE fixed-header flags are not checked (observed: connection kept)",    # [MQTT-3.10.1-1]
+    "subscribe_invalid_filter": "invalid topic filters are not rejected (observed: connection kept)",      # [MQTT-4.7.1-2]
+    "subscribe_without_filters": "an empty SUBSCRIBE is not rejected (observed: connection kept)",     # [MQTT-3.8.3-3]
+    "subscribe_qos3": "a SUBSCRIBE QoS byte of 3 is not rejected (observed: connection kept)",                # [MQTT-3-8.3-4]
+})
+
+
 def _violation_defects(fn):
     for name, reason in VIOLATIONS.items():
         if reason:
@@ -262,6 +282,10 @@ async def test_protocol_violation_disconnects_offender_only(broker, observe, vio
         assert not obs["suback_received"]
     if violation == "wildcard_in_publish_topic":
         assert obs["subscriber_got_wildcard_topic"] == []
+    if violation == "wrong_protocol_level":
+        assert obs["connack_codes"] in ([], [1])      # refused as "unacceptable protocol version", if at all
+    elif "connack_codes" in obs:
+        assert obs["connack_codes"] == []             # malformed CONNECT: closed without CONNACK
     assert obs["offender_closed_after_s"] is not None, (
         f"offender still open after {sc.CLOSE_DEADLINE} s (responsive={obs['offender_still_responsive']})")
 

@@ -1,0 +1,326 @@
+"""The event log: one append-only table, one in-process broadcaster, every push transport reads from here.
+
+    a change's transaction ──append()──▶ event rows (same transaction; id = the cursor)
+                         commit ──▶ published once, in commit order, on the event loop:
+                                     ├─ ring of recent events (resume without a query)
+                                     ├─ live subscriptions (SSE, WebSocket, long polls), by audience
+                                     └─ sinks (each rider's MQTT topic)
+
+Ordering: events are appended on the database writer thread and handed to the loop in commit
+order, so ids arrive increasing. With SQLite there is one writer; a database with several writer
+threads would need ids assigned under one lock to keep that promise (not done here). The ring and
+the subscriptions live in this process: run one API process per database (see docs/architecture.md).
+
+No loss, no duplicates: a subscription is registered for live events *before* its backlog is read,
+and everything is filtered by the subscription's cursor (the newest id it has handed over), so an
+event committed while the backlog was being read arrives exactly once.
+
+Fan-out costs one pass over the subscribers that may see an event (operators, plus the one rider it
+concerns), a list append each and a wake-up of the ones that were idle; the payload is encoded once
+per event and format. A waiting long poll or an idle stream costs one future and one timer, no
+thread and no query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import itertools
+import json
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import event as sa_event, func
+from sqlmodel import Session, col, select
+
+from api.auth import Principal
+from api.clock import now_ms
+from api.db import Database
+from api.event_models import LogEvent
+from api.metrics import Metrics
+from latch.settings import Settings
+
+log = logging.getLogger("latch.events")
+
+_STAGED = "latch_events"
+_HOOKED = "latch_events_hooked"
+MAX_CURSOR_DIGITS = 18
+
+
+class CursorError(ValueError):
+    """A cursor that is not an event id, or one from the future; str(e) is the 400's message."""
+
+
+def parse_cursor(raw: str | None, head: int) -> int | None:
+    """None for no cursor; otherwise an event id not after `head`."""
+    if raw is None or raw.strip() == "":
+        return None
+    raw = raw.strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > MAX_CURSOR_DIGITS:
+        raise CursorError(f"cursor {raw[:40]!r} is not an event id: use the id of the last event you received, "
+                          f"or 0 for the beginning")
+    cursor = int(raw)
+    if cursor > head:
+        raise CursorError(f"cursor {cursor} is ahead of the newest event ({head}): it was not issued by this log")
+    return cursor
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class LiveEvent:
+    """A committed event, with its encodings made once and shared by every subscriber."""
+
+    __slots__ = ("id", "kind", "at", "audience", "data", "_json", "_sse", "_ws")
+
+    def __init__(self, id: int, kind: str, at: int, audience: str | None, data: dict[str, Any]) -> None:
+        self.id, self.kind, self.at, self.audience, self.data = id, kind, at, audience, data
+        self._json: bytes | None = None
+        self._sse: bytes | None = None
+        self._ws: str | None = None
+
+    @classmethod
+    def from_row(cls, row: LogEvent) -> "LiveEvent":
+        assert row.id is not None
+        return cls(row.id, row.kind, row.at, row.audience, row.data)
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "at": self.at, "data": self.data}
+
+    @property
+    def json(self) -> bytes:
+        if self._json is None:
+            self._json = _dumps(self.public())
+        return self._json
+
+    @property
+    def sse(self) -> bytes:
+        """One Server-Sent Events message: id (the cursor), event (the kind), data (the JSON)."""
+        if self._sse is None:
+            self._sse = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.id, self.kind.encode(), self.json)
+        return self._sse
+
+    @property
+    def ws(self) -> str:
+        if self._ws is None:
+            self._ws = '{"type":"event","event":' + self.json.decode() + "}"
+        return self._ws
+
+
+def _release(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Subscription:
+    """One connection's view of the log: a bounded buffer of events it may see, after its cursor."""
+
+    __slots__ = ("user_id", "operator", "cursor", "sent", "live", "closed", "reason", "cut", "task",
+                 "_buf", "_limit", "_waiter", "_log")
+
+    def __init__(self, who: Principal, cursor: int, limit: int, log_: "EventLog") -> None:
+        self.user_id = who.user_id
+        self.operator = who.is_operator
+        self.cursor = cursor      # every visible event up to here has been handed over (backlog or buffer)
+        self.sent = cursor        # the newest id the transport has written to its client
+        self.live = False
+        self.closed = False
+        self.cut = False          # closed because the client fell too far behind
+        self.reason: str | None = None
+        self.task: asyncio.Task[Any] | None = None   # the writer; cancelled when cut off while blocked
+        self._buf: list[LiveEvent] = []
+        self._limit = limit
+        self._waiter: asyncio.Future[None] | None = None
+        self._log = log_
+
+    def push(self, ev: LiveEvent) -> None:
+        """From the broadcaster: never blocks; a full buffer cuts the subscription off."""
+        if self.closed or ev.id <= self.cursor:
+            return
+        if len(self._buf) >= self._limit:
+            self.cut_off(f"too far behind: {self._limit} events waiting to be sent; "
+                         f"reconnect with the id of the last event you received")
+            return
+        self._buf.append(ev)
+        self.cursor = ev.id
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def cut_off(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.cut = True
+        self._log.metrics.inc("subscribers_cut_off")
+        log.info("subscriber %s cut off: %s", self.user_id or "operator", reason)
+        self.close(reason)
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()   # it may be blocked writing to the slow client
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        self._log._remove(self)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def next(self, timeout: float) -> list[LiveEvent]:
+        """Everything buffered; waits up to `timeout` when there is nothing (then [])."""
+        if not self._buf and not self.closed:
+            loop = asyncio.get_running_loop()
+            w = self._waiter = loop.create_future()
+            timer = loop.call_later(timeout, _release, w)
+            try:
+                await w
+            finally:
+                timer.cancel()
+                self._waiter = None
+        out, self._buf = self._buf, []
+        return out
+
+
+class EventLog:
+    def __init__(self, db: Database, settings: Settings, metrics: Metrics) -> None:
+        self.db = db
+        self.metrics = metrics
+        self.buffer = settings.subscriber_buffer
+        self.page = settings.event_page
+        self.ring: deque[LiveEvent] = deque(maxlen=max(1, settings.event_ring))
+        self.floor = 0   # every event after this id is in the ring (it was published by this process)
+        self.head = 0    # the newest published id
+        self.sinks: list[Callable[[LiveEvent], None]] = []
+        self._operators: set[Subscription] = set()
+        self._riders: dict[str, set[Subscription]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        top = await self.db.read(lambda s: s.exec(select(func.max(col(LogEvent.id)))).one())
+        self.head = self.floor = max(self.head, top or 0)
+
+    def __len__(self) -> int:
+        return len(self._operators) + sum(len(v) for v in self._riders.values())
+
+    # ---- appending: inside the transaction of the change, on the writer thread ------------
+    def append(self, s: Session, kind: str, data: dict[str, Any], audience: str | None,
+               at: int | None = None) -> LogEvent:
+        row = LogEvent(at=at or now_ms(), kind=kind, audience=audience, data=data)
+        s.add(row)
+        s.info.setdefault(_STAGED, []).append(row)
+        if not s.info.get(_HOOKED):
+            s.info[_HOOKED] = True
+            sa_event.listen(s, "after_commit", self._committed)
+            sa_event.listen(s, "after_rollback", self._rolled_back)
+        return row
+
+    def _committed(self, s: Session) -> None:
+        rows: list[LogEvent] = s.info.pop(_STAGED, None) or []
+        if not rows or self._loop is None:
+            return
+        events = [LiveEvent.from_row(r) for r in rows]
+        try:
+            self._loop.call_soon_threadsafe(self._publish, events)
+        except RuntimeError:   # the loop is closed: shutting down, the rows are in the table
+            pass
+
+    @staticmethod
+    def _rolled_back(s: Session) -> None:
+        s.info.pop(_STAGED, None)
+
+    # ---- publishing: on the event loop, in commit order --------------------------------------
+    def _publish(self, events: list[LiveEvent]) -> None:
+        for ev in events:
+            if ev.id <= self.head:
+                log.warning("event %d published after %d: cursors need a single writer", ev.id, self.head)
+            self.head = max(self.head, ev.id)
+            if len(self.ring) == self.ring.maxlen:
+                self.floor = self.ring[0].id
+            self.ring.append(ev)
+            for sub in tuple(self._operators):
+                sub.push(ev)
+            if ev.audience is not None:
+                for sub in tuple(self._riders.get(ev.audience, ())):
+                    sub.push(ev)
+            for sink in self.sinks:
+                try:
+                    sink(ev)
+                except Exception:
+                    log.exception("event sink failed for event %d", ev.id)
+        self.metrics.inc("events_published", len(events))
+
+    def _add(self, sub: Subscription) -> None:
+        if sub.operator:
+            self._operators.add(sub)
+        elif sub.user_id is not None:
+            self._riders.setdefault(sub.user_id, set()).add(sub)
+        sub.live = True
+
+    def _remove(self, sub: Subscription) -> None:
+        if sub.operator:
+            self._operators.discard(sub)
+        elif sub.user_id is not None:
+            subs = self._riders.get(sub.user_id)
+            if subs is not None:
+                subs.discard(sub)
+                if not subs:
+                    del self._riders[sub.user_id]
+
+    def close_all(self, reason: str) -> None:
+        for sub in list(self._operators) + [s for subs in self._riders.values() for s in subs]:
+            sub.close(reason)
+
+    # ---- reading -----------------------------------------------------------------------
+    def check_cursor(self, raw: str | None) -> int | None:
+        return parse_cursor(raw, self.head)
+
+    def open(self, who: Principal, after: int | None) -> Subscription:
+        """A subscription from `after` (None: from now). Call backlog() until it is live."""
+        return Subscription(who, self.head if after is None else after, self.buffer, self)
+
+    async def backlog(self, sub: Subscription, limit: int | None = None) -> list[LiveEvent]:
+        """The next page of visible events after the subscription's cursor. When the page is the last
+        of what is in memory, the subscription turns live in the same step, so nothing falls between."""
+        limit = limit or self.page
+        if sub.cursor >= self.floor:
+            page = self._ring_after(sub, limit)
+            if page:
+                sub.cursor = page[-1].id
+            if len(page) < limit and not sub.closed:
+                self._add(sub)
+            return page
+        page, covered = await self._db_page(sub, limit)
+        sub.cursor = max(sub.cursor, covered)
+        return page
+
+    def _ring_after(self, sub: Subscription, limit: int) -> list[LiveEvent]:
+        i = bisect.bisect_right(self.ring, sub.cursor, key=_event_id)
+        tail = itertools.islice(self.ring, i, None)
+        if not sub.operator:
+            user_id = sub.user_id
+            tail = (ev for ev in tail if user_id is not None and ev.audience == user_id)
+        return list(itertools.islice(tail, limit))
+
+    async def _db_page(self, sub: Subscription, limit: int) -> tuple[list[LiveEvent], int]:
+        after, operator, user_id = sub.cursor, sub.operator, sub.user_id
+
+        def load(s: Session) -> tuple[list[LiveEvent], int]:
+            top = s.exec(select(func.max(col(LogEvent.id)))).one() or 0   # first: the page is read up to here
+            q = select(LogEvent).where(col(LogEvent.id) > after, col(LogEvent.id) <= top)
+            if not operator:
+                q = q.where(LogEvent.audience == user_id)
+            rows = s.exec(q.order_by(col(LogEvent.id)).limit(limit)).all()
+            covered = rows[-1].id if len(rows) >= limit else top
+            return [LiveEvent.from_row(r) for r in rows], int(covered or after)
+
+        self.metrics.inc("event_backlog_queries")
+        return await self.db.read(load)
+
+
+def _event_id(ev: LiveEvent) -> int:
+    return ev.id

@@ -1,0 +1,34 @@
+"""The seam between state changes and the event log: called inside the transaction that makes the change.
+
+CommandService calls `command_changed` for every applied status change (and at create); the device
+registry calls `device_changed` whenever presence or reported state is written. Whatever the hooks
+add to the session commits (or rolls back) with the change itself, so the event log can never hold
+an event for a change that did not happen, nor miss one that did. They run on the writer thread:
+no awaiting, no I/O beyond the session.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlmodel import Session
+
+if TYPE_CHECKING:
+    from api.models import Command, CommandEvent, Device
+
+
+class ChangeHooks(Protocol):
+    def command_changed(self, s: Session, cmd: Command, history: list[CommandEvent]) -> None: ...
+
+    def device_changed(self, s: Session, device: Device, was_online: bool, reported_before: dict[str, Any]) -> None: ...
+
+
+class NoHooks:
+    def command_changed(self, s: Session, cmd: Command, history: list[CommandEvent]) -> None:
+        pass
+
+    def device_changed(self, s: Session, device: Device, was_online: bool, reported_before: dict[str, Any]) -> None:
+        pass
+
+
+NO_HOOKS = NoHooks()

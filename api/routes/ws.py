@@ -1,0 +1,186 @@
+"""The event log and commands over one WebSocket: /v1/ws.
+
+Authenticate with `Authorization: Bearer` or, from a browser, `?token=<stream token>`. Then JSON text
+frames, each with a "type":
+
+    → {"type": "subscribe", "after": 41}             (after: null = from now)
+    ← {"type": "subscribed", "cursor": 41}
+    ← {"type": "event", "event": {"id": 42, "kind": "command", "at": ..., "data": {...}}}   ... in id order
+    → {"type": "command", "request_id": "r1", "device_id": "bike-0001", "action": "unlock"}
+    ← {"type": "reply", "request_id": "r1", "ok": true, "status": 201, "command": {...}}
+    ← {"type": "reply", "request_id": "r1", "ok": false, "status": 403, "error": "you do not hold ..."}
+    → {"type": "ping"}  ← {"type": "pong"}
+
+The command's progress arrives as events. A subscriber that falls too far behind is closed with code
+4008 and the reason; it reconnects and subscribes after the last event id it received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from api import tokens
+from api.auth import AuthError, Principal, bearer_token, resolve
+from api.commands import IdempotencyConflict, public
+from api.events import CursorError, Subscription
+from api.models import CommandCreate
+from api.rights import Refused
+from api.runtime import Runtime
+
+log = logging.getLogger("latch.ws")
+router = APIRouter(tags=["events"])
+
+CLOSE_TOO_SLOW = 4008
+CLOSE_UNAUTHORIZED = 4401
+MAX_FRAME = 16 * 1024
+
+
+def _authenticate(ws: WebSocket, rt: Runtime) -> Principal:
+    token, kinds = bearer_token(ws), (tokens.ACCESS,)   # type: ignore[arg-type]
+    if token is None and ws.query_params.get("token"):
+        token, kinds = ws.query_params["token"], (tokens.STREAM,)
+    return resolve(token, rt.settings.admin_token or "", rt.settings.jwt_secret, kinds)
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, rt: Runtime, who: Principal) -> None:
+        self.ws = ws
+        self.rt = rt
+        self.who = who
+        self.sub: Subscription | None = None
+        self.writer: asyncio.Task[None] | None = None
+        self.send_lock = asyncio.Lock()
+
+    async def send(self, text: str) -> None:
+        async with self.send_lock:
+            await self.ws.send_text(text)
+
+    async def reply(self, request_id: Any, ok: bool, status: int, **fields: Any) -> None:
+        await self.send(json.dumps({"type": "reply", "request_id": request_id, "ok": ok, "status": status, **fields},
+                                   default=str))
+
+    async def run(self) -> None:
+        try:
+            while True:
+                text = await self.ws.receive_text()
+                if len(text) > MAX_FRAME:
+                    await self.send(json.dumps({"type": "error", "error": f"frame over {MAX_FRAME} bytes"}))
+                    continue
+                try:
+                    msg = json.loads(text)
+                    if not isinstance(msg, dict):
+                        raise ValueError("not an object")
+                except ValueError:
+                    await self.send(json.dumps({"type": "error", "error": "frames are JSON objects with a 'type'"}))
+                    continue
+                await self.handle(msg)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            if self.sub is not None:
+                self.sub.close("socket closed")
+            if self.writer is not None:
+                self.writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self.writer
+
+    async def handle(self, msg: dict[str, Any]) -> None:
+        kind, request_id = msg.get("type"), msg.get("request_id")
+        if kind == "ping":
+            await self.send(json.dumps({"type": "pong", "request_id": request_id}))
+        elif kind == "subscribe":
+            await self.subscribe(msg.get("after"), request_id)
+        elif kind == "command":
+            await self.command(msg, request_id)
+        else:
+            await self.send(json.dumps({"type": "error", "request_id": request_id,
+                                        "error": f"unknown type {kind!r}: use subscribe, command or ping"}))
+
+    async def subscribe(self, after: Any, request_id: Any) -> None:
+        if self.sub is not None:
+            await self.reply(request_id, False, 409, error="already subscribed on this socket")
+            return
+        try:
+            cursor = self.rt.events.check_cursor(None if after is None else str(after))
+        except CursorError as e:
+            await self.reply(request_id, False, 400, error=str(e))
+            return
+        self.sub = sub = self.rt.events.open(self.who, cursor)
+        await self.send(json.dumps({"type": "subscribed", "request_id": request_id, "cursor": sub.cursor}))
+        self.writer = asyncio.get_running_loop().create_task(self.write_events(sub))
+
+    async def write_events(self, sub: Subscription) -> None:
+        sub.task = asyncio.current_task()
+        try:
+            while not sub.live and not sub.closed:
+                page = await self.rt.events.backlog(sub)
+                for ev in page:
+                    await self.send(ev.ws)
+                if page:
+                    sub.sent = page[-1].id
+            while not sub.closed:
+                batch = await sub.next(self.rt.settings.sse_keepalive_s)
+                for ev in batch:
+                    await self.send(ev.ws)
+                if batch:
+                    sub.sent = batch[-1].id
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not sub.cut or (task is not None and task.uncancel() > 0):
+                raise
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            return
+        if sub.cut:
+            with contextlib.suppress(Exception):
+                await self.ws.close(CLOSE_TOO_SLOW, (sub.reason or "too far behind")[:120])
+
+    async def command(self, msg: dict[str, Any], request_id: Any) -> None:
+        device_id = msg.get("device_id")
+        try:
+            body = CommandCreate(action=msg.get("action", ""), params=msg.get("params") or {}, ttl_s=msg.get("ttl_s"))
+        except ValidationError as e:
+            await self.reply(request_id, False, 422, error="; ".join(err["msg"] for err in e.errors()))
+            return
+        if not isinstance(device_id, str):
+            await self.reply(request_id, False, 422, error="device_id is required")
+            return
+        try:
+            await self.rt.rights.check_command(self.who, device_id, body.action)
+            device = await self.rt.registry.get(device_id)
+            if device is None:
+                raise Refused(404, f"no device {device_id!r}")
+            if device.revoked:
+                raise Refused(409, f"device {device_id!r} is revoked")
+            key = msg.get("idempotency_key")
+            cmd, created = await self.rt.commands.create(device, body, self.who.name,
+                                                         key if isinstance(key, str) else None)
+        except Refused as e:
+            await self.reply(request_id, False, e.status, error=e.reason)
+            return
+        except IdempotencyConflict as e:
+            await self.reply(request_id, False, 409, error=f"idempotency_key was already used for command {e.args[0]}")
+            return
+        await self.reply(request_id, True, 201 if created else 200, command=public(cmd).model_dump(mode="json"))
+
+
+@router.websocket("/v1/ws")
+async def websocket(ws: WebSocket) -> None:
+    rt: Runtime = ws.app.state.runtime
+    try:
+        who = _authenticate(ws, rt)
+    except AuthError as e:
+        try:
+            await ws.send_denial_response(JSONResponse({"detail": str(e)}, status_code=401))
+        except RuntimeError:   # the server cannot send an HTTP answer to an upgrade: close instead
+            await ws.close(CLOSE_UNAUTHORIZED, str(e)[:120])
+        return
+    await ws.accept()
+    await Connection(ws, rt, who).run()

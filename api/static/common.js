@@ -1,0 +1,66 @@
+// Shared by the phone page and the dashboard: the API with a bearer token, and a resumable event stream.
+"use strict";
+
+const api = {
+  token: null,
+  async call(method, path, body) {
+    const headers = {"Content-Type": "application/json"};
+    if (api.token) headers.Authorization = "Bearer " + api.token;
+    const r = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
+    let data = null;
+    try { data = await r.json(); } catch (e) { /* empty body */ }
+    if (!r.ok) {
+      const detail = data && data.detail;
+      const msg = typeof detail === "string" ? detail : (detail ? JSON.stringify(detail) : r.statusText);
+      const err = new Error(msg); err.status = r.status; throw err;
+    }
+    return data;
+  },
+};
+
+// An EventSource that survives drops: the browser reconnects by itself with Last-Event-ID; when the
+// server refuses the reconnect (say the stream token expired) this opens a new one from the last id seen.
+class LiveStream {
+  constructor(onEvent, onState) {
+    this.onEvent = onEvent; this.onState = onState; this.lastId = null; this.es = null; this.stopped = false;
+    this.retries = 0;
+  }
+  async open() {
+    if (this.stopped) return;
+    this.onState("connecting");
+    let token;
+    try { token = (await api.call("POST", "/v1/auth/stream-token")).token; }
+    catch (e) { return this.later(); }
+    const q = new URLSearchParams({token});
+    if (this.lastId !== null) q.set("last_event_id", this.lastId);
+    const es = this.es = new EventSource("/v1/events/stream?" + q);
+    es.addEventListener("ready", (m) => { this.lastId = m.lastEventId; this.retries = 0; this.onState("live"); });
+    for (const kind of ["command", "presence", "lock_state", "low_battery", "ride"]) {
+      es.addEventListener(kind, (m) => { this.lastId = m.lastEventId; this.onEvent(JSON.parse(m.data)); });
+    }
+    es.addEventListener("error", (m) => {
+      if (m.data) console.warn("stream:", m.data);     // the server's reason (e.g. too far behind)
+      this.onState("reconnecting");
+      if (es.readyState === EventSource.CLOSED) { es.close(); this.later(); }
+    });
+  }
+  later() {
+    if (this.stopped) return;
+    const delay = Math.min(10000, 500 * 2 ** this.retries++);
+    setTimeout(() => this.open(), delay);
+  }
+  close() { this.stopped = true; if (this.es) this.es.close(); }
+}
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (k === "class") e.className = v;
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) e.append(c);
+  return e;
+}
+
+function fmtTime(ms) { return new Date(ms).toLocaleTimeString(); }

@@ -1,0 +1,87 @@
+"""Long polling: held until there is an event, answered empty with the same cursor when the wait ends,
+and thousands of held requests cost no thread and no query while they wait."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+from sqlalchemy import event as sa_event
+
+from tests.api.push_support import raw_request, raw_response
+from tests.support import LiveStack, eventually
+
+
+async def head(client: httpx.AsyncClient) -> int:
+    after = 0
+    for _ in range(100):
+        page = (await client.get("/v1/events", params={"after": after, "limit": 1000})).json()
+        if not page["events"]:
+            return after
+        after = page["cursor"]
+    raise AssertionError("too many events")
+
+
+async def test_held_until_an_event_then_answered_at_once(stack: LiveStack) -> None:
+    await stack.lock("bike-1")
+    cursor = await head(stack.http)
+    poll = asyncio.ensure_future(stack.http.get("/v1/events", params={"after": cursor, "wait": 20}))
+    await eventually(lambda: len(stack.runtime.events) == 1, what="the poll to be held")
+    assert not poll.done()
+    t0 = time.monotonic()
+    assert (await stack.command("bike-1", "locate", wait=0)).status_code == 201
+    page = (await asyncio.wait_for(poll, 10)).json()
+    assert time.monotonic() - t0 < 5
+    assert page["events"] and page["events"][0]["kind"] == "command" and page["events"][0]["id"] == cursor + 1
+    assert page["cursor"] == page["events"][-1]["id"]
+
+
+async def test_empty_list_and_the_same_cursor_when_the_wait_ends(stack: LiveStack, users) -> None:  # type: ignore[no-untyped-def]
+    await stack.lock("bike-2")
+    rider = await users()
+    cursor = await head(stack.http)
+    t0 = time.monotonic()
+    r = await rider.http.get("/v1/events", params={"after": cursor, "wait": 0.5})
+    assert r.status_code == 200 and r.json() == {"events": [], "cursor": cursor}
+    assert 0.45 < time.monotonic() - t0 < 5
+    # events the rider may not see do not wake them
+    poll = asyncio.ensure_future(rider.http.get("/v1/events", params={"after": cursor, "wait": 1}))
+    await eventually(lambda: len(stack.runtime.events) == 1, what="the rider's poll to be held")
+    await stack.command("bike-2", "locate", wait=5)
+    assert (await poll).json() == {"events": [], "cursor": cursor}
+
+
+async def test_a_thousand_held_polls_cost_no_thread_and_no_query_and_one_event_answers_all(stack: LiveStack) -> None:
+    n = 1000
+    await stack.lock("bike-3")
+    cursor = await head(stack.http)
+    statements: list[str] = []
+
+    def count(conn, cursor_, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    threads_before = threading.active_count()
+    path = f"/v1/events?after={cursor}&wait=30"
+    conns = [await raw_request(stack.api_url, path, stack.admin_token) for _ in range(n)]
+    try:
+        await eventually(lambda: len(stack.runtime.events) == n, timeout=60, what=f"{n} held polls")
+        sa_event.listen(stack.runtime.db.engine, "before_cursor_execute", count)
+        try:
+            await asyncio.sleep(1.0)   # a quiet second: nothing may poll the database meanwhile
+            quiet = list(statements)
+        finally:
+            sa_event.remove(stack.runtime.db.engine, "before_cursor_execute", count)
+        assert quiet == []
+        assert threading.active_count() - threads_before < 5   # no thread per request
+        t0 = time.monotonic()
+        await stack.command("bike-3", "report", wait=0)
+        answers = await asyncio.wait_for(asyncio.gather(*(raw_response(r, w) for r, w in conns)), 60)
+        elapsed = time.monotonic() - t0
+    finally:
+        for _, w in conns:
+            w.close()
+    assert all(code == 200 and p["events"] and p["events"][0]["id"] == cursor + 1 for code, p in answers)
+    assert len(stack.runtime.events) == 0
+    assert elapsed < 30, elapsed
