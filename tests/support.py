@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +28,20 @@ def require(condition: bool, what: str) -> None:
     if REQUIRE_ALL:
         pytest.fail(f"required for this test and missing: {what}")
     pytest.skip(f"missing: {what}")
+
+
+async def stop_process(proc: asyncio.subprocess.Process, deadline: float = 15.0) -> None:
+    """SIGTERM, wait with a deadline, then SIGKILL (tests/conformance/brokers.py has its own copy,
+    because those modules also run as plain scripts outside the `tests` package)."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), deadline)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.wait_for(proc.wait(), deadline)
 
 
 async def eventually(check: Callable[[], Awaitable[Any] | Any], timeout: float = 5.0,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.support import stop_process
+
 LATCH = [sys.executable, "-m", "latch.cli"]
 
 
@@ -24,13 +26,7 @@ async def running(*args: str, env: dict[str, str] | None = None) -> AsyncIterato
     try:
         yield proc
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 15)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc)
 
 
 async def read_until(proc: asyncio.subprocess.Process, pattern: str, timeout: float = 30) -> tuple[re.Match, str]:

@@ -10,7 +10,6 @@ import asyncio
 import os
 import re
 import shutil
-import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import require
+from tests.support import require, stop_process
 
 CHROMIUM = os.environ.get("LATCH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -61,13 +60,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
         drainer = asyncio.ensure_future(drain())
         yield Served(m.group(1), ADMIN_TOKEN)
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc, 20)
 
 
 @pytest.fixture
