@@ -7,17 +7,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api import event_models as ek, pg_bus, schema
 from api.commands import CommandService
 from api.db import Database
 from api.devices import DeviceRegistry
 from api.events import EventLog, LiveEvent
 from api.ingest import Ingest
 from api.journal import Journal
+from api.lease import Lease
 from api.link import BrokerLink
 from api.metrics import Metrics
+from api.pg_bus import PgListener
 from api.rides import RideService
 from api.rights import Rights
-from api.routes import commands, devices, events, health, pages, rides, users, ws
+from api.routes import broker_auth, commands, devices, events, health, pages, rides, users, ws
 from api.runtime import Runtime
 from api.sweeper import Sweeper
 from api.users import UserService
@@ -44,12 +47,19 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     commands_.hooks = registry.hooks = Journal(events_, settings)
 
     def to_rider_topic(ev: LiveEvent) -> None:   # the MQTT transport: each rider's own topic
-        if ev.audience is not None and link.is_connected:
+        # only the process that made the event sends it, so a rider gets it once however many replicas
+        if ev.audience is not None and ev.local and link.is_connected:
             link.publish(topics.user_events_topic(ev.audience), ev.json, qos=1)
 
+    def wake_waiters(ev: LiveEvent) -> None:   # a command made final by any replica ends ?wait= here
+        if ev.kind == ek.COMMAND and ev.data.get("final"):
+            waiters.notify(ev.data["command_id"])
+
+    events_.sinks.append(wake_waiters)
     events_.sinks.append(to_rider_topic)
+    lease = Lease(db.url if db.is_postgres else None)
     return Runtime(settings=settings, db=db, registry=registry, commands=commands_, ingest=ingest, link=link,
-                   sweeper=Sweeper(commands_), metrics=metrics, waiters=waiters, events=events_,
+                   sweeper=Sweeper(commands_, lease), metrics=metrics, waiters=waiters, events=events_,
                    rides=RideService(db, commands_, events_), rights=Rights(db, settings),
                    users=UserService(db, settings))
 
@@ -60,13 +70,27 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     own_db = db is None
     database = db or Database(settings.resolved_database_url())
     runtime = build_runtime(settings, database)
+    mosquitto = None
+    if settings.mosquitto_config_dir is not None:   # an external Mosquitto reads the registry from files
+        from latch.mosquitto_config import MosquittoSync
+
+        mosquitto = MosquittoSync(database, settings)
+        runtime.registry.after_change.append(mosquitto.device_changed)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await database.create_schema()
+        await schema.check(database, settings.resolved_database_url())   # refuses an un-migrated database
+        listener = None
+        if database.is_postgres:   # other replicas' changes (api/pg_bus.py); listening before reading the head
+            listener = PgListener(database.url, {pg_bus.EVENTS: runtime.events.on_notify,
+                                                 pg_bus.DEADLINE: runtime.sweeper.on_notify},
+                                  on_reconnect=runtime.events.resync)
+            await listener.start()
         await runtime.events.start()   # before the broker link: presence arrives as soon as it connects
+        if mosquitto is not None:      # before connecting: the service user must be in Mosquitto's files
+            await mosquitto.sync("start-up")
         host, port = settings.broker_address()
-        await runtime.link.start(host, port)
+        await runtime.link.start(host, port, tls=settings.broker_tls())
         runtime.sweeper.start()
         try:
             yield
@@ -74,6 +98,8 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
             runtime.events.close_all("server shutting down")
             await runtime.sweeper.stop()
             await runtime.link.stop()
+            if listener is not None:
+                await listener.stop()
             if own_db:
                 await database.close()
 
@@ -81,8 +107,9 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
                   description="Press Unlock, a lock opens, exactly once. Operator API: "
                               "`Authorization: Bearer <token>`.")
     app.state.runtime = runtime
+    app.state.mosquitto = mosquitto
     for r in (health.router, devices.router, commands.router, users.router, rides.router, events.router, ws.router,
-              pages.router):
+              pages.router, broker_auth.router):
         app.include_router(r)
     pages.mount_static(app)
     return app

@@ -21,8 +21,10 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from api import pg_bus
 from api.clock import now_ms, to_datetime
 from api.command_states import Event, Status, advance, is_final
+from api.command_priority import action_priority
 from api.db import Database
 from api.devices import merge_reported
 from api.hooks import NO_HOOKS, ChangeHooks
@@ -97,10 +99,13 @@ class CommandService:
         self.metrics = metrics
         self.deadline_changed: Callable[[int], None] = lambda deadline_ms: None  # the sweeper hooks in here
         self.hooks: ChangeHooks = NO_HOOKS   # the event log hooks in here (inside each change's transaction)
+        # tells other API processes of a new deadline, inside the transaction (api/pg_bus.py)
+        self.notify: Callable[[Session, str, str], None] = pg_bus.notify if db.is_postgres else pg_bus.no_notify
 
     # ---- create -----------------------------------------------------------------
     async def create(self, device: Device, body: CommandCreate, owner: str,
-                     idempotency_key: str | None, command_id: str | None = None) -> tuple[Command, bool]:
+                     idempotency_key: str | None, command_id: str | None = None,
+                     priority: int | None = None) -> tuple[Command, bool]:
         """(command, created). A repeated Idempotency-Key with the same request returns the first command.
 
         The command is written with its first state changes in one transaction (queued, then
@@ -133,11 +138,13 @@ class CommandService:
             s.add(cmd)
             s.add_all(events)
             self.hooks.command_changed(s, cmd, events)
+            if cmd.deadline_ms is not None:
+                self.notify(s, pg_bus.DEADLINE, str(cmd.deadline_ms))
             s.commit()
             return None
 
         try:
-            existing = await self.db.write(insert)
+            existing = await self.db.write(insert, action_priority(body.action) if priority is None else priority)
         except IntegrityError:   # another writer took the key between our check and insert
             existing = await self.db.read(lambda s: s.exec(select(Command).where(
                 Command.owner == owner, Command.idempotency_key == idempotency_key)).first())
@@ -242,6 +249,8 @@ class CommandService:
                 s.add_all(events)
                 if applied:
                     self.hooks.command_changed(s, cmd, events)
+                    if cmd.deadline_ms is not None:
+                        self.notify(s, pg_bus.DEADLINE, str(cmd.deadline_ms))
                 if reported:
                     merge_reported(s, cmd.device_id, reported, now, self.hooks)   # commits
                 else:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -13,6 +15,9 @@ from api.db import Database
 from api.hooks import NO_HOOKS, ChangeHooks
 from api.models import Device, DeviceCreate, DeviceCredentials, DevicePublic
 from broker.identity import hash_secret, new_secret
+
+
+log = logging.getLogger("latch.devices")
 
 
 class DeviceExists(Exception):
@@ -35,6 +40,16 @@ class DeviceRegistry:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.hooks: ChangeHooks = NO_HOOKS   # the event log hooks in here (inside each change's transaction)
+        # awaited after a registration, rotation or revocation has committed, with the device id (e.g. to
+        # rewrite an external Mosquitto's password file); a failing callback is logged, never raised
+        self.after_change: list[Callable[[str], Awaitable[None]]] = []
+
+    async def _changed(self, device_id: str) -> None:
+        for callback in self.after_change:
+            try:
+                await callback(device_id)
+            except Exception:  # noqa: BLE001 — the change is committed; the callback's failure is its own
+                log.exception("after-change callback for device %s failed", device_id)
 
     async def register(self, body: DeviceCreate) -> DeviceCredentials:
         secret = new_secret()
@@ -49,6 +64,7 @@ class DeviceRegistry:
                 raise DeviceExists(body.id) from e
 
         await self.db.write(insert)
+        await self._changed(device.id)
         return _credentials(device, secret)
 
     async def rotate(self, device_id: str) -> DeviceCredentials | None:
@@ -67,7 +83,27 @@ class DeviceRegistry:
             return device
 
         device = await self.db.write(rotate)
-        return None if device is None else _credentials(device, secret)
+        if device is None:
+            return None
+        await self._changed(device_id)
+        return _credentials(device, secret)
+
+    async def revoke(self, device_id: str) -> Device | None:
+        """Refuse the device's credentials from now on (rotating them lets it back in); None if unknown."""
+
+        def revoke(s: Session) -> Device | None:
+            device = s.get(Device, device_id)
+            if device is None:
+                return None
+            device.revoked = True
+            s.add(device)
+            s.commit()
+            return device
+
+        device = await self.db.write(revoke)
+        if device is not None:
+            await self._changed(device_id)
+        return device
 
     async def get(self, device_id: str) -> Device | None:
         return await self.db.read(lambda s: s.get(Device, device_id))
@@ -81,7 +117,7 @@ class DeviceRegistry:
         now = now_ms()
 
         def mark(s: Session) -> Device | None:
-            device = s.get(Device, device_id)
+            device = s.get(Device, device_id, with_for_update=True)   # replicas hear the same presence
             if device is None:
                 return None
             was_online = device.online
@@ -104,8 +140,11 @@ LAST_SEEN_RESOLUTION_MS = 5_000
 
 def merge_reported(s: Session, device_id: str, fields: dict[str, Any], now: int,
                    hooks: ChangeHooks = NO_HOOKS) -> bool:
-    """Merge reported state into the device's record (commits); False for an unknown device."""
-    device = s.get(Device, device_id)
+    """Merge reported state into the device's record (commits); False for an unknown device.
+
+    The row is locked (FOR UPDATE on PostgreSQL) so replicas that all hear the same report compare it
+    against what the previous one wrote, and only one of them records the change."""
+    device = s.get(Device, device_id, with_for_update=True)
     if device is None:
         s.commit()
         return False

@@ -8,6 +8,8 @@ from pydantic import BaseModel
 from sqlalchemy import JSON, BigInteger, Column, Index
 from sqlmodel import Field, SQLModel
 
+from api.models import BigId
+
 # kinds of event, also the SSE `event:` name
 COMMAND = "command"          # a command changed status: {command_id, device_id, action, status, reason, final}
 PRESENCE = "presence"        # {device_id, online}
@@ -20,7 +22,7 @@ KINDS = (COMMAND, PRESENCE, LOCK_STATE, LOW_BATTERY, RIDE)
 class LogEvent(SQLModel, table=True):
     __tablename__ = "event"
     __table_args__ = (Index("ix_event_audience_id", "audience", "id"), {"sqlite_autoincrement": True})
-    id: int | None = Field(default=None, primary_key=True)          # the cursor
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))  # the cursor
     at: int = Field(sa_column=Column(BigInteger, nullable=False))    # ms since the epoch, when appended
     kind: str
     audience: str | None = None   # the one user (rider) who may see it besides operators; None: operators only

@@ -6,10 +6,19 @@
                                      ├─ live subscriptions (SSE, WebSocket, long polls), by audience
                                      └─ sinks (each rider's MQTT topic)
 
-Ordering: events are appended on the database writer thread and handed to the loop in commit
-order, so ids arrive increasing. With SQLite there is one writer; a database with several writer
-threads would need ids assigned under one lock to keep that promise (not done here). The ring and
-the subscriptions live in this process: run one API process per database (see docs/architecture.md).
+Ordering: an event's id is its cursor, so ids must be handed out in commit order — a reader that has
+seen 11 must never later meet 10. Rows are staged during the transaction and inserted just before it
+commits (`_before_commit`): with SQLite's single writer that is enough. On PostgreSQL, where several
+writer threads and several API replicas commit at once, the insert is made under a transaction-level
+advisory lock (EVENT_ORDER_LOCK), held from the moment the ids are drawn until the commit: ids are
+then in commit order across every replica, and the lock is held only for one INSERT and the COMMIT.
+
+Several replicas (PostgreSQL): the same transaction sends NOTIFY latch_events with its newest id
+(api/pg_bus.py). Every replica, on hearing it — or at once, for its own commits — publishes
+everything after its head up to that id, in id order: from its own just-committed events when they
+cover the range, else with one query. So an SSE, WebSocket or long-poll client on replica A sees
+replica B's events, in order, resumable by the same cursor. Only the replica that made an event
+feeds it to the sinks (each rider's MQTT topic), so riders get each message once.
 
 No loss, no duplicates: a subscription is registered for live events *before* its backlog is read,
 and everything is filtered by the subscription's cursor (the newest id it has handed over), so an
@@ -32,7 +41,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import event as sa_event, func
+from sqlalchemy import event as sa_event, func, text
 from sqlmodel import Session, col, select
 
 from api.auth import Principal
@@ -40,6 +49,7 @@ from api.clock import now_ms
 from api.db import Database
 from api.event_models import LogEvent
 from api.metrics import Metrics
+from api.pg_bus import EVENTS as EVENTS_CHANNEL, notify
 from latch.settings import Settings
 
 log = logging.getLogger("latch.events")
@@ -47,6 +57,8 @@ log = logging.getLogger("latch.events")
 _STAGED = "latch_events"
 _HOOKED = "latch_events_hooked"
 MAX_CURSOR_DIGITS = 18
+EVENT_ORDER_LOCK = 0x1A7C4_0002   # pg_advisory_xact_lock key: event ids drawn in commit order
+CATCH_UP_RETRY_S = 0.5
 
 
 class CursorError(ValueError):
@@ -74,18 +86,20 @@ def _dumps(value: Any) -> bytes:
 class LiveEvent:
     """A committed event, with its encodings made once and shared by every subscriber."""
 
-    __slots__ = ("id", "kind", "at", "audience", "data", "_json", "_sse", "_ws")
+    __slots__ = ("id", "kind", "at", "audience", "data", "local", "_json", "_sse", "_ws")
 
-    def __init__(self, id: int, kind: str, at: int, audience: str | None, data: dict[str, Any]) -> None:
+    def __init__(self, id: int, kind: str, at: int, audience: str | None, data: dict[str, Any],
+                 local: bool = True) -> None:
         self.id, self.kind, self.at, self.audience, self.data = id, kind, at, audience, data
+        self.local = local   # made by this process (not read back from another replica's commit)
         self._json: bytes | None = None
         self._sse: bytes | None = None
         self._ws: str | None = None
 
     @classmethod
-    def from_row(cls, row: LogEvent) -> "LiveEvent":
+    def from_row(cls, row: LogEvent, local: bool = True) -> "LiveEvent":
         assert row.id is not None
-        return cls(row.id, row.kind, row.at, row.audience, row.data)
+        return cls(row.id, row.kind, row.at, row.audience, row.data, local)
 
     def public(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "at": self.at, "data": self.data}
@@ -198,11 +212,15 @@ class EventLog:
         self._operators: set[Subscription] = set()
         self._riders: dict[str, set[Subscription]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.shared = db.is_postgres          # other processes may append too (api/pg_bus.py)
+        self._local: dict[int, LiveEvent] = {}   # this process's committed events not yet published
+        self._want = 0                        # every id up to here is committed; publish up to it
+        self._catching: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """With several processes, start listening (api/pg_bus.py) before this: nothing falls between."""
         self._loop = asyncio.get_running_loop()
-        top = await self.db.read(lambda s: s.exec(select(func.max(col(LogEvent.id)))).one())
-        self.head = self.floor = max(self.head, top or 0)
+        self.head = self.floor = self._want = max(self.head, await self._newest_id())
 
     def __len__(self) -> int:
         return len(self._operators) + sum(len(v) for v in self._riders.values())
@@ -210,14 +228,29 @@ class EventLog:
     # ---- appending: inside the transaction of the change, on the writer thread ------------
     def append(self, s: Session, kind: str, data: dict[str, Any], audience: str | None,
                at: int | None = None) -> LogEvent:
+        """Stage an event in `s`'s transaction; it is inserted (and gets its id) just before the commit."""
         row = LogEvent(at=at or now_ms(), kind=kind, audience=audience, data=data)
-        s.add(row)
         s.info.setdefault(_STAGED, []).append(row)
         if not s.info.get(_HOOKED):
             s.info[_HOOKED] = True
+            sa_event.listen(s, "before_commit", self._before_commit)
             sa_event.listen(s, "after_commit", self._committed)
             sa_event.listen(s, "after_rollback", self._rolled_back)
         return row
+
+    def _before_commit(self, s: Session) -> None:
+        rows: list[LogEvent] = s.info.get(_STAGED) or []
+        if not rows:
+            return
+        if self.shared:   # ids in commit order across processes: see the module's docstring
+            # Everything else of the transaction is written first: holding the order lock, it only
+            # inserts events (no foreign keys) and commits, so it never waits on a row lock (no deadlock).
+            s.flush()
+            s.connection().execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": EVENT_ORDER_LOCK})
+        s.add_all(rows)
+        s.flush()
+        if self.shared:
+            notify(s, EVENTS_CHANNEL, str(rows[-1].id))
 
     def _committed(self, s: Session) -> None:
         rows: list[LogEvent] = s.info.pop(_STAGED, None) or []
@@ -225,9 +258,70 @@ class EventLog:
             return
         events = [LiveEvent.from_row(r) for r in rows]
         try:
-            self._loop.call_soon_threadsafe(self._publish, events)
+            self._loop.call_soon_threadsafe(self._local_committed if self.shared else self._publish, events)
         except RuntimeError:   # the loop is closed: shutting down, the rows are in the table
             pass
+
+    # ---- several processes (PostgreSQL): publish in id order up to what is known committed --------
+    def _local_committed(self, events: list[LiveEvent]) -> None:
+        for ev in events:
+            if ev.id > self.head:
+                self._local[ev.id] = ev
+        # every id up to our newest is committed: ours held the order lock until it committed
+        self.catch_up(events[-1].id)
+
+    def on_notify(self, payload: str) -> None:
+        """NOTIFY latch_events from any replica: `payload` is the newest id of a commit."""
+        try:
+            self.catch_up(int(payload))
+        except ValueError:
+            log.warning("ignored a malformed %s notification: %r", EVENTS_CHANNEL, payload[:80])
+
+    def resync(self) -> None:
+        """After the listening connection was lost: publish whatever was committed meanwhile."""
+        asyncio.get_running_loop().create_task(self._resync(), name="latch-events-resync")
+
+    async def _resync(self) -> None:
+        self.catch_up(await self._newest_id())
+
+    async def _newest_id(self) -> int:
+        return int(await self.db.read(lambda s: s.exec(select(func.max(col(LogEvent.id)))).one() or 0))
+
+    def catch_up(self, upto: int) -> None:
+        self._want = max(self._want, upto)
+        if self._want > self.head and (self._catching is None or self._catching.done()):
+            self._catching = asyncio.get_running_loop().create_task(self._catch_up(), name="latch-events-catch-up")
+
+    async def _catch_up(self) -> None:
+        while self._want > self.head:
+            want, head = self._want, self.head
+            try:
+                if all(i in self._local for i in range(head + 1, min(want, head + self.page) + 1)):
+                    upto = min(want, head + self.page)
+                    page = [self._local[i] for i in range(head + 1, upto + 1)]
+                else:
+                    page, upto = await self._read_committed(head, want)
+            except Exception:
+                log.exception("reading committed events after %d failed; retrying", head)
+                await asyncio.sleep(CATCH_UP_RETRY_S)
+                continue
+            self._publish(page)
+            self.head = max(self.head, upto)   # ids in between that have no row were rolled back
+            for i in [i for i in self._local if i <= self.head]:
+                del self._local[i]
+
+    async def _read_committed(self, after: int, upto: int) -> tuple[list[LiveEvent], int]:
+        """Events after `after` up to `upto` (one page), and the id the page covers."""
+        limit = self.page
+
+        def load(s: Session) -> tuple[list[LogEvent], int]:
+            rows = list(s.exec(select(LogEvent).where(col(LogEvent.id) > after, col(LogEvent.id) <= upto)
+                               .order_by(col(LogEvent.id)).limit(limit)).all())
+            return rows, (int(rows[-1].id or after) if len(rows) >= limit else upto)
+
+        rows, covered = await self.db.read(load)
+        self.metrics.inc("event_catch_up_queries")
+        return [self._local.get(r.id or 0) or LiveEvent.from_row(r, local=False) for r in rows], covered
 
     @staticmethod
     def _rolled_back(s: Session) -> None:
@@ -237,6 +331,8 @@ class EventLog:
     def _publish(self, events: list[LiveEvent]) -> None:
         for ev in events:
             if ev.id <= self.head:
+                if self.shared:
+                    continue
                 log.warning("event %d published after %d: cursors need a single writer", ev.id, self.head)
             self.head = max(self.head, ev.id)
             if len(self.ring) == self.ring.maxlen:
@@ -276,8 +372,18 @@ class EventLog:
             sub.close(reason)
 
     # ---- reading -----------------------------------------------------------------------
-    def check_cursor(self, raw: str | None) -> int | None:
-        return parse_cursor(raw, self.head)
+    async def check_cursor(self, raw: str | None) -> int | None:
+        """The cursor a client sent, checked; CursorError when it is not one this log issued."""
+        try:
+            return parse_cursor(raw, self.head)
+        except CursorError:
+            if not self.shared:
+                raise
+        # several processes: another replica may have issued it a moment before this one published it
+        top = await self._newest_id()
+        cursor = parse_cursor(raw, top)
+        self.catch_up(top)
+        return cursor
 
     def open(self, who: Principal, after: int | None) -> Subscription:
         """A subscription from `after` (None: from now). Call backlog() until it is live."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
 from mqtt_client import Handler, MqttClient
 from protocol import topics
@@ -22,9 +23,10 @@ class BrokerLink:
         self._host = ""
         self._port = 0
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """Connect (over TLS when `tls` is given: an mqtts:// broker) and subscribe to every uplink."""
         self._host, self._port = host, port
-        await self.client.connect(host, port)
+        await self.client.connect(host, port, tls=tls if tls is not None else False)
         await self._subscribe()
 
     def _on_connect(self, session_present: bool) -> None:

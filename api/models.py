@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field as PField, field_validator
-from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from api.command_states import Status
@@ -26,6 +26,19 @@ class Device(SQLModel, table=True):
     last_seen: int | None = Field(default=None, sa_column=Column(BigInteger))
     reported: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     reported_at: int | None = Field(default=None, sa_column=Column(BigInteger))
+    zone: str | None = Field(default=None, max_length=64, index=True)   # fleet targeting (api/fleet.py)
+
+
+class DeviceTag(SQLModel, table=True):
+    """A device's tags, one row each, so a fleet command can find `tag = 'x'` by index on any database."""
+    __tablename__ = "device_tag"
+    device_id: str = Field(foreign_key="device.id", primary_key=True, max_length=64)
+    tag: str = Field(primary_key=True, max_length=64, index=True)
+
+
+# 64-bit ids on PostgreSQL (an event log outlives 2^31 rows); SQLite's INTEGER PRIMARY KEY is already 64-bit
+# and must stay spelled INTEGER to be the rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class Command(SQLModel, table=True):
@@ -33,6 +46,8 @@ class Command(SQLModel, table=True):
         UniqueConstraint("owner", "idempotency_key", name="uq_command_idempotency"),
         Index("ix_command_deadline", "deadline_ms"),
         Index("ix_command_device_created", "device_id", "created_at"),
+        Index("ix_command_owner_created", "owner", "created_at"),
+        Index("ix_command_created", "created_at"),
     )
     id: str = Field(primary_key=True, max_length=32)
     device_id: str = Field(foreign_key="device.id")
@@ -51,7 +66,7 @@ class Command(SQLModel, table=True):
 
 
 class CommandEvent(SQLModel, table=True):
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
     command_id: str = Field(foreign_key="command.id", index=True)
     at: int = Field(sa_column=Column(BigInteger, nullable=False))
     event: str

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from api import schema
 from api.app import build_runtime
 from api.command_states import Event
 from api.db import Database
@@ -46,7 +47,7 @@ async def main() -> None:
         settings = Settings(data_dir=Path(tmp), database_url=args.database_url)
         settings.ensure_secrets()
         db = Database(settings.resolved_database_url())
-        await db.create_schema()
+        await schema.upgrade(db)
         rt = build_runtime(settings, db)
         rt.commands.publisher = NullLink()
         await rt.events.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Iterable
 
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
@@ -23,12 +24,12 @@ class Fleet:
     def __len__(self) -> int:
         return len(self.locks)
 
-    async def start(self, host: str, port: int, concurrency: int = 50) -> None:
+    async def start(self, host: str, port: int, concurrency: int = 50, tls: ssl.SSLContext | None = None) -> None:
         gate = asyncio.Semaphore(concurrency)
 
         async def one(lock: SimulatedLock) -> None:
             async with gate:
-                await lock.start(host, port)
+                await lock.start(host, port, tls)
 
         await asyncio.gather(*(one(lock) for lock in self.locks.values()))
 

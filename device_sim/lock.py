@@ -11,6 +11,7 @@ import asyncio
 import binascii
 import logging
 import random
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -68,11 +69,12 @@ class SimulatedLock:
                           clean_session=False, keepalive=self.keepalive, handler=self._on_message,
                           will=Will(topics.presence_topic(self.device_id), messages.OFFLINE))
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        """Connect (over TLS when `tls` is given: an mqtts:// broker), subscribe to its commands, say hello."""
         if self.client.is_connected:
             return
         self.client = self._new_client()
-        await self.client.connect(host, port)
+        await self.client.connect(host, port, tls=tls if tls is not None else False)
         granted = await self.client.subscribe([(topics.cmd_topic(self.device_id), 1)])
         if granted[0] == 0x80:
             raise RuntimeError(f"broker refused {self.device_id}'s command subscription")

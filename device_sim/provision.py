@@ -12,7 +12,7 @@ import httpx
 
 from device_sim.fleet import Fleet
 from device_sim.lock import Behaviour, Credentials
-from latch.settings import parse_broker_url
+from latch.settings import Settings, broker_tls_context, parse_broker_url
 
 
 async def ensure_registered(api_url: str, token: str, ids: list[str], cache: Path) -> list[Credentials]:
@@ -39,13 +39,17 @@ async def ensure_registered(api_url: str, token: str, ids: list[str], cache: Pat
 
 
 async def run_sim(api_url: str, token: str, broker: str, n: int, prefix: str, behaviour: Behaviour,
-                  data_dir: Path) -> None:
+                  data_dir: Path, broker_ca: Path | None = None) -> None:
+    """`broker` is HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS, verified against `broker_ca`,
+    default LATCH_BROKER_CA, else the system's trust store)."""
     ids = [f"{prefix}{i:04d}" for i in range(1, n + 1)]
+    host, port = parse_broker_url(broker)
+    tls = broker_tls_context(broker, broker_ca if broker_ca is not None else Settings().broker_ca)
     creds = await ensure_registered(api_url, token, ids, data_dir / f"sim-fleet-{prefix.strip('-') or 'sim'}.json")
     fleet = Fleet(creds, behaviour)
-    host, port = parse_broker_url(broker)
-    await fleet.start(host, port)
-    print(f"{len(fleet)} simulated locks online ({ids[0]}..{ids[-1]}) on {host}:{port}", flush=True)
+    await fleet.start(host, port, tls=tls)
+    print(f"{len(fleet)} simulated locks online ({ids[0]}..{ids[-1]}) on {host}:{port}"
+          + (" (TLS)" if tls is not None else ""), flush=True)
     done = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):

@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="broker + API (+ a simulated demo fleet), all in one process")
     _common(serve), _broker_opts(serve), _api_opts(serve)
     serve.add_argument("--demo-fleet", type=int, metavar="N", help="also run N simulated locks (bike-0001..)")
+    serve.add_argument("--no-migrate", dest="migrate", action="store_false",
+                       help="do not apply database migrations at start (refuse to start if any is missing)")
 
     broker = sub.add_parser("broker", help="the MQTT broker alone")
     _common(broker), _broker_opts(broker)
@@ -62,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="the control API alone, against a running broker")
     _common(api), _api_opts(api)
     api.add_argument("--mqtt-port", type=int, help="port of the broker on --host (when --broker is not given)")
+
+    db = sub.add_parser("db", help="the database schema (Alembic migrations)")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    for name, text in (("upgrade", "apply every missing migration (run once before `latch api` replicas start)"),
+                       ("check", "exit 0 when the database is at this Latch's revision, 1 (saying why) otherwise")):
+        p = db_sub.add_parser(name, help=text)
+        p.add_argument("--data-dir", type=Path, help="SQLite database and secrets (default ./latch-data)")
+        p.add_argument("--database-url", help="SQLAlchemy URL (default sqlite:///DATA_DIR/latch.db)")
+        p.add_argument("--log-level", default="INFO")
 
     sim = sub.add_parser("sim", help="simulated locks against a running broker")
     sim.add_argument("--devices", type=int, default=100)
@@ -75,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--jam-rate", type=float, default=0.0, help="share of actuations that jam")
     sim.add_argument("--drop-rate", type=float, default=0.0, help="share of commands never answered")
     sim.add_argument("--log-level", default="INFO")
+
+    from latch.mosquitto_config import add_parser as add_broker_config
+    add_broker_config(sub)   # `latch broker-config mosquitto --out DIR`: dispatched through its args.func
 
     try:
         from firmware.tools import add_parser as add_firmware
@@ -104,10 +118,10 @@ async def _until_signalled(start: Callable[[], Awaitable[None]], stop: Callable[
         await stop()
 
 
-async def _serve(settings: Settings, demo_fleet: int, embedded_broker: bool) -> None:
+async def _serve(settings: Settings, demo_fleet: int, embedded_broker: bool, migrate: bool) -> None:
     from latch.stack import Stack
 
-    stack = Stack(settings, embedded_broker=embedded_broker, demo_fleet=demo_fleet)
+    stack = Stack(settings, embedded_broker=embedded_broker, demo_fleet=demo_fleet, migrate=migrate)
 
     async def start() -> None:
         await stack.start()
@@ -126,6 +140,7 @@ async def _serve(settings: Settings, demo_fleet: int, embedded_broker: bool) -> 
 
 
 async def _broker(settings: Settings) -> None:
+    from api import schema
     from api.db import Database
     from broker.credentials import SqlCredentialStore
     from broker.server import EmbeddedBroker, broker_options, tune_gc
@@ -136,7 +151,7 @@ async def _broker(settings: Settings) -> None:
                             SqlCredentialStore(db, settings.service_secret or "", settings.jwt_secret))
 
     async def start() -> None:
-        await db.create_schema()
+        await schema.check(db, settings.resolved_database_url())
         await broker.start()
         tune_gc()       # this process is only the broker: no full-heap collections mid-stream
         print("Latch broker listening: " + ", ".join(f"{k} {settings.host}:{v}" for k, v in broker.ports.items()),
@@ -147,6 +162,25 @@ async def _broker(settings: Settings) -> None:
         await db.close()
 
     await _until_signalled(start, stop)
+
+
+async def _db(settings: Settings, what: str) -> None:
+    from api import schema
+    from api.db import Database
+
+    url = settings.resolved_database_url()
+    db = Database(url)
+    try:
+        if what == "upgrade":
+            before = await db.run_sync(schema.current_revision)
+            await schema.upgrade(db)
+            after = await schema.check(db, url)
+            print(f"database {schema.display_url(url)}: " +
+                  (f"at {after} (already)" if before == after else f"upgraded {before or 'empty'} -> {after}"))
+        else:
+            print(f"database {schema.display_url(url)}: at {await schema.check(db, url)}, as this Latch needs")
+    finally:
+        await db.close()
 
 
 async def _sim(args: argparse.Namespace) -> None:
@@ -175,21 +209,28 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("amqtt").setLevel(logging.WARNING)
     logging.getLogger("gmqtt").setLevel(logging.WARNING)
     logging.getLogger("transitions").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     if args.command == "sim":
         asyncio.run(_sim(args))
         return
-    if args.command not in ("serve", "broker", "api"):
+    if args.command not in ("serve", "broker", "api", "db"):
         sys.exit(args.func(args))  # subcommands that bring their own handler (firmware tools)
+    from api.schema import SchemaNotReady
+
     settings = settings_from(args)
     try:
-        if args.command == "serve":
+        if args.command == "db":
+            asyncio.run(_db(settings, args.db_command))
+        elif args.command == "serve":
             demo = args.demo_fleet if args.demo_fleet is not None else settings.demo_fleet
-            asyncio.run(_serve(settings, demo, embedded_broker=settings.broker is None))
+            asyncio.run(_serve(settings, demo, embedded_broker=settings.broker is None, migrate=args.migrate))
         elif args.command == "broker":
             from broker.server import run as run_broker   # with uvloop when installed
             run_broker(lambda: _broker(settings))
         else:
-            asyncio.run(_serve(settings, 0, embedded_broker=False))
+            asyncio.run(_serve(settings, 0, embedded_broker=False, migrate=False))
+    except SchemaNotReady as e:
+        raise SystemExit(f"latch {args.command}: {e}") from None
     except OSError as e:
         raise SystemExit(f"latch {args.command}: {e}") from e
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import ssl
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +61,12 @@ class Settings(BaseSettings):
     sse_keepalive_s: float = 15.0
     event_page: int = 500                  # most events in one poll/backlog page
 
+    # external MQTT brokers: Mosquitto, EMQX, VerneMQ (docs/external-brokers.md)
+    broker_ca: Path | None = None          # PEM CA bundle for an mqtts:// broker (default: the system's trust store)
+    broker_hook_secret: str | None = None  # what EMQX/VerneMQ must send to /v1/broker/...; DATA_DIR/broker-hook.secret
+    mosquitto_config_dir: Path | None = None  # set: rewrite Mosquitto's password/ACL files here on every device change
+    mosquitto_pid_file: Path | None = None    # ... and SIGHUP the pid in this file so Mosquitto reloads them
+
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'latch.db'}"
 
@@ -66,6 +74,10 @@ class Settings(BaseSettings):
         if self.broker:
             return parse_broker_url(self.broker)
         return self.host, self.mqtt_port
+
+    def broker_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for an mqtts:// broker (CA: broker_ca, else the system's); None for plain MQTT."""
+        return broker_tls_context(self.broker, self.broker_ca) if self.broker else None
 
     def ensure_secrets(self) -> None:
         """Fill admin token and service secret from the data dir, generating them on first start."""
@@ -76,15 +88,57 @@ class Settings(BaseSettings):
             self.service_secret = _stored_secret(self.data_dir / "service.secret")
         if self.jwt_secret is None:
             self.jwt_secret = _stored_secret(self.data_dir / "jwt.secret")
+        if self.broker_hook_secret is None:
+            self.broker_hook_secret = _stored_secret(self.data_dir / "broker-hook.secret")
+
+
+class BrokerURL(NamedTuple):
+    host: str
+    port: int
+    tls: bool
+
+
+_BROKER_SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True}
+
+
+def parse_broker(url: str) -> BrokerURL:
+    """'mqtt://host:port', 'mqtts://host:port' (TLS) or 'host:port'; with a scheme the port may be left
+    out (1883, or 8883 for mqtts)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    elif scheme.lower() not in _BROKER_SCHEMES:
+        raise ValueError(f"broker address {url!r}: unknown scheme {scheme!r} (use mqtt:// or mqtts://)")
+    tls = _BROKER_SCHEMES.get(scheme.lower(), False)
+    rest = rest.rstrip("/")
+    if rest.startswith("[") and "]" in rest:                  # [IPv6] or [IPv6]:PORT
+        host, _, after = rest[1:].partition("]")
+        port = after[1:] if after.startswith(":") else after
+    elif ":" in rest:
+        host, _, port = rest.rpartition(":")
+    else:
+        host, port = rest, ""
+    if not port and scheme:
+        port = str(8883 if tls else 1883)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"broker address {url!r} must look like mqtt://HOST:PORT, mqtts://HOST:PORT or HOST:PORT")
+    return BrokerURL(host.strip("[]"), int(port), tls)
 
 
 def parse_broker_url(url: str) -> tuple[str, int]:
-    """'mqtt://host:port' or 'host:port' -> (host, port)."""
-    rest = url.split("://", 1)[1] if "://" in url else url
-    host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"broker address {url!r} must look like mqtt://HOST:PORT or HOST:PORT")
-    return host.strip("[]"), int(port)
+    """'mqtt://host:port', 'mqtts://host:port' or 'host:port' -> (host, port); see parse_broker for TLS."""
+    host, port, _ = parse_broker(url)
+    return host, port
+
+
+def broker_tls_context(url: str, ca: Path | None = None) -> ssl.SSLContext | None:
+    """A client TLS context verifying the broker (against `ca`, else the system's trust store) when `url`
+    is mqtts://; None for plain MQTT."""
+    if not parse_broker(url).tls:
+        return None
+    if ca is not None and not Path(ca).is_file():
+        raise ValueError(f"broker CA file {str(ca)!r} (LATCH_BROKER_CA) does not exist")
+    return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
 
 
 def _stored_secret(path: Path) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvicorn
 
+from api import schema
 from api.app import create_app
 from api.db import Database
 from api.devices import DeviceExists, DeviceRegistry
@@ -41,10 +42,13 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 class Stack:
     def __init__(self, settings: Settings, *, embedded_broker: bool = True, demo_fleet: int = 0,
-                 fleet_behaviour: Behaviour | None = None) -> None:
+                 fleet_behaviour: Behaviour | None = None, migrate: bool = True) -> None:
+        """`migrate`: bring the database to the code's revision first (`latch serve`, which owns its
+        database); otherwise only check it is there and refuse to start when it is not (`latch api`)."""
         settings.ensure_secrets()
         self.settings = settings
         self.embedded_broker = embedded_broker
+        self.migrate = migrate
         self.demo_fleet = demo_fleet
         self.fleet_behaviour = fleet_behaviour
         self.db = Database(settings.resolved_database_url())
@@ -60,7 +64,10 @@ class Stack:
         return f"http://[{host}]:{self.http_port}" if ":" in host else f"http://{host}:{self.http_port}"
 
     async def start(self) -> None:
-        await self.db.create_schema()
+        if self.migrate:
+            await schema.upgrade(self.db)
+        else:
+            await schema.check(self.db, self.settings.resolved_database_url())
         s = self.settings
         if self.embedded_broker:
             self.broker = EmbeddedBroker(

@@ -4,6 +4,7 @@ gmqtt defaults to MQTT 5, which Latch's broker refuses (CONNACK 1, after which
 gmqtt would retry with 3.1.1), so every connection here is MQTT 3.1.1 from the
 start. Inbound QoS 1 messages are acknowledged only after the handler returns:
 a message the handler did not finish is redelivered by the broker, never lost.
+TLS (an mqtts:// broker) is an ``ssl.SSLContext`` passed to ``connect``; reconnects reuse it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class MqttClient:
         self._keepalive = keepalive
         self._subscribed: dict[int, asyncio.Future[list[int]]] = {}
         self.connected = asyncio.Event()
+        self.disconnected = asyncio.Event()   # set when a connection ends (the broker closed it, or we did)
         self.client_id = client_id
         self.on_connect_callbacks: list[Callable[[bool], None]] = []
         self._refused: int | None = None
@@ -112,12 +114,14 @@ class MqttClient:
 
     # gmqtt callbacks
     def _on_connect(self, client: gmqtt.Client, flags: int, rc: int, properties: dict) -> None:
+        self.disconnected.clear()
         self.connected.set()
         for cb in self.on_connect_callbacks:
             cb(bool(flags))
 
     def _on_disconnect(self, client: gmqtt.Client, packet: bytes | None, exc: Exception | None = None) -> None:
         self.connected.clear()
+        self.disconnected.set()
 
     def _on_subscribe(self, client: gmqtt.Client, mid: int, qos: tuple[int, ...], properties: dict) -> None:
         fut = self._subscribed.get(mid)

@@ -7,17 +7,30 @@ quietly not run because a dependency is missing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from latch.stack import Stack
+from tests.dbs import TEST_DATABASE, drop_created, drop_template
 from tests.support import REQUIRE_ALL, LiveStack, make_settings
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"Latch state store for this run: {TEST_DATABASE} (LATCH_TEST_DATABASE)"
+
+
+@pytest.fixture(autouse=True)
+def _drop_test_databases() -> Iterator[None]:
+    """PostgreSQL databases made for a test are dropped after it (tests/dbs.py)."""
+    yield
+    drop_created()
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    drop_template()
     if not REQUIRE_ALL:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

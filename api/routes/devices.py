@@ -38,3 +38,14 @@ async def rotate_credentials(device_id: str, rt: RuntimeDep, _: PrincipalDep) ->
     if creds is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
     return creds
+
+
+@router.delete("/{device_id}", response_model=DevicePublic, responses={404: {"description": "no such device"}})
+async def revoke_device(device_id: str, rt: RuntimeDep, _: PrincipalDep) -> DevicePublic:
+    """Revoke a lock: its MQTT credentials are refused from now on (Latch's broker refuses its next login;
+    an external Mosquitto drops it at the reload this triggers, see docs/external-brokers.md). The record
+    and its history stay; POST /v1/devices/{id}/credentials issues new credentials and lets it back in."""
+    device = await rt.registry.revoke(device_id)
+    if device is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    return public(device)

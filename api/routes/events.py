@@ -17,9 +17,9 @@ AfterQuery = Annotated[str | None, Query(description="cursor: the id of the last
                                                      "beginning)", max_length=40)]
 
 
-def cursor_or_400(log: EventLog, raw: str | None) -> int | None:
+async def cursor_or_400(log: EventLog, raw: str | None) -> int | None:
     try:
-        return log.check_cursor(raw)
+        return await log.check_cursor(raw)
     except CursorError as e:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e))
 
@@ -54,7 +54,7 @@ async def list_events(rt: RuntimeDep, who: CallerDep, after: AfterQuery = None,
     """Short polling (no `wait`): the events after `after`, at once. Long polling (`wait`): the same, but
     held until there is at least one or the wait ends (then `events` is empty and `cursor` unchanged).
     Continue with `after=<cursor>`. Riders see their own events; operators see all."""
-    start = cursor_or_400(rt.events, after) or 0
+    start = await cursor_or_400(rt.events, after) or 0
     events, cursor = await poll(rt, who, start, wait, limit)
     return Response(page_body(events, cursor), media_type="application/json")
 
@@ -70,5 +70,5 @@ async def stream(request: Request, rt: RuntimeDep, who: StreamCallerDep, after: 
     / `?after=`; with none, the stream starts at the newest event. Browsers authenticate with a stream
     token in `?token=` (POST /v1/auth/stream-token)."""
     raw = last_event_id if last_event_id not in (None, "") else (last_event_id_q if last_event_id_q else after)
-    cursor = cursor_or_400(rt.events, raw)
+    cursor = await cursor_or_400(rt.events, raw)
     return EventStream(rt.events, rt.events.open(who, cursor), rt.settings.sse_keepalive_s)

@@ -109,7 +109,7 @@ class Connection:
             await self.reply(request_id, False, 409, error="already subscribed on this socket")
             return
         try:
-            cursor = self.rt.events.check_cursor(None if after is None else str(after))
+            cursor = await self.rt.events.check_cursor(None if after is None else str(after))
         except CursorError as e:
             await self.reply(request_id, False, 400, error=str(e))
             return

@@ -63,17 +63,20 @@ async def test_rider_receives_their_events_over_mqtt_websocket_and_nothing_else(
         by_id = {e["id"]: e for e in page["events"]}
         assert all(by_id[e["id"]] == e for e in received)
         assert [e["id"] for e in received] == sorted(e["id"] for e in received)
-        # read-only: a publish to their own topic goes nowhere
+        # read-only: a publish to their own topic goes nowhere. Then end the ride: once its "ended" event
+        # arrives, everything published before it has arrived too (one connection, in order).
         await app.publish(topics.user_events_topic(alice.id), b'{"kind": "forged"}', qos=QOS_1)
+        r = await alice.http.post(f"/v1/rides/{ride['id']}/end")
+        assert r.status_code == 200, r.text
         later: list[dict] = []
-        for _ in range(20):
-            try:
-                msg = await app.deliver_message(timeout_duration=0.5)
-            except asyncio.TimeoutError:
-                break
+        for _ in range(40):   # bounded: until the ride's end arrives
+            msg = await app.deliver_message(timeout_duration=10)
             assert msg is not None
             later.append(json.loads(bytes(msg.data)))
-        assert later and all(e["kind"] != "forged" and isinstance(e["id"], int) for e in later)
+            if later[-1]["kind"] == "ride" and later[-1]["data"]["status"] == "ended":
+                break
+        assert later[-1]["data"]["status"] == "ended"
+        assert all(e["kind"] != "forged" and isinstance(e["id"], int) for e in later)
     finally:
         await app.disconnect()
         for c in clients:

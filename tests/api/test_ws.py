@@ -45,8 +45,14 @@ async def test_subscribe_then_command_over_the_same_socket(stack: LiveStack, use
         assert frames[0]["event"]["data"]["ride_id"] == ride["id"]
         # a lock over the socket: an immediate reply, then its progress as events
         await ws.send(json.dumps({"type": "command", "request_id": "r1", "device_id": "bike-1", "action": "lock"}))
-        frames = await until(ws, lambda f: f["type"] == "event" and f["event"]["kind"] == "ride"
-                             and f["event"]["data"]["status"] == "ended")
+        # the ride ends when the lock reports "locked"; the command succeeds on its ack: the two are
+        # handled concurrently (in either order), so wait for both
+        frames: list[dict] = []
+        for _ in range(2):
+            frames += await until(ws, lambda f: f["type"] == "event" and (
+                (f["event"]["kind"] == "ride" and f["event"]["data"]["status"] == "ended")
+                or (f["event"]["kind"] == "command" and f["event"]["data"]["action"] == "lock"
+                    and f["event"]["data"]["final"])))
         reply = next(f for f in frames if f["type"] == "reply")
         assert reply["request_id"] == "r1" and reply["ok"] and reply["status"] == 201
         lock_id = reply["command"]["id"]

@@ -1,0 +1,73 @@
+"""Which API process does the singleton work (the sweeper's expiries and timeouts, fleet rollouts).
+
+PostgreSQL: whoever holds a session-level advisory lock, on a connection of its own. When that
+process dies its connection closes, PostgreSQL releases the lock, and another replica takes it at its
+next try (LEASE_RETRY_S). Holding the lease is about not doing the work N times over; correctness
+never depends on it, because every state change is a conditional UPDATE.
+SQLite: the one API process always holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psycopg
+
+from api.pg_bus import libpq_dsn
+
+log = logging.getLogger("latch.lease")
+
+LEASE_KEY = 0x1A7C4_0001     # pg_advisory_lock key of Latch's singleton work
+LEASE_RETRY_S = 1.0           # a replica without the lease tries again this often
+LEASE_CHECK_S = 2.0           # the holder makes sure its connection still lives this often
+
+
+class Lease:
+    def __init__(self, url: str | None) -> None:
+        """`url`: the PostgreSQL database; None for SQLite (always held)."""
+        self._dsn = libpq_dsn(url) if url else None
+        self._conn: psycopg.AsyncConnection | None = None
+        self._checked = 0.0
+
+    @property
+    def shared(self) -> bool:
+        return self._dsn is not None
+
+    async def hold(self) -> bool:
+        """True when this process holds the lease (taking it when free)."""
+        if self._dsn is None:
+            return True
+        if self._conn is not None:
+            if time.monotonic() - self._checked < LEASE_CHECK_S and not self._conn.closed:
+                return True
+            try:
+                await self._conn.execute("SELECT 1")
+                self._checked = time.monotonic()
+                return True
+            except psycopg.Error as e:
+                log.warning("lost the singleton lease (its connection failed: %s)", e)
+                conn, self._conn = self._conn, None
+                await conn.close()
+        try:
+            conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+        except psycopg.Error as e:
+            log.warning("cannot reach PostgreSQL for the lease: %s", e)
+            return False
+        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEASE_KEY,))
+        row = await cur.fetchone()
+        if row and row[0]:
+            log.info("this process now holds the singleton lease (sweeper, fleet rollouts)")
+            self._conn, self._checked = conn, time.monotonic()
+            return True
+        await conn.close()
+        return False
+
+    @property
+    def held(self) -> bool:
+        return self._dsn is None or (self._conn is not None and not self._conn.closed)
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()

@@ -1,0 +1,94 @@
+"""The database schema's version: Alembic migrations (api/migrations), applied and checked.
+
+`latch db upgrade` applies them; `latch serve` (one process owning its own database) applies them
+at start; every other server (`latch api`, `latch broker`) only checks, and refuses to start on a
+database that is not at the code's revision, saying what to run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, MetaData
+
+from api.db import Database
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+class SchemaNotReady(RuntimeError):
+    """The database is not at the revision this code needs; str(e) says what to run."""
+
+
+def target_metadata() -> MetaData:
+    from sqlmodel import SQLModel
+
+    from api import event_models, models, rider_models  # noqa: F401  (registers the tables)
+    try:
+        from api import fleet_models  # noqa: F401
+    except ImportError:
+        pass
+    return SQLModel.metadata
+
+
+def alembic_config(url: str | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    if url:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "api/migrations has no revisions"
+    return head
+
+
+def current_revision(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade_engine(engine: Engine, revision: str = "head") -> None:
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def check_engine(engine: Engine, url_hint: str) -> str:
+    """The current revision; SchemaNotReady unless it is the head."""
+    head, current = head_revision(), current_revision(engine)
+    if current == head:
+        return current
+    run = "latch db upgrade" + (f" --database-url '{display_url(url_hint)}'" if url_hint else "")
+    if current is None:
+        problem = "has no Latch schema (never migrated)"
+    elif current in {s.revision for s in ScriptDirectory.from_config(alembic_config()).walk_revisions()}:
+        problem = f"is at revision {current}, this Latch needs {head}"
+    else:
+        problem = f"is at revision {current}, which this Latch does not know (a newer Latch migrated it?)"
+    raise SchemaNotReady(f"the database {problem}: run `{run}` first")
+
+
+async def upgrade(db: Database, revision: str = "head") -> None:
+    await db.run_sync(lambda engine: upgrade_engine(engine, revision))
+
+
+async def check(db: Database, url_hint: str = "") -> str:
+    return await db.run_sync(lambda engine: check_engine(engine, url_hint))
+
+
+def display_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 — a message helper; never the reason a message is lost
+        return url
