@@ -12,6 +12,7 @@ from api.commands import CommandService
 from api.db import Database
 from api.devices import DeviceRegistry
 from api.events import EventLog, LiveEvent
+from api.fleet import FleetService
 from api.ingest import Ingest
 from api.journal import Journal
 from api.lease import Lease
@@ -21,13 +22,14 @@ from api.pg_bus import PgListener
 from api.rides import RideService
 from api.rights import Rights
 from api.routes import broker_auth, commands, devices, events, health, pages, rides, users, ws
+from api.routes import fleet as fleet_routes
 from api.runtime import Runtime
 from api.sweeper import Sweeper
 from api.users import UserService
 from api.waiters import Waiters
 from broker.identity import SERVICE_USERNAME
 from latch.settings import Settings
-from protocol import topics
+from protocol import messages, topics
 
 
 def build_runtime(settings: Settings, db: Database) -> Runtime:
@@ -39,7 +41,8 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     async def handle(topic: str, payload: bytes, qos: int, retain: bool) -> None:
         await holder[0].handle(topic, payload, qos, retain)
 
-    link = BrokerLink(settings.api_client_id, SERVICE_USERNAME, settings.service_secret, handle)
+    link = BrokerLink(settings.api_client_id, SERVICE_USERNAME, settings.service_secret, handle,
+                      ingest=settings.ingest, share_group=settings.share_group)
     commands_ = CommandService(db, settings, link, waiters, metrics)
     ingest = Ingest(registry, commands_, link, metrics)
     holder.append(ingest)
@@ -61,7 +64,8 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     return Runtime(settings=settings, db=db, registry=registry, commands=commands_, ingest=ingest, link=link,
                    sweeper=Sweeper(commands_, lease), metrics=metrics, waiters=waiters, events=events_,
                    rides=RideService(db, commands_, events_), rights=Rights(db, settings),
-                   users=UserService(db, settings))
+                   users=UserService(db, settings),
+                   fleet=FleetService(db, settings, commands_, lease, events_))   # the sweeper's lease
 
 
 def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
@@ -76,6 +80,12 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
 
         mosquitto = MosquittoSync(database, settings)
         runtime.registry.after_change.append(mosquitto.device_changed)
+
+        def announce_offline(device_id: str) -> None:   # the will Mosquitto does not send when a reload drops a device
+            if runtime.link.is_connected:
+                runtime.link.publish(topics.presence_topic(device_id), messages.OFFLINE, qos=1, retain=True)
+
+        mosquitto.on_dropped = announce_offline
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -92,10 +102,12 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
         host, port = settings.broker_address()
         await runtime.link.start(host, port, tls=settings.broker_tls())
         runtime.sweeper.start()
+        runtime.fleet.start()   # after the sweeper: the rollout shares its lease
         try:
             yield
         finally:
             runtime.events.close_all("server shutting down")
+            await runtime.fleet.stop()     # before the sweeper releases the lease and the link stops
             await runtime.sweeper.stop()
             await runtime.link.stop()
             if listener is not None:
@@ -109,7 +121,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     app.state.runtime = runtime
     app.state.mosquitto = mosquitto
     for r in (health.router, devices.router, commands.router, users.router, rides.router, events.router, ws.router,
-              pages.router, broker_auth.router):
+              pages.router, broker_auth.router, fleet_routes.router):
         app.include_router(r)
     pages.mount_static(app)
     return app

@@ -82,11 +82,16 @@ def _request_hash(device_id: str, body: CommandCreate) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-async def wait_until(fut: asyncio.Future[None], timeout: float) -> None:
+async def wait_until(fut: asyncio.Future[None], timeout: float, metrics: Metrics | None = None) -> bool:
+    """True when `fut` was resolved (a wake-up) before `timeout`; counted in `metrics` either way."""
     try:
         await asyncio.wait_for(fut, timeout)
+        woken = True
     except asyncio.TimeoutError:
-        pass
+        woken = False
+    if metrics is not None:
+        metrics.inc("waits_woken" if woken else "waits_timed_out")
+    return woken
 
 
 class CommandService:
@@ -293,7 +298,7 @@ class CommandService:
             cmd = await self.get(command_id)   # registered first, so a change in between is not missed
             if cmd is None or is_final(Status(cmd.status)) or timeout <= 0:
                 return
-            await wait_until(fut, timeout)
+            await wait_until(fut, timeout, self.metrics)
         finally:
             self.waiters.unregister(command_id, fut)
 

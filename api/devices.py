@@ -8,64 +8,84 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, delete, select
 
 from api.clock import now_ms, to_datetime
 from api.db import Database
 from api.hooks import NO_HOOKS, ChangeHooks
-from api.models import Device, DeviceCreate, DeviceCredentials, DevicePublic
+from api.models import Device, DeviceCreate, DeviceCredentials, DevicePatch, DevicePublic, DeviceTag
 from broker.identity import hash_secret, new_secret
 
 
 log = logging.getLogger("latch.devices")
+
+REGISTERED, ROTATED, REVOKED = "registered", "rotated", "revoked"   # what DeviceRegistry.after_change is told
 
 
 class DeviceExists(Exception):
     pass
 
 
-def public(d: Device) -> DevicePublic:
+def public(d: Device, tags: list[str] | None = None) -> DevicePublic:
+    """`tags`: the device's tags (DeviceRegistry.tags_of); they live in their own table."""
     return DevicePublic(
         id=d.id, name=d.name, online=d.online, last_seen=to_datetime(d.last_seen), reported=d.reported,
         reported_at=to_datetime(d.reported_at), created_at=to_datetime(d.created_at), revoked=d.revoked,
+        zone=d.zone, tags=sorted(tags or []),
     )
 
 
-def _credentials(d: Device, secret: str) -> DeviceCredentials:
-    return DeviceCredentials(**public(d).model_dump(), mqtt_username=d.id, mqtt_password=secret,
+def _credentials(d: Device, secret: str, tags: list[str] | None = None) -> DeviceCredentials:
+    return DeviceCredentials(**public(d, tags).model_dump(), mqtt_username=d.id, mqtt_password=secret,
                              mqtt_client_id=d.id, command_key=d.command_key)
+
+
+TAG_QUERY_CHUNK = 500   # ids per IN (...) list: well under SQLite's bound-parameter limit
+
+
+def tags_of(s: Session, device_ids: list[str]) -> dict[str, list[str]]:
+    """Every listed device's tags (sorted), in one query per TAG_QUERY_CHUNK ids."""
+    out: dict[str, list[str]] = {d: [] for d in device_ids}
+    for i in range(0, len(device_ids), TAG_QUERY_CHUNK):
+        chunk = device_ids[i:i + TAG_QUERY_CHUNK]
+        for device_id, tag in s.exec(select(DeviceTag.device_id, DeviceTag.tag)
+                                     .where(col(DeviceTag.device_id).in_(chunk)).order_by(col(DeviceTag.tag))):
+            out[device_id].append(tag)
+    return out
 
 
 class DeviceRegistry:
     def __init__(self, db: Database) -> None:
         self.db = db
         self.hooks: ChangeHooks = NO_HOOKS   # the event log hooks in here (inside each change's transaction)
-        # awaited after a registration, rotation or revocation has committed, with the device id (e.g. to
-        # rewrite an external Mosquitto's password file); a failing callback is logged, never raised
-        self.after_change: list[Callable[[str], Awaitable[None]]] = []
+        # awaited after a registration, rotation or revocation has committed, with the device id and
+        # REGISTERED / ROTATED / REVOKED (e.g. to rewrite an external Mosquitto's password file); a
+        # failing callback is logged, never raised
+        self.after_change: list[Callable[[str, str], Awaitable[None]]] = []
 
-    async def _changed(self, device_id: str) -> None:
+    async def _changed(self, device_id: str, change: str) -> None:
         for callback in self.after_change:
             try:
-                await callback(device_id)
+                await callback(device_id, change)
             except Exception:  # noqa: BLE001 — the change is committed; the callback's failure is its own
                 log.exception("after-change callback for device %s failed", device_id)
 
     async def register(self, body: DeviceCreate) -> DeviceCredentials:
         secret = new_secret()
         device = Device(id=body.id, name=body.name, secret_hash=hash_secret(secret),
-                        command_key=secrets.token_hex(32), created_at=now_ms())
+                        command_key=secrets.token_hex(32), created_at=now_ms(), zone=body.zone)
 
         def insert(s: Session) -> None:
             s.add(device)
+            s.add_all([DeviceTag(device_id=body.id, tag=t) for t in body.tags])   # same transaction
             try:
                 s.commit()
             except IntegrityError as e:
                 raise DeviceExists(body.id) from e
 
         await self.db.write(insert)
-        await self._changed(device.id)
-        return _credentials(device, secret)
+        await self._changed(device.id, REGISTERED)
+        return _credentials(device, secret, body.tags)
 
     async def rotate(self, device_id: str) -> DeviceCredentials | None:
         """New MQTT secret and command key; the old ones stop working at once."""
@@ -85,8 +105,8 @@ class DeviceRegistry:
         device = await self.db.write(rotate)
         if device is None:
             return None
-        await self._changed(device_id)
-        return _credentials(device, secret)
+        await self._changed(device_id, ROTATED)
+        return _credentials(device, secret, (await self.tags_of([device_id]))[device_id])
 
     async def revoke(self, device_id: str) -> Device | None:
         """Refuse the device's credentials from now on (rotating them lets it back in); None if unknown."""
@@ -102,11 +122,33 @@ class DeviceRegistry:
 
         device = await self.db.write(revoke)
         if device is not None:
-            await self._changed(device_id)
+            await self._changed(device_id, REVOKED)
         return device
 
     async def get(self, device_id: str) -> Device | None:
         return await self.db.read(lambda s: s.get(Device, device_id))
+
+    async def tags_of(self, device_ids: list[str]) -> dict[str, list[str]]:
+        return await self.db.read(lambda s: tags_of(s, device_ids))
+
+    async def patch(self, device_id: str, body: DevicePatch) -> tuple[Device, list[str]] | None:
+        """Set the zone and/or replace the tags (only the fields sent); None when there is no such device."""
+        fields = body.model_fields_set
+
+        def patch(s: Session) -> tuple[Device, list[str]] | None:
+            device = s.get(Device, device_id, with_for_update=True)
+            if device is None:
+                return None
+            if "zone" in fields:
+                device.zone = body.zone
+                s.add(device)
+            if "tags" in fields:
+                s.exec(delete(DeviceTag).where(col(DeviceTag.device_id) == device_id))  # type: ignore[call-overload]
+                s.add_all([DeviceTag(device_id=device_id, tag=t) for t in body.tags or []])
+            s.commit()
+            return device, tags_of(s, [device_id])[device_id]
+
+        return await self.db.write(patch)
 
     async def list(self, limit: int, offset: int) -> list[Device]:
         return await self.db.read(

@@ -16,7 +16,8 @@ PRESENCE = "presence"        # {device_id, online}
 LOCK_STATE = "lock_state"    # {device_id, locked}, when the sensor's reading changes
 LOW_BATTERY = "low_battery"  # {device_id, battery}, when it drops below settings.low_battery_pct
 RIDE = "ride"                # {ride_id, device_id, user_id, status, reason}
-KINDS = (COMMAND, PRESENCE, LOCK_STATE, LOW_BATTERY, RIDE)
+FLEET = "fleet"              # a fleet command started or stopped: {fleet_id, action, status, reason, total, issued}
+KINDS = (COMMAND, PRESENCE, LOCK_STATE, LOW_BATTERY, RIDE, FLEET)
 
 
 class LogEvent(SQLModel, table=True):

@@ -16,8 +16,17 @@ UPLINK_KINDS = (topics.ACK, topics.STATE, topics.PRESENCE, topics.TELEMETRY, top
 class BrokerLink:
     """Publishes commands and feeds every device message to `handler`."""
 
-    def __init__(self, client_id: str, username: str, password: str, handler: Handler) -> None:
-        self.client = MqttClient(client_id, username=username, password=password, clean_session=False,
+    def __init__(self, client_id: str, username: str, password: str, handler: Handler, *,
+                 ingest: bool = True, share_group: str | None = None) -> None:
+        """`ingest`: subscribe to the devices' uplink (False: an HTTP-only replica that publishes
+        commands and learns outcomes from the database). `share_group`: subscribe as
+        `$share/<group>/...` so a broker that supports shared subscriptions (Mosquitto, EMQX, HiveMQ)
+        gives each device message to one replica of the group instead of to all of them; correct
+        either way, since every state change is a conditional UPDATE."""
+        self.ingest = ingest
+        self.share_group = share_group
+        # a persistent session keeps acks queued across a restart; a non-ingesting link needs none
+        self.client = MqttClient(client_id, username=username, password=password, clean_session=not ingest,
                                  handler=handler)
         self.client.on_connect_callbacks.append(self._on_connect)
         self._host = ""
@@ -36,7 +45,10 @@ class BrokerLink:
             asyncio.get_running_loop().create_task(self._subscribe())
 
     async def _subscribe(self) -> None:
-        granted = await self.client.subscribe([(topics.all_devices_filter(k), 1) for k in UPLINK_KINDS])
+        if not self.ingest:
+            return
+        prefix = f"$share/{self.share_group}/" if self.share_group else ""
+        granted = await self.client.subscribe([(prefix + topics.all_devices_filter(k), 1) for k in UPLINK_KINDS])
         if any(q == 0x80 for q in granted):
             raise RuntimeError(f"broker refused the API's subscriptions: {granted}")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field as PField, field_validator
+from pydantic import BaseModel, ConfigDict, Field as PField, field_validator
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -79,9 +79,35 @@ class CommandEvent(SQLModel, table=True):
 # ---- API shapes ---------------------------------------------------------------
 
 
+MAX_DEVICE_TAGS = 32
+
+
+def _valid_zone(v: str | None) -> str | None:
+    if v is not None and not topics.valid_device_id(v):
+        raise ValueError("zone must be 1-64 characters of [A-Za-z0-9_-]")
+    return v
+
+
+def _valid_tags(v: list[str] | None) -> list[str] | None:
+    """Tags are spelt like device ids; duplicates are kept once, in their first order."""
+    if v is None:
+        return None
+    bad = [t for t in v if not topics.valid_device_id(t)]
+    if bad:
+        raise ValueError(f"tag {bad[0][:80]!r} must be 1-64 characters of [A-Za-z0-9_-]")
+    unique = list(dict.fromkeys(v))
+    if len(unique) > MAX_DEVICE_TAGS:
+        raise ValueError(f"at most {MAX_DEVICE_TAGS} tags per device (got {len(unique)})")
+    return unique
+
+
 class DeviceCreate(BaseModel):
     id: str = PField(description="1-64 characters of [A-Za-z0-9_-]", examples=["bike-0001"])
     name: str = PField("", max_length=200)
+    zone: str | None = PField(None, description="fleet targeting: 1-64 characters of [A-Za-z0-9_-]",
+                              examples=["downtown"])
+    tags: list[str] = PField(default_factory=list, description=f"fleet targeting: at most {MAX_DEVICE_TAGS}, "
+                                                               "each 1-64 characters of [A-Za-z0-9_-]")
 
     @field_validator("id")
     @classmethod
@@ -89,6 +115,19 @@ class DeviceCreate(BaseModel):
         if not topics.valid_device_id(v):
             raise ValueError("device id must be 1-64 characters of [A-Za-z0-9_-]")
         return v
+
+    _zone = field_validator("zone")(_valid_zone)
+    _tags = field_validator("tags")(_valid_tags)
+
+
+class DevicePatch(BaseModel):
+    """Only the fields sent change: `zone: null` clears the zone, `tags` replaces every tag."""
+    model_config = ConfigDict(extra="forbid")
+    zone: str | None = PField(None, description="1-64 characters of [A-Za-z0-9_-]; null clears it")
+    tags: list[str] | None = PField(None, description=f"replaces the device's tags (at most {MAX_DEVICE_TAGS})")
+
+    _zone = field_validator("zone")(_valid_zone)
+    _tags = field_validator("tags")(_valid_tags)
 
 
 class DevicePublic(BaseModel):
@@ -100,6 +139,8 @@ class DevicePublic(BaseModel):
     reported_at: datetime | None
     created_at: datetime
     revoked: bool
+    zone: str | None = None
+    tags: list[str] = []
 
 
 class DeviceCredentials(DevicePublic):

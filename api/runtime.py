@@ -8,6 +8,7 @@ from api.commands import CommandService
 from api.db import Database
 from api.devices import DeviceRegistry
 from api.events import EventLog
+from api.fleet import FleetService
 from api.ingest import Ingest
 from api.link import BrokerLink
 from api.metrics import Metrics
@@ -34,3 +35,4 @@ class Runtime:
     rides: RideService
     rights: Rights
     users: UserService
+    fleet: FleetService          # fleet commands and their rollout worker (api/fleet.py)

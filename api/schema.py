@@ -61,7 +61,14 @@ def upgrade_engine(engine: Engine, revision: str = "head") -> None:
         command.upgrade(cfg, revision)
 
 
-def check_engine(engine: Engine, url_hint: str) -> str:
+def downgrade_engine(engine: Engine, revision: str) -> None:
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+
+
+def check_engine(engine: Engine, url_hint: str = "") -> str:
     """The current revision; SchemaNotReady unless it is the head."""
     head, current = head_revision(), current_revision(engine)
     if current == head:

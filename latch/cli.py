@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     api = sub.add_parser("api", help="the control API alone, against a running broker")
     _common(api), _api_opts(api)
     api.add_argument("--mqtt-port", type=int, help="port of the broker on --host (when --broker is not given)")
+    api.add_argument("--api-client-id", help="MQTT client id of this replica (default latch-api; unique per replica)")
+    api.add_argument("--no-ingest", dest="ingest", action="store_false", default=None,
+                     help="do not consume device messages here (an HTTP-only replica)")
+    api.add_argument("--share-group", help="consume device messages as $share/GROUP/... (Mosquitto, EMQX, HiveMQ)")
 
     db = sub.add_parser("db", help="the database schema (Alembic migrations)")
     db_sub = db.add_subparsers(dest="db_command", required=True)

@@ -43,7 +43,10 @@ class Settings(BaseSettings):
     max_wait_s: float = 60.0
     max_ttl_s: int = 3600
     default_ttl_s: int = 30
-    api_client_id: str = "latch-api"
+    api_client_id: str = "latch-api"      # each API replica needs its own (LATCH_API_CLIENT_ID=latch-api-2 ...)
+    # several API replicas (PostgreSQL; docs/scaling.md)
+    ingest: bool = True                    # consume device uplink here; False: an HTTP-only replica
+    share_group: str | None = None         # subscribe to uplink as $share/<group>/... (brokers that support it)
 
     demo_fleet: int = 0
 
@@ -60,6 +63,12 @@ class Settings(BaseSettings):
     subscriber_buffer: int = 500           # events queued for one connection before it is cut off
     sse_keepalive_s: float = 15.0
     event_page: int = 500                  # most events in one poll/backlog page
+
+    # fleet commands (api/fleet.py)
+    fleet_max_devices: int = 100_000       # devices one fleet command may target
+    fleet_max_rate_per_min: int = 60_000   # highest rollout rate a fleet command may ask for
+    fleet_tick_s: float = 0.25             # the rollout worker issues each running fleet's due devices this often
+    fleet_concurrency: int = 16            # device commands the rollout worker creates at once (all fleets)
 
     # external MQTT brokers: Mosquitto, EMQX, VerneMQ (docs/external-brokers.md)
     broker_ca: Path | None = None          # PEM CA bundle for an mqtts:// broker (default: the system's trust store)

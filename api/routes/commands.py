@@ -48,7 +48,7 @@ async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who:
             if wait:   # a replay: wait on the original command
                 await rt.commands.wait_final(cmd.id, min(wait, rt.settings.max_wait_s))
         elif wait and not is_final(Status(cmd.status)):
-            await wait_until(outcome, min(wait, rt.settings.max_wait_s))
+            await wait_until(outcome, min(wait, rt.settings.max_wait_s), rt.metrics)
     finally:
         rt.waiters.unregister(command_id, outcome)
     return await _with_history(rt, cmd.id)

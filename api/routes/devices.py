@@ -2,7 +2,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from api.devices import DeviceExists, public
 from api.deps import PrincipalDep, RuntimeDep
-from api.models import DeviceCreate, DeviceCredentials, DevicePublic
+from api.models import DeviceCreate, DeviceCredentials, DevicePatch, DevicePublic
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -20,7 +20,9 @@ async def register_device(body: DeviceCreate, rt: RuntimeDep, _: PrincipalDep) -
 @router.get("", response_model=list[DevicePublic])
 async def list_devices(rt: RuntimeDep, _: PrincipalDep, limit: int = Query(100, ge=1, le=1000),
                        offset: int = Query(0, ge=0)) -> list[DevicePublic]:
-    return [public(d) for d in await rt.registry.list(limit, offset)]
+    found = await rt.registry.list(limit, offset)
+    tags = await rt.registry.tags_of([d.id for d in found])
+    return [public(d, tags[d.id]) for d in found]
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
@@ -28,7 +30,18 @@ async def get_device(device_id: str, rt: RuntimeDep, _: PrincipalDep) -> DeviceP
     device = await rt.registry.get(device_id)
     if device is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
-    return public(device)
+    return public(device, (await rt.registry.tags_of([device_id]))[device_id])
+
+
+@router.patch("/{device_id}", response_model=DevicePublic, responses={404: {"description": "no such device"}})
+async def patch_device(device_id: str, body: DevicePatch, rt: RuntimeDep, _: PrincipalDep) -> DevicePublic:
+    """Set a lock's zone and/or replace its tags (what fleet commands target); fields not sent stay."""
+    if not body.model_fields_set:
+        raise HTTPException(422, "nothing to change: send zone and/or tags")
+    found = await rt.registry.patch(device_id, body)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+    return public(*found)
 
 
 @router.post("/{device_id}/credentials", response_model=DeviceCredentials)
@@ -48,4 +61,4 @@ async def revoke_device(device_id: str, rt: RuntimeDep, _: PrincipalDep) -> Devi
     device = await rt.registry.revoke(device_id)
     if device is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
-    return public(device)
+    return public(device, (await rt.registry.tags_of([device_id]))[device_id])

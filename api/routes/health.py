@@ -13,4 +13,5 @@ async def healthz(rt: RuntimeDep) -> dict[str, object]:
 @router.get("/v1/metrics")
 async def metrics(rt: RuntimeDep, _: PrincipalDep) -> dict[str, object]:
     return {"counts": rt.metrics.snapshot(), "waiting_requests": len(rt.waiters), "event_subscribers": len(rt.events),
-            "event_head": rt.events.head}
+            "event_head": rt.events.head, "singleton_lease": rt.sweeper.lease.held,
+            "client_id": rt.settings.api_client_id}

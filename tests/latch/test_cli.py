@@ -13,38 +13,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.support import stop_process
-
-LATCH = [sys.executable, "-m", "latch.cli"]
-
-
-@asynccontextmanager
-async def running(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[asyncio.subprocess.Process]:
-    proc = await asyncio.create_subprocess_exec(*LATCH, *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT,
-                                                env={**os.environ, **(env or {})})
-    try:
-        yield proc
-    finally:
-        await stop_process(proc)
-
-
-async def read_until(proc: asyncio.subprocess.Process, pattern: str, timeout: float = 30) -> tuple[re.Match, str]:
-    seen = ""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    assert proc.stdout is not None
-    while True:
-        remaining = deadline - loop.time()
-        if remaining <= 0:
-            raise AssertionError(f"no {pattern!r} within {timeout}s; output so far:\n{seen}")
-        line = await asyncio.wait_for(proc.stdout.readline(), remaining)
-        if not line:
-            raise AssertionError(f"process exited ({await proc.wait()}) before {pattern!r}:\n{seen}")
-        seen += line.decode()
-        if m := re.search(pattern, seen):
-            return m, seen
-
+from api.schema import head_revision
+from tests.dbs import ON_POSTGRES, empty_postgres_url, test_database_url
+from tests.procs import LATCH, read_until, run_to_end, running
 
 async def test_serve_with_demo_fleet_unlocks_a_bike(tmp_path: Path) -> None:
     async with running("serve", "--data-dir", str(tmp_path), "--http-port", "0", "--mqtt-port", "0",
@@ -66,6 +37,12 @@ async def test_serve_with_demo_fleet_unlocks_a_bike(tmp_path: Path) -> None:
 
 async def test_broker_api_and_sim_as_separate_processes(tmp_path: Path) -> None:
     env = {"LATCH_ADMIN_TOKEN": "split-token"}
+    url = test_database_url()   # the run's database: None = SQLite in the data dir
+    if url:
+        env["LATCH_DATABASE_URL"] = url
+    else:   # a fresh SQLite database: migrated first, as in any split deployment
+        code, out = await run_to_end("db", "upgrade", "--data-dir", str(tmp_path), env=env)
+        assert code == 0 and "upgraded empty -> " in out, out
     async with running("broker", "--data-dir", str(tmp_path), "--mqtt-port", "0", env=env) as broker:
         m, _ = await read_until(broker, r"default 127\.0\.0\.1:(\d+)")
         mqtt_port = m.group(1)
@@ -85,6 +62,22 @@ async def test_broker_api_and_sim_as_separate_processes(tmp_path: Path) -> None:
                     r = await http.post("/v1/devices/sim-0002/commands", params={"wait": 5},
                                         json={"action": "unlock"})
                     assert r.json()["status"] == "succeeded"
+
+
+async def test_api_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: Path) -> None:
+    url = empty_postgres_url() if ON_POSTGRES else f"sqlite:///{tmp_path / 'fresh.db'}"
+    env = {"LATCH_DATABASE_URL": url, "LATCH_ADMIN_TOKEN": "t"}
+    for command in (["api", "--http-port", "0", "--mqtt-port", "1"], ["broker", "--mqtt-port", "0"],
+                    ["db", "check"]):
+        code, out = await run_to_end(*command, "--data-dir", str(tmp_path), env=env)
+        assert code == 1, out
+        assert "has no Latch schema (never migrated): run `latch db upgrade --database-url" in out, out
+    code, out = await run_to_end("db", "upgrade", "--data-dir", str(tmp_path), env=env)
+    assert code == 0 and f"upgraded empty -> {head_revision()}" in out, out
+    code, out = await run_to_end("db", "upgrade", "--data-dir", str(tmp_path), env=env)
+    assert code == 0 and "(already)" in out, out
+    code, out = await run_to_end("db", "check", "--data-dir", str(tmp_path), env=env)
+    assert code == 0 and f"at {head_revision()}, as this Latch needs" in out, out
 
 
 async def test_bad_options_give_a_clear_error(tmp_path: Path) -> None:
