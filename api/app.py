@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -44,14 +45,18 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     link = BrokerLink(settings.api_client_id, SERVICE_USERNAME, settings.service_secret, handle,
                       ingest=settings.ingest, share_group=settings.share_group)
     commands_ = CommandService(db, settings, link, waiters, metrics)
-    ingest = Ingest(registry, commands_, link, metrics)
+    # one lease (api/lease.py) for every singleton job: device reports, the sweeper, fleet rollouts
+    lease = Lease(db.url if db.is_postgres else None, eligible=settings.ingest)
+    lease.on_acquired.append(lambda: asyncio.get_running_loop().create_task(link.refresh_retained()))
+    ingest = Ingest(registry, commands_, link, metrics, lease)
     holder.append(ingest)
     events_ = EventLog(db, settings, metrics)
     commands_.hooks = registry.hooks = Journal(events_, settings)
 
     def to_rider_topic(ev: LiveEvent) -> None:   # the MQTT transport: each rider's own topic
-        # only the process that made the event sends it, so a rider gets it once however many replicas
-        if ev.audience is not None and ev.local and link.is_connected:
+        # only the process that made the event sends it, so a rider gets it once however many replicas;
+        # an audience that is no user id (a fleet command's device commands: owner "fleet:<id>") has no topic
+        if ev.audience is not None and ev.local and link.is_connected and topics.valid_device_id(ev.audience):
             link.publish(topics.user_events_topic(ev.audience), ev.json, qos=1)
 
     def wake_waiters(ev: LiveEvent) -> None:   # a command made final by any replica ends ?wait= here
@@ -60,7 +65,6 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
 
     events_.sinks.append(wake_waiters)
     events_.sinks.append(to_rider_topic)
-    lease = Lease(db.url if db.is_postgres else None)
     return Runtime(settings=settings, db=db, registry=registry, commands=commands_, ingest=ingest, link=link,
                    sweeper=Sweeper(commands_, lease), metrics=metrics, waiters=waiters, events=events_,
                    rides=RideService(db, commands_, events_), rights=Rights(db, settings),

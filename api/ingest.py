@@ -3,17 +3,27 @@
 A message that is malformed, oversized, from an unknown device or about
 another device's command is logged, counted and dropped; nothing a device
 sends can stop the API serving the others.
+
+Order: the MQTT client hands messages over concurrently, but one device's messages are applied one
+after another, in the order they arrived (an "offline" must not overtake the "online" sent after it).
+With several API replicas (PostgreSQL), every replica applies acks — each state change is a
+conditional UPDATE, so exactly one applies — while presence, state, telemetry and clock sync are
+applied by the holder of the singleton lease only (api/lease.py): one process, so in order. A replica
+taking the lease re-subscribes to the retained presence and state to start from each device's latest.
 """
 
 from __future__ import annotations
 
+import asyncio
 import binascii
 import logging
+from collections.abc import Awaitable, Callable
 
 from api.clock import now_ms
 from api.command_states import Event
 from api.commands import CommandService, ForeignCommand, Publisher
 from api.devices import DeviceRegistry
+from api.lease import Lease
 from api.metrics import Metrics
 from protocol import messages, topics
 
@@ -27,13 +37,38 @@ ACK_EVENTS = {
 }
 
 
+class InOrder:
+    """Runs the work for one key after the previous work for that key, in call order; keys run concurrently."""
+
+    def __init__(self) -> None:
+        self._tails: dict[str, asyncio.Future[None]] = {}
+
+    async def run(self, key: str, work: Callable[[], Awaitable[None]]) -> None:
+        prev = self._tails.get(key)
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tails[key] = mine                 # before any await: the call order is the queue order
+        try:
+            if prev is not None:
+                await prev
+            await work()
+        finally:
+            mine.set_result(None)
+            if self._tails.get(key) is mine:
+                del self._tails[key]
+
+    def __len__(self) -> int:
+        return len(self._tails)
+
+
 class Ingest:
     def __init__(self, registry: DeviceRegistry, commands: CommandService, publisher: Publisher,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, lease: Lease | None = None) -> None:
         self.registry = registry
         self.commands = commands
         self.publisher = publisher
         self.metrics = metrics
+        self.lease = lease or Lease(None)
+        self._in_order = InOrder()
 
     async def handle(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         parsed = topics.parse(topic)
@@ -41,6 +76,12 @@ class Ingest:
             self._drop("unknown_topic", topic, "not a Latch device topic")
             return
         device_id, kind = parsed
+        if kind != topics.ACK and not self.lease.held:
+            self.metrics.inc("reports_left_to_lease_holder")   # another replica applies them, in order
+            return
+        await self._in_order.run(device_id, lambda: self._apply(topic, payload, device_id, kind))
+
+    async def _apply(self, topic: str, payload: bytes, device_id: str, kind: str) -> None:
         try:
             if kind == topics.ACK:
                 await self._ack(device_id, messages.decode_ack(payload))

@@ -1,4 +1,6 @@
-"""Which API process does the singleton work (the sweeper's expiries and timeouts, fleet rollouts).
+"""Which API process does the singleton work: the sweeper's expiries and timeouts, fleet rollouts,
+and applying device reports (presence, state, telemetry, clock sync — api/ingest.py), which must be
+applied in the order a device sent them, so by one process.
 
 PostgreSQL: whoever holds a session-level advisory lock, on a connection of its own. When that
 process dies its connection closes, PostgreSQL releases the lock, and another replica takes it at its
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -24,11 +27,15 @@ LEASE_CHECK_S = 2.0           # the holder makes sure its connection still lives
 
 
 class Lease:
-    def __init__(self, url: str | None) -> None:
-        """`url`: the PostgreSQL database; None for SQLite (always held)."""
+    def __init__(self, url: str | None, eligible: bool = True) -> None:
+        """`url`: the PostgreSQL database; None for SQLite (always held). `eligible`: False for a
+        replica that does not consume device messages (--no-ingest): it never takes the lease, since the
+        holder applies device reports."""
         self._dsn = libpq_dsn(url) if url else None
+        self.eligible = eligible
         self._conn: psycopg.AsyncConnection | None = None
         self._checked = 0.0
+        self.on_acquired: list[Callable[[], None]] = []   # called when this process takes the lease
 
     @property
     def shared(self) -> bool:
@@ -38,6 +45,8 @@ class Lease:
         """True when this process holds the lease (taking it when free)."""
         if self._dsn is None:
             return True
+        if not self.eligible:
+            return False
         if self._conn is not None:
             if time.monotonic() - self._checked < LEASE_CHECK_S and not self._conn.closed:
                 return True
@@ -57,8 +66,10 @@ class Lease:
         cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEASE_KEY,))
         row = await cur.fetchone()
         if row and row[0]:
-            log.info("this process now holds the singleton lease (sweeper, fleet rollouts)")
+            log.info("this process now holds the singleton lease (sweeper, fleet rollouts, device reports)")
             self._conn, self._checked = conn, time.monotonic()
+            for cb in self.on_acquired:
+                cb()
             return True
         await conn.close()
         return False

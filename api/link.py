@@ -11,6 +11,7 @@ from protocol import topics
 log = logging.getLogger("latch.link")
 
 UPLINK_KINDS = (topics.ACK, topics.STATE, topics.PRESENCE, topics.TELEMETRY, topics.SYNC)
+RETAINED_KINDS = (topics.PRESENCE, topics.STATE)
 
 
 class BrokerLink:
@@ -47,10 +48,19 @@ class BrokerLink:
     async def _subscribe(self) -> None:
         if not self.ingest:
             return
+        # only acks are shared: presence and state go to every replica, and the lease holder applies them
+        # (api/ingest.py), so one process sees each device's reports in order
         prefix = f"$share/{self.share_group}/" if self.share_group else ""
-        granted = await self.client.subscribe([(prefix + topics.all_devices_filter(k), 1) for k in UPLINK_KINDS])
+        granted = await self.client.subscribe([((prefix if k == topics.ACK else "") + topics.all_devices_filter(k), 1)
+                                               for k in UPLINK_KINDS])
         if any(q == 0x80 for q in granted):
             raise RuntimeError(f"broker refused the API's subscriptions: {granted}")
+
+    async def refresh_retained(self) -> None:
+        """Subscribe again to the retained uplink (presence, state): the broker re-sends every retained
+        message, so a replica that just took over applying them starts from each device's latest."""
+        if self.ingest and self.client.is_connected:
+            await self.client.subscribe([(topics.all_devices_filter(k), 1) for k in RETAINED_KINDS])
 
     @property
     def is_connected(self) -> bool:

@@ -8,6 +8,11 @@ against the platform instead of hiding (no coordinated omission).
 
     python -m bench.e2e                         # 1,000 locks, 200 commands/s, then a search for p99 < 50 ms
     python -m bench.e2e --rates 100,200 --duration 10
+    python -m bench.e2e --database-url postgresql://... --replicas 3 --broker mosquitto
+
+With --replicas N (PostgreSQL only) N `latch api` processes share the database and the broker, and the
+load generator spreads requests over them round-robin, as a load balancer would. bench/scale.py runs
+1, 2 and 3 replicas in a row.
 
 Figures are printed and written to bench/results/e2e-<time>.json.
 """
@@ -49,6 +54,8 @@ class RunResult:
     api_rss_mib: float
     sim_rss_mib: float
     cpu_ms_per_command: dict[str, float]
+    replicas: int = 1
+    db_writes_per_command: float | None = None   # PostgreSQL rows inserted + updated, per command
 
 
 def pct(values: list[float], p: float) -> float:
@@ -69,26 +76,52 @@ class Bench:
     devices: int
     data_dir: Path
     procs: dict[str, Proc] = field(default_factory=dict)
-    api_url: str = ""
+    api_urls: list[str] = field(default_factory=list)
     token: str = "bench-token"
+    database_url: str | None = None
+    replicas: int = 1
+    broker: str = "latch"          # latch: `latch broker`; mosquitto: Debian's, configured by `latch broker-config`
+
+    @property
+    def api_url(self) -> str:
+        return self.api_urls[0]
 
     async def start(self) -> None:
-        env = {"LATCH_ADMIN_TOKEN": self.token}
+        env = {"LATCH_ADMIN_TOKEN": self.token, "LATCH_SERVICE_SECRET": "bench-service-secret",
+               "LATCH_JWT_SECRET": "bench-jwt-secret"}
+        if self.database_url:
+            env["LATCH_DATABASE_URL"] = self.database_url
         d = str(self.data_dir)
-        broker = await Proc.start("broker", "broker", "--data-dir", d, "--mqtt-port", "0", "--log-level", "WARNING",
-                                  env=env)
-        port = (await broker.expect(r"default 127\.0\.0\.1:(\d+)")).group(1)
-        broker.drain()
-        api = await Proc.start("api", "api", "--data-dir", d, "--mqtt-port", port, "--http-port",
-                               str(free_port()), "--log-level", "WARNING", env=env)
-        self.api_url = (await api.expect(r"API:\s+(http\S+)")).group(1)
-        api.drain()
+        upgrade = await Proc.start("migrate", "db", "upgrade", "--data-dir", d, env=env)
+        if await upgrade.proc.wait() != 0:
+            raise RuntimeError(f"latch db upgrade failed:\n{(await upgrade.proc.stdout.read()).decode()}")  # type: ignore[union-attr]
+        if self.broker == "mosquitto":
+            from bench.mosquitto import start_mosquitto
+
+            port, broker = await start_mosquitto(self.data_dir / "mosquitto", env)
+            api_broker = ["--broker", f"mqtt://127.0.0.1:{port}"]
+            env["LATCH_MOSQUITTO_CONFIG_DIR"] = str(self.data_dir / "mosquitto")
+            env["LATCH_MOSQUITTO_PID_FILE"] = str(self.data_dir / "mosquitto" / "mosquitto.pid")
+        else:
+            broker = await Proc.start("broker", "broker", "--data-dir", d, "--mqtt-port", "0",
+                                      "--log-level", "WARNING", env=env)
+            port = (await broker.expect(r"default 127\.0\.0\.1:(\d+)")).group(1)
+            broker.drain()
+            api_broker = ["--mqtt-port", str(port)]
+        self.procs = {"broker": broker}
+        for i in range(self.replicas):
+            api = await Proc.start(f"api-{i + 1}", "api", "--data-dir", f"{d}/api-{i + 1}", *api_broker,
+                                   "--http-port", str(free_port()), "--api-client-id", f"latch-api-{i + 1}",
+                                   "--log-level", "WARNING", env=env)
+            self.api_urls.append((await api.expect(r"API:\s+(http\S+)")).group(1))
+            api.drain()
+            self.procs[f"api-{i + 1}"] = api
         sim = await Proc.start("sim", "sim", "--devices", str(self.devices), "--broker", f"127.0.0.1:{port}",
                                "--api", self.api_url, "--data-dir", d, "--actuation-delay", "0",
                                "--log-level", "WARNING", env=env)
         await sim.expect(r"simulated locks online", timeout=300)
         sim.drain()
-        self.procs = {"broker": broker, "api": api, "sim": sim}
+        self.procs["sim"] = sim
         async with self.client() as http:
             for _ in range(600):  # presence is applied asynchronously; bounded wait for the fleet
                 devices = (await http.get("/v1/devices", params={"limit": 1000})).json()
@@ -105,20 +138,36 @@ class Bench:
         for p in reversed(list(self.procs.values())):
             await p.stop()
 
+    def _db_writes(self) -> int | None:
+        """Rows inserted + updated in the PostgreSQL database so far (pg_stat_database)."""
+        if not self.database_url:
+            return None
+        import psycopg
+
+        from api.pg_bus import libpq_dsn
+
+        with psycopg.connect(libpq_dsn(self.database_url), autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            row = conn.execute("SELECT tup_inserted + tup_updated FROM pg_stat_database "
+                               "WHERE datname = current_database()").fetchone()
+        return int(row[0]) if row else None
+
     async def run(self, rate: float, duration: float) -> RunResult:
         """Open-loop load. The generator uses aiohttp: httpx saturated its own core at ~100 requests/s
         with hundreds in flight, which measured the client instead of Latch."""
         n = int(rate * duration)
+        writes_before = self._db_writes()
         cpu_before = {name: p.cpu_s for name, p in self.procs.items()}
         own_before = cpu_seconds(os.getpid())
         latencies: list[float] = []
         finals: dict[str, int] = {}
         errors = 0
         connector = aiohttp.TCPConnector(limit=2000)
-        async with aiohttp.ClientSession(self.api_url, connector=connector,
+        async with aiohttp.ClientSession(connector=connector,
                                          headers={"Authorization": f"Bearer {self.token}"},
                                          timeout=aiohttp.ClientTimeout(total=60)) as http:
             loop = asyncio.get_running_loop()
+            urls = self.api_urls
             start = loop.time() + 0.2
 
             async def one(i: int, scheduled: float) -> None:
@@ -126,7 +175,7 @@ class Bench:
                 device = f"sim-{i % self.devices + 1:04d}"
                 action = "unlock" if (i // self.devices) % 2 == 0 else "lock"
                 try:
-                    async with http.post(f"/v1/devices/{device}/commands", params={"wait": "30"},
+                    async with http.post(f"{urls[i % len(urls)]}/v1/devices/{device}/commands", params={"wait": "30"},
                                          json={"action": action}) as r:
                         body = await r.json()
                     status = body.get("status") if r.status in (200, 201) else f"http_{r.status}"
@@ -150,6 +199,7 @@ class Bench:
             elapsed = loop.time() - start
         succeeded = finals.pop("succeeded", 0)
         per = max(succeeded, 1)
+        writes_after = self._db_writes()
         cpu = {name: round((p.cpu_s - cpu_before[name]) * 1000 / per, 2) for name, p in self.procs.items()}
         cpu["load_generator"] = round((cpu_seconds(os.getpid()) - own_before) * 1000 / per, 2)
         return RunResult(
@@ -158,8 +208,10 @@ class Bench:
             p95_ms=round(pct(latencies, 95), 1), p99_ms=round(pct(latencies, 99), 1),
             max_ms=round(max(latencies, default=float("nan")), 1),
             broker_rss_mib=round(self.procs["broker"].rss_kib / 1024, 1),
-            api_rss_mib=round(self.procs["api"].rss_kib / 1024, 1),
-            sim_rss_mib=round(self.procs["sim"].rss_kib / 1024, 1), cpu_ms_per_command=cpu)
+            api_rss_mib=round(sum(p.rss_kib for name, p in self.procs.items() if name.startswith("api")) / 1024, 1),
+            sim_rss_mib=round(self.procs["sim"].rss_kib / 1024, 1), cpu_ms_per_command=cpu, replicas=self.replicas,
+            db_writes_per_command=(round((writes_after - writes_before) / per, 1)
+                                   if writes_before is not None and writes_after is not None else None))
 
 
 def show(r: RunResult) -> None:
@@ -178,10 +230,14 @@ async def main() -> None:
                     help="also search for the highest rate with p99 under --target-p99-ms")
     ap.add_argument("--target-p99-ms", type=float, default=50)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--database-url", help="PostgreSQL URL (default: SQLite in a temporary data dir)")
+    ap.add_argument("--replicas", type=int, default=1, help="API processes (more than 1 needs PostgreSQL)")
+    ap.add_argument("--broker", choices=("latch", "mosquitto"), default="latch")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="latch-bench-") as tmp:
-        bench = Bench(args.devices, Path(tmp))
+        bench = Bench(args.devices, Path(tmp), database_url=args.database_url, replicas=args.replicas,
+                      broker=args.broker)
         print(f"starting broker, API and {args.devices} simulated locks ...", flush=True)
         t0 = time.monotonic()
         await bench.start()
@@ -211,6 +267,8 @@ async def main() -> None:
         finally:
             await bench.stop()
     result = {"bench": "e2e", "devices": args.devices, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "database": "postgresql" if args.database_url else "sqlite", "replicas": args.replicas,
+              "broker": args.broker,
               "runs": [asdict(r) for r in runs],
               "highest_rate_p99_under_target": asdict(best) if best else None,
               "target_p99_ms": args.target_p99_ms}

@@ -62,6 +62,10 @@ class BrokerProcess:
         return [brokers.mosquitto_binary() or "mosquitto", "-c", str(conf)]
 
     async def start(self) -> None:
+        if self.kind == "latch" and self.starts == 0:   # `latch broker` needs the registry's schema in place
+            up = await asyncio.create_subprocess_exec(sys.executable, "-m", "latch.cli", "db", "upgrade", "--data-dir",
+                                                      str(self.data_dir), stdout=asyncio.subprocess.DEVNULL)
+            assert await asyncio.wait_for(up.wait(), 60) == 0
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=open(self.data_dir / f"stderr-{self.starts}.log", "wb"), env={**os.environ, "PYTHONUNBUFFERED": "1"})
