@@ -21,13 +21,13 @@ RUN /opt/latch/bin/pip install /src
 
 # ---- runtime
 FROM ${PYTHON_IMAGE}
-# uid/gid 1883 is the `mosquitto` user of the eclipse-mosquitto image: in the scale profile Latch writes Mosquitto's
-# password_file and acl_file into a volume Mosquitto reads, and files owned by the user Mosquitto runs as can stay
-# mode 0600. /mosquitto/config exists so that a fresh volume mounted there takes this ownership.
+# uid/gid 1883 is the `mosquitto` user of the eclipse-mosquitto image: in the scale profile (docker-compose.yml)
+# Latch writes Mosquitto's password_file (0640) and acl_file into a volume Mosquitto reads, as the user Mosquitto
+# runs as. /mosquitto/latch exists, owned by that user, so that a fresh volume mounted there takes the ownership.
 RUN groupadd --system --gid 1883 latch \
  && useradd --system --uid 1883 --gid latch --home-dir /data --no-create-home --shell /usr/sbin/nologin latch \
- && mkdir -p /data /mosquitto/config \
- && chown latch:latch /data /mosquitto/config
+ && mkdir -p /data /mosquitto/latch \
+ && chown latch:latch /data /mosquitto/latch
 COPY --from=build /opt/latch /opt/latch
 ENV PATH=/opt/latch/bin:$PATH \
     PYTHONUNBUFFERED=1 \

@@ -81,6 +81,7 @@ class Bench:
     database_url: str | None = None
     replicas: int = 1
     broker: str = "latch"          # latch: `latch broker`; mosquitto: Debian's, configured by `latch broker-config`
+    share_group: str | None = None  # replicas take acks as $share/<group>/... (Mosquitto)
 
     @property
     def api_url(self) -> str:
@@ -98,9 +99,9 @@ class Bench:
         if self.broker == "mosquitto":
             from bench.mosquitto import start_mosquitto
 
-            port, broker = await start_mosquitto(self.data_dir / "mosquitto", env)
-            api_broker = ["--broker", f"mqtt://127.0.0.1:{port}"]
-            env["LATCH_MOSQUITTO_CONFIG_DIR"] = str(self.data_dir / "mosquitto")
+            port, service_port, broker = await start_mosquitto(self.data_dir / "mosquitto", env)
+            api_broker = ["--broker", f"mqtt://127.0.0.1:{service_port}"]   # the replicas' own listener
+            env["LATCH_MOSQUITTO_CONFIG_DIR"] = str(self.data_dir / "mosquitto" / "latch")
             env["LATCH_MOSQUITTO_PID_FILE"] = str(self.data_dir / "mosquitto" / "mosquitto.pid")
         else:
             broker = await Proc.start("broker", "broker", "--data-dir", d, "--mqtt-port", "0",
@@ -112,6 +113,7 @@ class Bench:
         for i in range(self.replicas):
             api = await Proc.start(f"api-{i + 1}", "api", "--data-dir", f"{d}/api-{i + 1}", *api_broker,
                                    "--http-port", str(free_port()), "--api-client-id", f"latch-api-{i + 1}",
+                                   *(["--share-group", self.share_group] if self.share_group else []),
                                    "--log-level", "WARNING", env=env)
             self.api_urls.append((await api.expect(r"API:\s+(http\S+)")).group(1))
             api.drain()
@@ -233,11 +235,12 @@ async def main() -> None:
     ap.add_argument("--database-url", help="PostgreSQL URL (default: SQLite in a temporary data dir)")
     ap.add_argument("--replicas", type=int, default=1, help="API processes (more than 1 needs PostgreSQL)")
     ap.add_argument("--broker", choices=("latch", "mosquitto"), default="latch")
+    ap.add_argument("--share-group", help="replicas take device answers as $share/GROUP/... (Mosquitto)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="latch-bench-") as tmp:
         bench = Bench(args.devices, Path(tmp), database_url=args.database_url, replicas=args.replicas,
-                      broker=args.broker)
+                      broker=args.broker, share_group=args.share_group)
         print(f"starting broker, API and {args.devices} simulated locks ...", flush=True)
         t0 = time.monotonic()
         await bench.start()
@@ -268,7 +271,7 @@ async def main() -> None:
             await bench.stop()
     result = {"bench": "e2e", "devices": args.devices, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "database": "postgresql" if args.database_url else "sqlite", "replicas": args.replicas,
-              "broker": args.broker,
+              "broker": args.broker, "share_group": args.share_group,
               "runs": [asdict(r) for r in runs],
               "highest_rate_p99_under_target": asdict(best) if best else None,
               "target_p99_ms": args.target_p99_ms}

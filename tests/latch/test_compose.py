@@ -42,7 +42,7 @@ PROFILES = {
     "scale": {"postgres", "migrate", "broker-config", "mosquitto", "mosquitto-reload", "api-1", "api-2", "sim"},
 }
 API_REPLICAS = {"api-1", "api-2"}
-MOSQUITTO_CONFIG = "/mosquitto/config"
+LATCH_MOSQUITTO_DIR = "/mosquitto/latch"   # the files `latch broker-config` and the API replicas write
 # start-up order the contract requires (more edges may exist): service -> {dependency: condition}
 REQUIRED_ORDER = {
     "migrate": {"postgres": "service_healthy"},
@@ -98,11 +98,6 @@ def _is_latch(service: dict[str, Any]) -> bool:
 
 def _latch_services() -> list[str]:
     return sorted(name for name, s in _services().items() if _is_latch(s))
-
-
-def _subcommands() -> set[str]:
-    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return set(action.choices)
 
 
 def _parse(command: list[str]) -> argparse.Namespace:
@@ -194,9 +189,9 @@ def test_scale_runs_postgres_mosquitto_two_api_replicas_and_a_simulator() -> Non
     assert s["postgres"]["image"].startswith("postgres:")
     assert "pg_isready" in s["postgres"]["healthcheck"]["test"]
     assert s["mosquitto"]["image"] == "eclipse-mosquitto:2"
-    assert s["mosquitto"]["command"] == ["mosquitto", "-c", f"{MOSQUITTO_CONFIG}/mosquitto.conf"]
+    assert s["mosquitto"]["command"] == ["mosquitto", "-c", "/mosquitto/config/mosquitto.conf"]
     assert s["migrate"]["command"] == ["db", "upgrade"]
-    assert s["broker-config"]["command"] == ["broker-config", "mosquitto", "--out", MOSQUITTO_CONFIG]
+    assert s["broker-config"]["command"][:4] == ["broker-config", "mosquitto", "--out", LATCH_MOSQUITTO_DIR]
     assert {n for n in _latch_services() if s[n]["command"][0] == "api"} == API_REPLICAS
     assert {n for n in _latch_services() if s[n]["command"][0] == "sim"} == {"sim"}
     assert {n for n in PROFILES["scale"] if s[n].get("restart") == "no"} == {"migrate", "broker-config"}
@@ -204,16 +199,7 @@ def test_scale_runs_postgres_mosquitto_two_api_replicas_and_a_simulator() -> Non
 
 # ---------------------------------------------------------------------------------------------- commands
 
-def _pending(name: str) -> list[pytest.MarkDecorator]:
-    """Commands whose subcommand is still being built: strict xfail until it exists, then a normal test."""
-    sub = _services()[name]["command"][0]
-    if sub in _subcommands():
-        return []
-    return [pytest.mark.xfail(strict=True, reason=f"TODO: `latch {sub}` is not in latch/cli.py yet; "
-                                                  "this test checks its arguments once it is")]
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_pending(n)) for n in _latch_services()])
+@pytest.mark.parametrize("name", _latch_services())
 def test_every_latch_command_parses(name: str) -> None:
     service = _services()[name]
     assert service.get("build") == "." and service.get("image") == "latch:dev", f"{name}: the one Latch image"
@@ -228,7 +214,7 @@ def test_api_replicas_are_alike_but_for_their_client_id_and_port() -> None:
         args = _parse(s[name]["command"])
         env = _env(s[name])
         assert args.command == "api"
-        assert parse_broker_url(args.broker) == ("mosquitto", 1883) and "mosquitto" in s
+        assert parse_broker_url(args.broker) == ("mosquitto", _service_listener_port())
         url = urlsplit(args.database_url)
         assert url.scheme in ("postgresql+psycopg", "postgresql+asyncpg") and url.hostname == "postgres"
         assert args.database_url == env["LATCH_DATABASE_URL"]
@@ -249,10 +235,48 @@ def test_the_simulator_registers_through_an_api_replica_and_connects_to_mosquitt
     s = _services()
     args = _parse(s["sim"]["command"])
     assert args.command == "sim" and args.devices == 100
-    assert parse_broker_url(args.broker) == ("mosquitto", 1883)
+    assert parse_broker_url(args.broker) == ("mosquitto", _device_listener()[0])
     api = urlsplit(args.api)
     assert api.hostname in API_REPLICAS and api.port == _parse(s[api.hostname]["command"]).http_port
     assert _mounts(s["sim"])["/data"][0] in _compose()["volumes"], "its cached credentials survive a rerun"
+
+
+def _mosquitto_conf() -> str:
+    (config,) = _services()["mosquitto"]["configs"]
+    assert config["target"] == _services()["mosquitto"]["command"][-1]
+    return _compose()["configs"][config["source"]]["content"]
+
+
+def _device_listener() -> tuple[int, str]:
+    """(port, bind) of the listener `latch broker-config` writes into latch.conf."""
+    args = _parse(_services()["broker-config"]["command"])
+    return args.port, args.bind
+
+
+def _service_listener_port() -> int:
+    """The API replicas' listener, which `latch broker-config` writes into latch.conf too."""
+    args = _parse(_services()["broker-config"]["command"])
+    assert args.service_port and args.service_bind == "", "the replicas' listener, on the container's network"
+    assert not re.findall(r"^listener ", _mosquitto_conf(), re.M), "every listener comes from latch.conf"
+    return args.service_port
+
+
+def test_mosquitto_listens_for_devices_and_for_the_api_replicas() -> None:
+    args = _parse(_services()["broker-config"]["command"])
+    assert args.flavour == "mosquitto" and args.out == Path(LATCH_MOSQUITTO_DIR)
+    assert args.reload_pid_file is None, "Mosquitto is not running yet, and its PID means nothing here"
+    port, bind = _device_listener()
+    assert bind == "", "every interface of the container: other containers connect"
+    assert f"127.0.0.1:{port}:{port}" in _services()["mosquitto"]["ports"]
+    conf = _mosquitto_conf()
+    assert f"include_dir {LATCH_MOSQUITTO_DIR}" in conf.splitlines(), "latch.conf: listener, password and ACL files"
+    assert "persistence_location /mosquitto/data/" in conf.splitlines()
+    assert _mounts(_services()["mosquitto"])["/mosquitto/data"][0] == "mosquitto-data"
+    service_port = _service_listener_port()
+    assert service_port != port
+    assert not any(p.endswith(f":{service_port}") for p in _services()["mosquitto"]["ports"]), "not published"
+    health = " ".join(_services()["mosquitto"]["healthcheck"]["test"])
+    assert all(f"{p:04X}" in health for p in (port, service_port)), "the health check watches both listeners"
 
 
 def test_mosquitto_config_is_one_volume_at_one_path() -> None:
@@ -260,7 +284,9 @@ def test_mosquitto_config_is_one_volume_at_one_path() -> None:
     writers = {"broker-config", *API_REPLICAS}
     readers = {"mosquitto", "mosquitto-reload"}
     for name in writers | readers:
-        assert _mounts(s[name])[MOSQUITTO_CONFIG] == ("mosquitto-config", name in readers), name
+        assert _mounts(s[name])[LATCH_MOSQUITTO_DIR] == ("mosquitto-config", name in readers), name
+    assert f"{LATCH_MOSQUITTO_DIR}/password_file" in s["mosquitto-reload"]["command"][0]
+    assert f"{LATCH_MOSQUITTO_DIR}/acl_file" in s["mosquitto-reload"]["command"][0]
     assert {n for n, svc in s.items() if any(src == "mosquitto-config" for src, _ in _mounts(svc).values())} \
         == writers | readers
     assert s["mosquitto-reload"]["pid"] == "service:mosquitto"
