@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     fleet_max_devices: int = 100_000       # devices one fleet command may target
     fleet_max_rate_per_min: int = 60_000   # highest rollout rate a fleet command may ask for
     fleet_tick_s: float = 0.25             # the rollout worker issues each running fleet's due devices this often
-    fleet_concurrency: int = 16            # device commands the rollout worker creates at once (all fleets)
+    fleet_concurrency: int | None = None   # device commands the rollout creates at once; None: 16 SQLite, 4 PostgreSQL
 
     # external MQTT brokers: Mosquitto, EMQX, VerneMQ (docs/external-brokers.md)
     broker_ca: Path | None = None          # PEM CA bundle for an mqtts:// broker (default: the system's trust store)

@@ -57,7 +57,8 @@ async def _public(rt: Runtime, fleet_id: str) -> FleetPublic:
 @router.get("", response_model=list[FleetPublic])
 async def list_fleet_commands(rt: RuntimeDep, _: PrincipalDep, limit: int = Query(50, ge=1, le=500),
                               offset: int = Query(0, ge=0),
-                              status_: Annotated[FleetStatus | None, Query(alias="status")] = None) -> list[FleetPublic]:
+                              status_: Annotated[FleetStatus | None, Query(alias="status")] = None,
+                              ) -> list[FleetPublic]:
     """Newest first, each with its progress counts."""
     return [public(f, c) for f, c in await rt.fleet.list(limit, offset, status_)]
 

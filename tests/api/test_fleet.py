@@ -22,7 +22,7 @@ from api import schema
 from api.clock import now_ms
 from api.db import Database
 from api.models import Device, DeviceTag
-from device_sim.lock import Behaviour
+from device_sim.lock import Behaviour, Credentials, SimulatedLock
 from tests.api.push_support import sign_up
 from tests.dbs import ON_POSTGRES, empty_postgres_url
 from tests.support import LiveStack, eventually
@@ -161,7 +161,6 @@ async def test_fleet_by_tag_zone_and_explicit_list_each_device_gets_its_own_comm
     for i, (zone, tags) in enumerate([("north", ["fw-2"]), ("north", ["fw-2"]), ("south", ["fw-2"]),
                                       ("south", []), (None, [])]):
         creds = await register(stack, f"bike-t{i}", zone=zone, tags=tags)
-        from device_sim.lock import Credentials, SimulatedLock
         lock = SimulatedLock(Credentials.from_registration(creds), Behaviour(actuation_delay_s=0.01))
         stack.locks.append(lock)
         await stack.start_lock(lock)
@@ -241,6 +240,8 @@ async def test_bad_bodies_are_422_with_clear_messages(stack: LiveStack) -> None:
     assert (await stack.http.get("/v1/fleet/commands/nope")).status_code == 404
     assert (await stack.http.get("/v1/fleet/commands/nope/devices")).status_code == 404
     assert (await stack.http.post("/v1/fleet/commands/nope/cancel")).status_code == 404
+    r = await stack.http.get("/v1/fleet/commands", params={"status": "paused"})
+    assert r.status_code == 422 and "running" in r.text
 
 
 async def test_riders_may_not_use_fleet_commands(stack: LiveStack) -> None:
@@ -350,6 +351,35 @@ async def test_cancel_stops_issuing(stack: LiveStack) -> None:
     assert (await progress(stack, f["id"]))["issued"] == after["issued"]   # and it stays stopped
 
 
+async def test_a_device_issued_before_a_crash_is_not_issued_twice(stack: LiveStack) -> None:
+    """The worker dies after creating a device's command but before recording it in fleet_target (here:
+    the command is made by hand while the worker is stopped). The next worker records that same command:
+    the idempotency key fleet:<id>:<seq> gives it back instead of a second one."""
+    from api.db import Priority
+    from api.fleet import device_key, fleet_owner
+    from api.models import CommandCreate
+
+    rt = stack.runtime
+    await bulk_devices(stack, ["crash-0", "crash-1", "crash-2"], zone="crash")
+    await rt.fleet.stop()   # no worker: the fleet command is created but nothing is issued
+    f = await fleet(stack, {"zone": "crash"}, ttl_s=600)
+    assert (await progress(stack, f["id"]))["issued"] == 0
+    device = await rt.registry.get("crash-0")
+    early, created = await rt.commands.create(device, CommandCreate(action="locate", ttl_s=600), fleet_owner(f["id"]),
+                                              device_key(f["id"], 0), priority=Priority.BULK)
+    assert created
+    rt.fleet.start()   # "the next lease holder"
+
+    async def all_issued() -> bool:
+        return (await progress(stack, f["id"]))["issued"] == 3
+
+    await eventually(all_issued, timeout=10, what="the fleet issued")
+    rows = await devices_of(stack, f["id"])
+    assert rows[0]["device_id"] == "crash-0" and rows[0]["command_id"] == early.id
+    commands = (await stack.http.get("/v1/devices/crash-0/commands")).json()
+    assert [c["id"] for c in commands] == [early.id]   # one command for crash-0, not two
+
+
 async def test_progress_counts_and_per_device_rows(stack: LiveStack) -> None:
     """3 good locks, 2 jamming, 2 offline (an unlock to an offline lock fails at once): the counts are one
     GROUP BY of the device commands' statuses, the per-device rows filter and page."""
@@ -387,14 +417,19 @@ async def test_progress_counts_and_per_device_rows(stack: LiveStack) -> None:
 
 async def test_ten_thousand_devices_rollout_does_not_starve_a_riders_unlock(stack: LiveStack) -> None:
     """10,000 offline devices (their commands wait queued) at the highest rate: while the rollout is still
-    issuing, unlocks and locks of one online lock complete, each before the rollout has finished."""
+    issuing, unlocks and locks of one online lock complete, each before the rollout has finished.
+
+    The rollout is then cancelled: issuing all 10,000 takes longer than a test should (~30 s on SQLite,
+    more on PostgreSQL, where each device command is a committed transaction); bench/fleet.py runs it to
+    the end. What is checked here at 10,000: the snapshot, the counts and the listing over all of it."""
     n = 10_000
     t0 = time.monotonic()
     await bulk_devices(stack, [f"bulk-{i:05d}" for i in range(n)], tags=("bulk",))
     vip = await stack.lock("vip-1")
+    t1 = time.monotonic()
     f = await fleet(stack, {"tag": "bulk"}, action="locate", rate=60_000, ttl_s=900)
-    assert f["total"] == n
-    created_s = time.monotonic() - t0
+    assert f["total"] == n and f["counts"]["pending"] >= n - 500
+    created_s = time.monotonic() - t1
 
     async def issuing() -> bool:
         return (await progress(stack, f["id"]))["issued"] >= 200
@@ -409,11 +444,28 @@ async def test_ten_thousand_devices_rollout_does_not_starve_a_riders_unlock(stac
     assert during[-1] < n, f"the rollout finished issuing before the unlocks: {during}"   # it was under way
     assert [a for _, a in vip.actuations] == ["unlock", "lock"] * 3
 
-    async def all_issued() -> dict | None:
-        body = await progress(stack, f["id"])
-        return body if body["issued"] == n else None
+    r = await stack.http.post(f"/v1/fleet/commands/{f['id']}/cancel")
+    assert r.status_code == 200
+    await asyncio.sleep(2 * stack.settings.fleet_tick_s)
 
-    done = await eventually(all_issued, timeout=180, interval=0.5, what="all 10,000 devices issued")
-    assert done["counts"]["queued"] == n and done["counts"]["pending"] == 0 and done["status"] == "running"
-    print(f"\n10,000 devices: registered + fleet created in {created_s:.1f}s, all issued "
-          f"{time.monotonic() - t0:.1f}s after start; issued while the 6 commands ran: {during}")
+    async def stable() -> dict | None:   # the batch under way when it was cancelled has been recorded
+        a = await progress(stack, f["id"])
+        await asyncio.sleep(stack.settings.fleet_tick_s * 2)
+        b = await progress(stack, f["id"])
+        return b if a == b else None
+
+    done = await stable_progress(stable)
+    issued = done["issued"]
+    assert done["counts"]["pending"] == n - issued and done["counts"]["queued"] == issued
+    assert sum(done["counts"].values()) == n
+    rows = await devices_of(stack, f["id"])
+    assert len(rows) == n and [r["seq"] for r in rows] == list(range(n))
+    assert sum(1 for r in rows if r["command_id"]) == issued
+    assert len({r["command_id"] for r in rows if r["command_id"]}) == issued   # one command per device
+    print(f"\n10,000 devices: fleet created in {created_s:.2f}s; {issued} issued "
+          f"{time.monotonic() - t1:.1f}s after; issued as the 6 commands completed: {during}; "
+          f"whole test {time.monotonic() - t0:.1f}s")
+
+
+async def stable_progress(check) -> dict:  # type: ignore[no-untyped-def]
+    return await eventually(check, timeout=20, interval=0.05, what="progress to stop changing")
