@@ -34,8 +34,9 @@ class Refused(Exception):
 
 
 def audience_of_owner(owner: str) -> str | None:
-    """Who besides operators sees a command: its owner, when the owner is a user."""
-    return None if owner == ADMIN_NAME else owner
+    """Who besides operators sees a command: its owner, when the owner is a user (not the operator
+    token, not a fleet command's "fleet:<id>": those are operators' business only)."""
+    return None if owner == ADMIN_NAME or owner.startswith("fleet:") else owner
 
 
 class Rights:

@@ -59,3 +59,14 @@ async def test_cancel_only_while_queued_and_command_listing(stack: LiveStack) ->
     assert r.status_code == 409
     listed = (await stack.http.get("/v1/devices/bike-c/commands")).json()
     assert [c["id"] for c in listed] == [queued["id"]]
+
+
+async def test_the_openapi_document_renders_and_names_every_route(stack) -> None:  # type: ignore[no-untyped-def]
+    r = await stack.http.get("/openapi.json")
+    assert r.status_code == 200, r.text
+    paths = r.json()["paths"]
+    for p in ("/v1/devices/{device_id}/commands", "/v1/events/stream", "/v1/fleet/commands",
+              "/v1/broker/emqx/authn", "/v1/broker/vernemq"):
+        assert p in paths, p
+    assert "text/event-stream" in paths["/v1/events/stream"]["get"]["responses"]["200"]["content"]
+    assert (await stack.http.get("/docs")).status_code == 200
