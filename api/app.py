@@ -63,13 +63,20 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
         if ev.kind == ek.COMMAND and ev.data.get("final"):
             waiters.notify(ev.data["command_id"])
 
+    fleet = FleetService(db, settings, commands_, lease, events_)   # shares the sweeper's lease
+
+    def wake_fleet(ev: LiveEvent) -> None:   # a fleet made on another replica: the rollout worker looks now
+        if ev.kind == ek.FLEET and not ev.local:
+            fleet.wake()
+
     events_.sinks.append(wake_waiters)
+    events_.sinks.append(wake_fleet)
     events_.sinks.append(to_rider_topic)
     return Runtime(settings=settings, db=db, registry=registry, commands=commands_, ingest=ingest, link=link,
                    sweeper=Sweeper(commands_, lease), metrics=metrics, waiters=waiters, events=events_,
                    rides=RideService(db, commands_, events_), rights=Rights(db, settings),
                    users=UserService(db, settings),
-                   fleet=FleetService(db, settings, commands_, lease, events_))   # the sweeper's lease
+                   fleet=fleet)
 
 
 def create_app(settings: Settings, db: Database | None = None) -> FastAPI:

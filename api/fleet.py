@@ -98,7 +98,10 @@ RECORD_CHUNK = 100          # issued targets recorded per transaction
 UNKNOWN_SHOWN = 10         # unknown device ids named in a 400
 CHECK_IDLE_S = 0.5         # a fleet with nothing left to issue is checked for completion this often ...
 COUNTED_TARGETS_PER_S = 20_000   # ... or less often for big ones: at most this many targets counted per second
-IDLE_RECHECK_S = 1.0       # with no running fleet, look again this often (one made on another replica)
+# With no running fleet the worker sleeps until one is made: here (create() wakes it) or on another replica
+# (its `fleet` event reaches every replica's event log, and api/app.py wakes the worker). An idle API makes no
+# query (tests/api/test_longpoll.py); this is only the safety net.
+IDLE_RECHECK_S = 30.0
 # device commands in creation at once (all fleets), unless LATCH_FLEET_CONCURRENCY says otherwise. SQLite has
 # one writer thread: enough in flight to keep its queue stocked while the event loop does the rest (4: ~300
 # devices/s issued, 16: ~500/s, offline devices, one process). PostgreSQL has several writer threads
@@ -325,6 +328,10 @@ class FleetService:
             self._pace.pop(fleet_id, None)
             log.info("fleet command %s %s: %s", fleet_id, status, reason)
         return out
+
+    def wake(self) -> None:
+        """A fleet changed somewhere (a `fleet` event): look at once."""
+        self._wake.set()
 
     def _event(self, s: Session, f: FleetCommand) -> None:
         if self.events is not None:

@@ -17,7 +17,7 @@ from api.lease import LEASE_RETRY_S, Lease
 
 log = logging.getLogger("latch.sweeper")
 
-IDLE_RECHECK_S = 5.0  # with nothing due, look again this often (a safety net under the notifications)
+IDLE_RECHECK_S = 30.0  # with nothing due: a safety net only (deadlines arrive by deadline_changed or NOTIFY)
 
 
 class Sweeper:
