@@ -21,7 +21,8 @@ from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from api.command_states import Status
-from protocol import messages, topics
+from api.models import known_action
+from protocol import topics
 
 MAX_FLEET_DEVICES = 100_000      # hard ceiling of one explicit list; LATCH_FLEET_MAX_DEVICES may be lower
 MAX_TAGS = 32                    # tags per device
@@ -149,9 +150,7 @@ class FleetCreate(BaseModel):
     @field_validator("action")
     @classmethod
     def _known_action(cls, v: str) -> str:
-        if v not in messages.ACTIONS:
-            raise ValueError(f"unknown action {v!r}; valid actions: {', '.join(messages.ACTIONS)}")
-        return v
+        return known_action(v)
 
 
 class FleetPublic(BaseModel):

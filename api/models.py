@@ -79,6 +79,13 @@ class CommandEvent(SQLModel, table=True):
 # ---- API shapes ---------------------------------------------------------------
 
 
+def known_action(v: str) -> str:
+    """A command's action, checked (single commands and fleet commands alike)."""
+    if v not in messages.ACTIONS:
+        raise ValueError(f"unknown action {v!r}; valid actions: {', '.join(messages.ACTIONS)}")
+    return v
+
+
 MAX_DEVICE_TAGS = 32
 
 
@@ -158,9 +165,7 @@ class CommandCreate(BaseModel):
     @field_validator("action")
     @classmethod
     def _known_action(cls, v: str) -> str:
-        if v not in messages.ACTIONS:
-            raise ValueError(f"unknown action {v!r}; valid actions: {', '.join(messages.ACTIONS)}")
-        return v
+        return known_action(v)
 
 
 class HistoryEntry(BaseModel):

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.procs import rss_kib
+from bench.procs import pct, rss_kib
 
 RESULTS = Path(__file__).parent / "results"
 HOST = "127.0.0.1"
@@ -289,13 +289,6 @@ async def close_all(clients: list[Client]) -> None:
     for c in clients:
         c.close()
     await asyncio.wait_for(asyncio.gather(*(c.closed for c in clients)), 30)
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
 # --------------------------------------------------------------------------- measurements

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from bench.procs import Proc, cpu_seconds
+from bench.procs import Proc, cpu_seconds, free_port, pct
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -56,19 +55,6 @@ class RunResult:
     cpu_ms_per_command: dict[str, float]
     replicas: int = 1
     db_writes_per_command: float | None = None   # PostgreSQL rows inserted + updated, per command
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

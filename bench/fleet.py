@@ -32,26 +32,11 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.procs import Proc, cpu_seconds
+from bench.procs import Proc, cpu_seconds, free_port, pct
 
 RESULTS = Path(__file__).parent / "results"
 ZONE = "fleet-bench"
 PREFIX = "sim-"
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ms(ts: str) -> float:

@@ -7,22 +7,14 @@ import os
 import shutil
 from pathlib import Path
 
-from bench.procs import Proc
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.procs import Proc, free_port
 
 
 async def start_mosquitto(directory: Path, env: dict[str, str]) -> tuple[int, int, Proc]:
     """(devices' port, API replicas' port, the running broker). The registry's files are written first
     (the service user must be in them); the API keeps them current (LATCH_MOSQUITTO_CONFIG_DIR)."""
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port, service_port = _free_port(), _free_port()
+    port, service_port = free_port(), free_port()
     latch_dir = directory / "latch"
     latch_dir.mkdir(parents=True, exist_ok=True)
     cfg = await Proc.start("broker-config", "broker-config", "mosquitto", "--out", str(latch_dir),

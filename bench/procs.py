@@ -10,6 +10,23 @@ import sys
 from pathlib import Path
 
 
+def free_port() -> int:
+    """A free TCP port on loopback (racy by nature: bind it soon)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank); NaN for no values."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of a process, in KiB (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

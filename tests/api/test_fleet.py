@@ -347,6 +347,7 @@ async def test_cancel_stops_issuing(stack: LiveStack) -> None:
     owned = [c for c in (await stack.http.get("/v1/commands", params={"limit": 500})).json()
              if c["id"] in {x["command_id"] for x in issued_rows}]
     assert len(owned) == after["issued"]
+    # wait-for-absence: a stopped fleet has no event that could be awaited; a second is two rate intervals
     await asyncio.sleep(1.0)
     assert (await progress(stack, f["id"]))["issued"] == after["issued"]   # and it stays stopped
 
@@ -446,7 +447,6 @@ async def test_ten_thousand_devices_rollout_does_not_starve_a_riders_unlock(stac
 
     r = await stack.http.post(f"/v1/fleet/commands/{f['id']}/cancel")
     assert r.status_code == 200
-    await asyncio.sleep(2 * stack.settings.fleet_tick_s)
 
     async def stable() -> dict | None:   # the batch under way when it was cancelled has been recorded
         a = await progress(stack, f["id"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
-from tests.procs import drain, read_until, run_to_end, running
+from tests.procs import drain, read_until, running
 from tests.support import eventually
 
 ADMIN = "replica-admin-token"
@@ -99,7 +98,3 @@ async def cluster(tmp_path: Path, database_url: str, n: int, *, ingest: list[boo
         finally:
             await asyncio.gather(*(lock.stop() for lock in c.locks), return_exceptions=True)
 
-
-async def migrated(url: str) -> None:
-    code, out = await run_to_end("db", "upgrade", env={"LATCH_DATABASE_URL": url})
-    assert code == 0, out

@@ -11,10 +11,8 @@ this test fails the way `docker compose --profile scale up` would.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import httpx
