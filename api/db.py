@@ -1,30 +1,40 @@
-"""The database: SQLModel over a synchronous SQLAlchemy engine, driven from asyncio through threads.
+"""The database: one SQLModel codebase, run through a synchronous or an asynchronous driver.
 
-Why threads and not an async driver: measured on this project's command path,
-aiosqlite costs one event-loop round trip per statement (BEGIN, SELECT,
-UPDATE, INSERT, COMMIT...), and with SQLite's single writer those round
-trips queue behind each other — 40 commands/s at multi-second latency with
-the loop mostly idle. Here each unit of work is a plain function that runs a
-whole transaction on a database thread: one hop per transaction, the event
-loop never blocks, and the writer never waits on the loop.
+Every unit of work is a plain function of a Session that runs a whole transaction (api/commands.py,
+api/devices.py, ...). The URL's driver decides how it is driven from asyncio:
 
-SQLite: one writer thread (SQLite has one writer; more would nap in its busy
-handler) and a few reader threads (WAL lets them read while it writes).
-PostgreSQL: several writer threads; correctness comes from conditional
-updates and row locks, not from a single writer (several API processes may
-share the database).
+    URL scheme                         driver       how a unit of work runs
+    sqlite://  (the default)           sqlite3      on a database thread: one loop hop per transaction
+    postgresql+psycopg://              psycopg 3    on a database thread (8 writers)
+    sqlite+aiosqlite://                aiosqlite    on the event loop: AsyncSession.run_sync, each
+    postgresql+asyncpg:// (postgresql://)  asyncpg  statement awaited through the driver (greenlets)
 
-Writes are queued by priority (`Priority`): a rider's unlock is taken before
-the next batch of a 10,000-device fleet rollout, however long that queue is.
+Why both. The issue that introduced PostgreSQL asks for one async codebase on aiosqlite and
+asyncpg, and that is what the async rows are: the same functions, awaited statement by statement.
+Measured on this project's command path (bench/db_ops.py, docs/scaling.md), aiosqlite costs an
+event-loop round trip per statement through its own thread, and with SQLite's single writer those
+round trips queue behind each other; the threaded sqlite3 driver runs the whole transaction in
+one hop and is faster, so plain `sqlite://` stays the default. On PostgreSQL asyncpg is the
+default for `postgresql://` (figures in docs/scaling.md); psycopg on threads stays available.
+Either way the event loop never blocks on I/O.
 
-Schema: Alembic migrations (api/migrations; `latch db upgrade`). A server
-checks the database is at the code's revision before it serves and refuses
-to start otherwise (api/schema.py).
+SQLite: one writer at a time (SQLite has one writer; more would nap in its busy handler) and a
+few readers (WAL lets them read while it writes). PostgreSQL: eight writers; correctness comes from
+conditional updates and row locks, not from a single writer (several API processes may share the
+database).
+
+Writes are queued by priority (`Priority`): a rider's unlock is taken before the next batch of a
+10,000-device fleet rollout, however long that queue is.
+
+Schema: Alembic migrations (api/migrations; `latch db upgrade`), always through the synchronous
+twin of the driver on a thread (Alembic is synchronous). A server checks the database is at the
+code's revision before it serves and refuses to start otherwise (api/schema.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import queue
 import threading
@@ -35,13 +45,24 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Session
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 T = TypeVar("T")
 
-# URLs naming async drivers are accepted and mapped to their synchronous twins.
-_SYNC_DRIVERS = {"sqlite+aiosqlite": "sqlite", "postgresql+asyncpg": "postgresql+psycopg",
-                 "postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
+# What each accepted URL scheme is driven by: the SQLAlchemy driver name, and whether it is async.
+_DRIVERS: dict[str, tuple[str, bool]] = {
+    "sqlite": ("sqlite", False),
+    "sqlite+pysqlite": ("sqlite", False),
+    "sqlite+aiosqlite": ("sqlite+aiosqlite", True),
+    "postgresql": ("postgresql+asyncpg", True),
+    "postgres": ("postgresql+asyncpg", True),
+    "postgresql+asyncpg": ("postgresql+asyncpg", True),
+    "postgresql+psycopg": ("postgresql+psycopg", False),
+}
+# The synchronous twin of each driver: schema work (Alembic) and the database-level tools.
+_SYNC_TWIN = {"sqlite+aiosqlite": "sqlite", "postgresql+asyncpg": "postgresql+psycopg"}
 
 
 class Priority(IntEnum):
@@ -52,7 +73,7 @@ class Priority(IntEnum):
 
 
 class _PriorityPool:
-    """Worker threads taking jobs in (priority, arrival) order."""
+    """Worker threads taking jobs in (priority, arrival) order (the synchronous drivers)."""
 
     def __init__(self, workers: int, name: str) -> None:
         self._q: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
@@ -86,59 +107,157 @@ class _PriorityPool:
             th.join()
 
 
+class PriorityGate:
+    """At most `slots` holders at once; waiters are let in in (priority, arrival) order (the async drivers).
+
+    A waiter cancelled after it was handed a slot gives the slot on to the next waiter."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    async def acquire(self, priority: int) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._seq), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():   # the slot was ours already: pass it on
+                self.release()
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)   # the slot goes straight to this waiter
+                return
+        self._free += 1
+
+
+def driver_of(url: str) -> tuple[str, bool]:
+    """(SQLAlchemy driver name, is async) for a database URL; ValueError naming the accepted ones."""
+    scheme = url.partition("://")[0]
+    try:
+        return _DRIVERS[scheme]
+    except KeyError:
+        raise ValueError(f"unsupported database URL scheme {scheme!r}: use one of "
+                         f"{', '.join(sorted(_DRIVERS))}") from None
+
+
+def _with_driver(url: str, driver: str) -> str:
+    return driver + "://" + url.partition("://")[2]
+
+
+def driver_url(url: str) -> str:
+    """The URL with the driver Latch drives it with spelled out (`postgresql://` → asyncpg)."""
+    return _with_driver(url, driver_of(url)[0])
+
+
 def sync_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    return _SYNC_DRIVERS.get(scheme, scheme) + sep + rest
+    """The URL for the synchronous twin of its driver (Alembic, libpq tools, Mosquitto config)."""
+    driver = driver_of(url)[0]
+    return _with_driver(url, _SYNC_TWIN.get(driver, driver))
+
+
+def _sqlite_file(url: str) -> None:
+    path = url.split("///", 1)[-1]
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")   # durable at checkpoints; no fsync per commit
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
 
 
 def make_engine(url: str) -> Engine:
+    """A synchronous engine (the URL's synchronous twin driver)."""
     url = sync_url(url)
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                pool_size=8, max_overflow=0)
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
-            cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")   # durable at checkpoints; no fsync per commit
-            cur.execute("PRAGMA busy_timeout=30000")
-            cur.close()
-
+        _sqlite_pragmas(engine)
         return engine
     return create_engine(url, pool_size=12, max_overflow=4, pool_pre_ping=True)
 
 
+def make_async_engine(url: str) -> AsyncEngine:
+    """An asyncio engine for an async driver URL (sqlite+aiosqlite, postgresql+asyncpg)."""
+    url = driver_url(url)
+    if url.startswith("sqlite"):
+        _sqlite_file(url)
+        engine = create_async_engine(url, connect_args={"timeout": 30}, pool_size=8, max_overflow=0)
+        _sqlite_pragmas(engine.sync_engine)
+        return engine
+    return create_async_engine(url, pool_size=12, max_overflow=4, pool_pre_ping=True)
+
+
 class Database:
-    """Runs units of work — functions of a Session — on database threads."""
+    """Runs units of work — functions of a Session that run one transaction — for the event loop."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.driver, self.is_async = driver_of(url)
+        self.is_postgres = self.driver.startswith("postgresql")
+        writers = 8 if self.is_postgres else 1
+        # the synchronous engine: every unit of work with a sync driver; schema work with either
         self.engine = make_engine(url)
-        self.is_postgres = self.engine.dialect.name == "postgresql"
-        self._writer = _PriorityPool(8 if self.is_postgres else 1, "latch-db-write")
-        self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="latch-db-read")
+        self._schema = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latch-db-schema")
+        self.async_engine: AsyncEngine | None = None
+        if self.is_async:
+            self.async_engine = make_async_engine(url)
+            self._write_gate = PriorityGate(writers)
+            self._read_gate = asyncio.Semaphore(4)
+        else:
+            self._writer = _PriorityPool(writers, "latch-db-write")
+            self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="latch-db-read")
 
     def _run(self, fn: Callable[[Session], T]) -> T:
         with Session(self.engine, expire_on_commit=False) as session:
             return fn(session)
 
+    async def _run_async(self, fn: Callable[[Session], T]) -> T:
+        assert self.async_engine is not None
+        async with AsyncSession(self.async_engine, expire_on_commit=False) as session:
+            return await session.run_sync(fn)
+
     async def write(self, fn: Callable[[Session], T], priority: int = Priority.INTERACTIVE) -> T:
-        """Run `fn` (which commits) on a writer thread, after every queued write of higher priority."""
-        return await asyncio.wrap_future(self._writer.submit(priority, self._run, fn))
+        """Run `fn` (which commits) as one of the writers, after every queued write of higher priority."""
+        if not self.is_async:
+            return await asyncio.wrap_future(self._writer.submit(priority, self._run, fn))
+        await self._write_gate.acquire(priority)
+        try:
+            return await self._run_async(fn)
+        finally:
+            self._write_gate.release()
 
     async def read(self, fn: Callable[[Session], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn)
+        if not self.is_async:
+            return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn)
+        async with self._read_gate:
+            return await self._run_async(fn)
 
     async def run_sync(self, fn: Callable[[Engine], T]) -> T:
-        """Run `fn(engine)` on the writer queue (schema work: migrations, checks)."""
-        return await asyncio.wrap_future(self._writer.submit(Priority.INTERACTIVE, fn, self.engine))
+        """Run `fn(engine)` with the synchronous engine on a thread of its own (schema work: migrations, checks)."""
+        return await asyncio.get_running_loop().run_in_executor(self._schema, fn, self.engine)
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._writer.shutdown)
-        await loop.run_in_executor(None, self._readers.shutdown)
+        if self.async_engine is not None:
+            await self.async_engine.dispose()
+        else:
+            await loop.run_in_executor(None, self._writer.shutdown)
+            await loop.run_in_executor(None, self._readers.shutdown)
+        await loop.run_in_executor(None, self._schema.shutdown)
         self.engine.dispose()

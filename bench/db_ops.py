@@ -5,7 +5,10 @@ One "command" here is what the API writes for a real unlock: create (+dispatch),
 transaction, with the event-log hooks the running API uses. Prints commands/s through the writer
 and the CPU each costs, and writes JSON to bench/results/.
 
-    python -m bench.db_ops [--n 2000] [--database-url URL]
+    python -m bench.db_ops [--n 2000] [--concurrency 50] [--database-url URL]
+
+The URL picks the driver too (api/db.py): sqlite:// (threads), sqlite+aiosqlite://,
+postgresql+psycopg:// (threads), postgresql+asyncpg:// (= postgresql://).
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ async def main() -> None:
         wall, cpu = time.perf_counter() - t0, cpu_seconds(os.getpid()) - cpu0
         await rt.events.stop() if hasattr(rt.events, "stop") else None
         await db.close()
-    result = {"bench": "db_ops", "database": db.engine.dialect.name, "commands": args.n,
+    result = {"bench": "db_ops", "database": db.engine.dialect.name, "driver": db.driver, "commands": args.n,
+              "concurrency": args.concurrency,
               "commands_per_s": round(args.n / wall, 1), "cpu_ms_per_command": round(cpu * 1000 / args.n, 2),
               "transactions_per_command": 4, "reads_per_command": 2}
     print(json.dumps(result))

@@ -34,7 +34,7 @@ def _fresh_database(admin_url: str, name: str) -> str:
     with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         conn.execute(f'CREATE DATABASE "{name}"')
-    return admin.set(drivername="postgresql+psycopg", database=name).render_as_string(hide_password=False)
+    return admin.set(drivername="postgresql+asyncpg", database=name).render_as_string(hide_password=False)
 
 
 def _pg_settings(admin_url: str) -> dict[str, str]:

@@ -19,6 +19,9 @@ from tests.support import require
 
 TEST_DATABASE = os.environ.get("LATCH_TEST_DATABASE", "sqlite")
 PG_URL = os.environ.get("LATCH_TEST_PG_URL")
+# The driver the PostgreSQL pass drives its databases with: Latch's default for postgresql:// URLs
+# (asyncpg, api/db.py) unless LATCH_TEST_PG_DRIVER names another (postgresql+psycopg).
+PG_DRIVER = os.environ.get("LATCH_TEST_PG_DRIVER", "postgresql+asyncpg")
 ON_POSTGRES = TEST_DATABASE == "postgresql"
 
 _lock = threading.Lock()
@@ -35,8 +38,8 @@ def _admin():  # type: ignore[no-untyped-def]
                            autocommit=True)
 
 
-def _url(dbname: str) -> str:
-    return make_url(PG_URL or "").set(drivername="postgresql+psycopg", database=dbname).render_as_string(
+def _url(dbname: str, driver: str | None = None) -> str:
+    return make_url(PG_URL or "").set(drivername=driver or PG_DRIVER, database=dbname).render_as_string(
         hide_password=False)
 
 
@@ -60,15 +63,16 @@ def _ensure_template() -> str:
         return _template
 
 
-def postgres_url() -> str:
-    """A new, migrated PostgreSQL database for this test (requires LATCH_TEST_PG_URL)."""
+def postgres_url(driver: str | None = None) -> str:
+    """A new, migrated PostgreSQL database for this test (requires LATCH_TEST_PG_URL), for `driver`
+    (a SQLAlchemy driver name; default PG_DRIVER)."""
     require(bool(PG_URL), "PostgreSQL (LATCH_TEST_PG_URL, set by ./run test)")
     template = _ensure_template()
     name = f"latch_t{os.getpid()}_{next(_names)}"
     with _admin() as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
     created.append(name)
-    return _url(name)
+    return _url(name, driver)
 
 
 def empty_postgres_url() -> str:
