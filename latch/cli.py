@@ -133,7 +133,8 @@ async def _serve(settings: Settings, demo_fleet: int, embedded_broker: bool, mig
         print(f"Latch is running.\n"
               f"  API:            {stack.api_url}\n"
               f"  OpenAPI page:   {stack.api_url}/docs\n"
-              f"  MQTT broker:    mqtt://{host}:{port}" + ("" if embedded_broker else " (external)") + "\n"
+              f"  MQTT broker:    {'mqtts' if settings.broker_tls() else 'mqtt'}://{host}:{port}"
+              + ("" if embedded_broker else " (external)") + "\n"
               f"  Operator token: {settings.admin_token}\n"
               + (f"  Demo fleet:     {demo_fleet} simulated locks, bike-0001..bike-{demo_fleet:04d}\n" if demo_fleet else "")
               + f"Try:\n  curl -s -X POST -H 'Authorization: Bearer {settings.admin_token}' "

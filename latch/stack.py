@@ -87,11 +87,13 @@ class Stack:
                 raise RuntimeError("the API server stopped during start-up")
             await asyncio.sleep(0.01)
         if self.demo_fleet:
-            creds = await demo_credentials(DeviceRegistry(self.db), self.demo_fleet,
-                                           s.data_dir / "demo-fleet.json")
+            # the API's own registry: a registration then does what any other does (the event log, and an
+            # external Mosquitto's password file rewritten and reloaded, so the demo locks may log in there)
+            registry: DeviceRegistry = app.state.runtime.registry
+            creds = await demo_credentials(registry, self.demo_fleet, s.data_dir / "demo-fleet.json")
             self.fleet = Fleet(creds, self.fleet_behaviour)
             host, port = s.broker_address()
-            await self.fleet.start(host, port)
+            await self.fleet.start(host, port, tls=s.broker_tls())   # mqtts:// brokers: TLS, as the API
 
     async def stop(self) -> None:
         if self.fleet is not None:

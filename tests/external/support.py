@@ -77,7 +77,7 @@ async def prepared_settings(tmp_path: Path, **overrides: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def api_before_mosquitto(tmp_path: Path, *, tls: Tls | None = None,
                                broker_url: Callable[[Mosquitto], str] | None = None,
-                               **overrides: Any) -> AsyncIterator[tuple[LiveStack, Mosquitto]]:
+                               demo_fleet: int = 0, **overrides: Any) -> AsyncIterator[tuple[LiveStack, Mosquitto]]:
     """Mosquitto with Latch's generated files, and the real API (uvicorn on a real socket) using it as its
     broker; the API rewrites the files and SIGHUPs Mosquitto on every device change."""
     settings = await prepared_settings(tmp_path, **overrides)
@@ -85,7 +85,7 @@ async def api_before_mosquitto(tmp_path: Path, *, tls: Tls | None = None,
     async with running_mosquitto(settings.mosquitto_config_dir, tls=tls) as mq:
         settings.mosquitto_pid_file = mq.pid_file
         settings.broker = broker_url(mq) if broker_url else mq.url
-        async with Stack(settings, embedded_broker=False) as st:
+        async with Stack(settings, embedded_broker=False, demo_fleet=demo_fleet) as st:
             async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
                                          headers={"Authorization": f"Bearer {settings.admin_token}"}) as http:
                 live = LiveStack(st, http)

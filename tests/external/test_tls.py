@@ -76,3 +76,17 @@ async def test_latch_sim_with_an_mqtts_broker(tmp_path: Path) -> None:
             r = await live.command("tls-0002", "unlock")
             assert r.json()["status"] == "succeeded", r.text
         assert not os.environ.get("LATCH_BROKER_CA")   # the CA came from the sim's environment only
+
+
+async def test_serve_with_an_external_mqtts_broker_runs_its_demo_fleet_there(tmp_path: Path) -> None:
+    """`latch serve --broker mqtts://… --demo-fleet N`: the demo locks are registered through the API's
+    own registry (so Mosquitto's password file gains them and is reloaded) and connect over TLS."""
+    ca, tls = _pki(tmp_path)
+    async with api_before_mosquitto(tmp_path, tls=tls, broker_url=_tls_url, broker_ca=ca.path,
+                                    demo_fleet=3) as (live, mq):
+        for device_id in ("bike-0001", "bike-0002", "bike-0003"):
+            await live.wait_presence(device_id, True)
+            assert _came_over_tls(mq, device_id), mq.log()
+        r = await live.command("bike-0002", "unlock")
+        assert r.json()["status"] == "succeeded", r.text
+        assert [a for _, a in live.stack.fleet.locks["bike-0002"].actuations] == ["unlock"]   # type: ignore[union-attr]
