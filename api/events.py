@@ -9,16 +9,22 @@
 Ordering: an event's id is its cursor, so ids must be handed out in commit order — a reader that has
 seen 11 must never later meet 10. Rows are staged during the transaction and inserted just before it
 commits (`_before_commit`): with SQLite's single writer that is enough. On PostgreSQL, where several
-writer threads and several API replicas commit at once, the insert is made under a transaction-level
+writers and several API replicas commit at once, the insert is made under a transaction-level
 advisory lock (EVENT_ORDER_LOCK), held from the moment the ids are drawn until the commit: ids are
-then in commit order across every replica, and the lock is held only for one INSERT and the COMMIT.
+then in commit order across every replica. One statement, `latch_append_events()` (migration 0003),
+takes the lock, inserts the events and queues the NOTIFY, so the lock that orders every replica's
+events is held for that one round trip and the COMMIT — not for three round trips, each of which
+waits for a busy process to get back to it.
 
-Several replicas (PostgreSQL): the same transaction sends NOTIFY latch_events with its newest id
-(api/pg_bus.py). Every replica, on hearing it — or at once, for its own commits — publishes
-everything after its head up to that id, in id order: from its own just-committed events when they
-cover the range, else with one query. So an SSE, WebSocket or long-poll client on replica A sees
-replica B's events, in order, resumable by the same cursor. Only the replica that made an event
-feeds it to the sinks (each rider's MQTT topic), so riders get each message once.
+Several replicas (PostgreSQL): the same transaction sends NOTIFY latch_events carrying its events
+(`[[id, at, kind, audience, data], ...]`, or only the newest id when they do not fit in the 8,000-byte
+payload; api/pg_bus.py). Every replica, on hearing it — or at once, for its own commits — publishes
+everything after its head up to that id, in id order: from the events it was handed when they cover
+the range, else with one query. So an SSE, WebSocket or long-poll client on replica A sees replica B's
+events, in order, resumable by the same cursor, and replica A reads nothing back to do it. Only the
+replica that made an event feeds it to the sinks (each rider's MQTT topic), so riders get each message
+once; a replica never publishes past one of its own events before its own commit has reported it
+(`_own_pending`), so its own events are always published as its own.
 
 No loss, no duplicates: a subscription is registered for live events *before* its backlog is read,
 and everything is filtered by the subscription's cursor (the newest id it has handed over), so an
@@ -49,7 +55,7 @@ from api.clock import now_ms
 from api.db import Database
 from api.event_models import LogEvent
 from api.metrics import Metrics
-from api.pg_bus import EVENTS as EVENTS_CHANNEL, notify
+from api.pg_bus import EVENTS as EVENTS_CHANNEL
 from latch.settings import Settings
 
 log = logging.getLogger("latch.events")
@@ -59,6 +65,7 @@ _HOOKED = "latch_events_hooked"
 MAX_CURSOR_DIGITS = 18
 EVENT_ORDER_LOCK = 0x1A7C4_0002   # pg_advisory_xact_lock key: event ids drawn in commit order
 CATCH_UP_RETRY_S = 0.5
+APPEND_EVENTS = text("SELECT latch_append_events(:k, :c, CAST(:e AS json))")   # api/migrations 0003
 
 
 class CursorError(ValueError):
@@ -213,7 +220,11 @@ class EventLog:
         self._riders: dict[str, set[Subscription]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.shared = db.is_postgres          # other processes may append too (api/pg_bus.py)
-        self._local: dict[int, LiveEvent] = {}   # this process's committed events not yet published
+        self._local: dict[int, LiveEvent] = {}   # committed events known here (ours, or from NOTIFY) not yet published
+        # ids of our own events drawn but whose commit we have not yet seen end: publishing stops short
+        # of them until it does, so our own events are published as ours (fed to the sinks) whatever
+        # arrives first, our commit's callback or the notification of it. Added on a writer thread.
+        self._own_pending: set[int] = set()
         self._want = 0                        # every id up to here is committed; publish up to it
         self._catching: asyncio.Task[None] | None = None
 
@@ -242,15 +253,22 @@ class EventLog:
         rows: list[LogEvent] = s.info.get(_STAGED) or []
         if not rows:
             return
-        if self.shared:   # ids in commit order across processes: see the module's docstring
-            # Everything else of the transaction is written first: holding the order lock, it only
-            # inserts events (no foreign keys) and commits, so it never waits on a row lock (no deadlock).
+        if not self.shared:   # SQLite: one writer, ids are in commit order as they are drawn
+            s.add_all(rows)
             s.flush()
-            s.connection().execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": EVENT_ORDER_LOCK})
-        s.add_all(rows)
+            return
+        # PostgreSQL: ids in commit order across processes (see the module's docstring). Everything else
+        # of the transaction is written first; then one statement (migration 0003) takes the order lock,
+        # inserts the events and queues the NOTIFY, so the lock is held for that round trip and the
+        # COMMIT only, and never waits on a row lock (no deadlock).
         s.flush()
-        if self.shared:
-            notify(s, EVENTS_CHANNEL, str(rows[-1].id))
+        ids = s.connection().execute(APPEND_EVENTS, {
+            "k": EVENT_ORDER_LOCK, "c": EVENTS_CHANNEL,
+            "e": json.dumps([{"at": r.at, "kind": r.kind, "audience": r.audience, "data": r.data} for r in rows],
+                            separators=(",", ":"))}).scalars().all()
+        for row, event_id in zip(rows, ids, strict=True):
+            row.id = int(event_id)
+        self._own_pending.update(int(i) for i in ids)
 
     def _committed(self, s: Session) -> None:
         rows: list[LogEvent] = s.info.pop(_STAGED, None) or []
@@ -265,17 +283,29 @@ class EventLog:
     # ---- several processes (PostgreSQL): publish in id order up to what is known committed --------
     def _local_committed(self, events: list[LiveEvent]) -> None:
         for ev in events:
+            self._own_pending.discard(ev.id)
             if ev.id > self.head:
-                self._local[ev.id] = ev
+                self._local[ev.id] = ev   # ours, even if the notification's copy came first
         # every id up to our newest is committed: ours held the order lock until it committed
         self.catch_up(events[-1].id)
 
     def on_notify(self, payload: str) -> None:
-        """NOTIFY latch_events from any replica: `payload` is the newest id of a commit."""
+        """NOTIFY latch_events from any replica: a commit's events as [[id, at, kind, audience, data], ...]
+        when they fit in a notification (published from it, no query), else the commit's newest id."""
         try:
-            self.catch_up(int(payload))
-        except ValueError:
+            if payload.startswith("["):
+                events = [LiveEvent(int(i), str(kind), int(at), audience, data, local=False)
+                          for i, at, kind, audience, data in json.loads(payload)]
+                for ev in events:
+                    if ev.id > self.head and ev.id not in self._own_pending:
+                        self._local.setdefault(ev.id, ev)   # our own commit's copy, if there, stays
+                upto = events[-1].id
+            else:
+                upto = int(payload)
+        except (ValueError, TypeError, IndexError):
             log.warning("ignored a malformed %s notification: %r", EVENTS_CHANNEL, payload[:80])
+            return
+        self.catch_up(upto)
 
     def resync(self) -> None:
         """After the listening connection was lost: publish whatever was committed meanwhile."""
@@ -295,6 +325,11 @@ class EventLog:
     async def _catch_up(self) -> None:
         while self._want > self.head:
             want, head = self._want, self.head
+            own = [i for i in list(self._own_pending) if i <= want]   # list(): a writer thread may add
+            if own:
+                want = min(own) - 1   # our own commit's callback calls catch_up again
+                if want <= head:
+                    return
             try:
                 if all(i in self._local for i in range(head + 1, min(want, head + self.page) + 1)):
                     upto = min(want, head + self.page)
@@ -323,9 +358,15 @@ class EventLog:
         self.metrics.inc("event_catch_up_queries")
         return [self._local.get(r.id or 0) or LiveEvent.from_row(r, local=False) for r in rows], covered
 
-    @staticmethod
-    def _rolled_back(s: Session) -> None:
-        s.info.pop(_STAGED, None)
+    def _rolled_back(self, s: Session) -> None:
+        drawn = [row.id for row in s.info.pop(_STAGED, None) or [] if row.id is not None]
+        if drawn and self.shared:   # drawn, never committed: publishing need not wait for them any more
+            self._own_pending.difference_update(drawn)
+            if self._loop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self.catch_up, 0)
+                except RuntimeError:   # the loop is closed: shutting down
+                    pass
 
     # ---- publishing: on the event loop, in commit order --------------------------------------
     def _publish(self, events: list[LiveEvent]) -> None:

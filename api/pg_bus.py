@@ -1,10 +1,12 @@
 """PostgreSQL LISTEN/NOTIFY: how API replicas sharing one database hear about each other's changes.
 
     channel          payload                         sent by                      heard by
-    latch_events     newest event id of the commit    api/events.py (every event)  every replica's EventLog
+    latch_events     the commit's events, or its      latch_append_events()        every replica's EventLog
+                     newest id when they do not fit   (migration 0003; api/events.py)
     latch_deadline   a command deadline, ms           api/commands.py              the sweeper (api/sweeper.py)
 
-A notification is sent with pg_notify() inside the transaction that makes the change, so it is
+A notification is sent with pg_notify() inside the transaction that makes the change (for events, by
+the same SQL function that inserts them), so it is
 delivered only if that transaction commits, and notifications of different transactions arrive in
 commit order. A notification says "look": the rows are the truth, and a listener that reconnects
 after losing its connection re-reads everything it may have missed (`on_reconnect`).

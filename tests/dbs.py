@@ -85,7 +85,7 @@ def empty_postgres_url() -> str:
     return _url(name)
 
 
-def test_database_url() -> str | None:
+def run_database_url() -> str | None:
     """The database a test's stack uses: None (SQLite in its data dir) or a fresh PostgreSQL one."""
     return postgres_url() if ON_POSTGRES else None
 

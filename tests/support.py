@@ -110,13 +110,13 @@ class LiveStack:
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     """Settings for a stack on ephemeral loopback ports, on the database of this test run (tests/dbs.py)."""
-    from tests.dbs import test_database_url
+    from tests.dbs import run_database_url
 
     values: dict[str, Any] = dict(data_dir=tmp_path / "data", http_port=0, mqtt_port=0, host="127.0.0.1",
                                   settle_grace_s=0.5, admin_token="test-admin-token")
     values.update(overrides)
     if "database_url" not in overrides:
-        values["database_url"] = test_database_url()
+        values["database_url"] = run_database_url()
     return Settings(**values)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from api.schema import head_revision
-from tests.dbs import ON_POSTGRES, empty_postgres_url, test_database_url
+from tests.dbs import ON_POSTGRES, empty_postgres_url, run_database_url
 from tests.procs import LATCH, read_until, run_to_end, running
 
 async def test_serve_with_demo_fleet_unlocks_a_bike(tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ async def test_serve_with_demo_fleet_unlocks_a_bike(tmp_path: Path) -> None:
 
 async def test_broker_api_and_sim_as_separate_processes(tmp_path: Path) -> None:
     env = {"LATCH_ADMIN_TOKEN": "split-token"}
-    url = test_database_url()   # the run's database: None = SQLite in the data dir
+    url = run_database_url()   # the run's database: None = SQLite in the data dir
     if url:
         env["LATCH_DATABASE_URL"] = url
     else:   # a fresh SQLite database: migrated first, as in any split deployment
