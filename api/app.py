@@ -48,6 +48,7 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     # one lease (api/lease.py) for every singleton job: device reports, the sweeper, fleet rollouts
     lease = Lease(db.url if db.is_postgres else None, eligible=settings.ingest)
     lease.on_acquired.append(lambda: asyncio.get_running_loop().create_task(link.refresh_retained()))
+    commands_.sweeps_here = lambda: lease.held
     ingest = Ingest(registry, commands_, link, metrics, lease)
     holder.append(ingest)
     events_ = EventLog(db, settings, metrics)

@@ -104,8 +104,11 @@ class CommandService:
         self.metrics = metrics
         self.deadline_changed: Callable[[int], None] = lambda deadline_ms: None  # the sweeper hooks in here
         self.hooks: ChangeHooks = NO_HOOKS   # the event log hooks in here (inside each change's transaction)
-        # tells other API processes of a new deadline, inside the transaction (api/pg_bus.py)
+        # tells other API processes of a new deadline, inside the transaction (api/pg_bus.py) — unless this
+        # process holds the sweeper's lease (api/lease.py): its own sweeper hears of it in-process
+        # (deadline_changed), and a replica that takes the lease later sweeps from the table first
         self.notify: Callable[[Session, str, str], None] = pg_bus.notify if db.is_postgres else pg_bus.no_notify
+        self.sweeps_here: Callable[[], bool] = lambda: False
 
     # ---- create -----------------------------------------------------------------
     async def create(self, device: Device, body: CommandCreate, owner: str,
@@ -143,7 +146,7 @@ class CommandService:
             s.add(cmd)
             s.add_all(events)
             self.hooks.command_changed(s, cmd, events)
-            if cmd.deadline_ms is not None:
+            if cmd.deadline_ms is not None and not self.sweeps_here():
                 self.notify(s, pg_bus.DEADLINE, str(cmd.deadline_ms))
             s.commit()
             return None
@@ -254,7 +257,7 @@ class CommandService:
                 s.add_all(events)
                 if applied:
                     self.hooks.command_changed(s, cmd, events)
-                    if cmd.deadline_ms is not None:
+                    if cmd.deadline_ms is not None and not self.sweeps_here():
                         self.notify(s, pg_bus.DEADLINE, str(cmd.deadline_ms))
                 if reported:
                     merge_reported(s, cmd.device_id, reported, now, self.hooks)   # commits

@@ -31,7 +31,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
-from bench.procs import Proc, cpu_seconds, free_port, pct
+from bench.procs import Proc, cpu_seconds, cpu_seconds_named, free_port, machine_busy_seconds, pct
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -55,6 +55,7 @@ class RunResult:
     cpu_ms_per_command: dict[str, float]
     replicas: int = 1
     db_writes_per_command: float | None = None   # PostgreSQL rows inserted + updated, per command
+    machine_busy_cores: float | None = None      # the whole machine's average busy cores during the run
 
 
 @dataclass
@@ -147,6 +148,8 @@ class Bench:
         writes_before = self._db_writes()
         cpu_before = {name: p.cpu_s for name, p in self.procs.items()}
         own_before = cpu_seconds(os.getpid())
+        pg_before = cpu_seconds_named("postgres") if self.database_url else 0.0
+        busy_before, wall_before = machine_busy_seconds(), time.monotonic()
         latencies: list[float] = []
         finals: dict[str, int] = {}
         errors = 0
@@ -190,6 +193,9 @@ class Bench:
         writes_after = self._db_writes()
         cpu = {name: round((p.cpu_s - cpu_before[name]) * 1000 / per, 2) for name, p in self.procs.items()}
         cpu["load_generator"] = round((cpu_seconds(os.getpid()) - own_before) * 1000 / per, 2)
+        if self.database_url:   # the PostgreSQL server on this machine (a remote one shows as 0)
+            cpu["postgres"] = round((cpu_seconds_named("postgres") - pg_before) * 1000 / per, 2)
+        busy = (machine_busy_seconds() - busy_before) / max(time.monotonic() - wall_before, 1e-9)
         return RunResult(
             rate=rate, duration_s=round(elapsed, 2), sent=n, succeeded=succeeded, errors=errors, other_final=finals,
             achieved_per_s=round(succeeded / elapsed, 1), p50_ms=round(pct(latencies, 50), 1),
@@ -199,14 +205,16 @@ class Bench:
             api_rss_mib=round(sum(p.rss_kib for name, p in self.procs.items() if name.startswith("api")) / 1024, 1),
             sim_rss_mib=round(self.procs["sim"].rss_kib / 1024, 1), cpu_ms_per_command=cpu, replicas=self.replicas,
             db_writes_per_command=(round((writes_after - writes_before) / per, 1)
-                                   if writes_before is not None and writes_after is not None else None))
+                                   if writes_before is not None and writes_after is not None else None),
+            machine_busy_cores=round(busy, 2))
 
 
 def show(r: RunResult) -> None:
     print(f"  {r.rate:>6.0f}/s for {r.duration_s:>5.1f}s: {r.succeeded}/{r.sent} ok, {r.errors} errors "
           f"{r.other_final or ''}| achieved {r.achieved_per_s}/s | p50 {r.p50_ms} ms  p95 {r.p95_ms} ms  "
           f"p99 {r.p99_ms} ms  max {r.max_ms} ms | RSS broker {r.broker_rss_mib} MiB, api {r.api_rss_mib} MiB, "
-          f"sim {r.sim_rss_mib} MiB | CPU ms/command {r.cpu_ms_per_command}", flush=True)
+          f"sim {r.sim_rss_mib} MiB | CPU ms/command {r.cpu_ms_per_command}"
+          + (f" | machine busy {r.machine_busy_cores} cores" if r.machine_busy_cores is not None else ""), flush=True)
 
 
 async def main() -> None:

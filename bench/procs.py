@@ -41,6 +41,28 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds_named(comm: str) -> float:
+    """User + system CPU time used so far by every live process called `comm` (e.g. the PostgreSQL
+    server's backends, "postgres"). A backend that exits in between takes its time with it."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            raw = stat.read_text()
+        except OSError:   # gone meanwhile
+            continue
+        if raw[raw.find("(") + 1:raw.rfind(")")] == comm:
+            fields = raw.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent not idle, summed over its cores (Linux /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 class Proc:
     def __init__(self, name: str, proc: asyncio.subprocess.Process) -> None:
         self.name = name
