@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from api import event_models as ek, pg_bus, schema
 from api.commands import CommandService
 from api.db import Database
-from api.devices import DeviceRegistry
+from api.devices import REVOKED, ROTATED, DeviceRegistry
 from api.events import EventLog, LiveEvent
 from api.fleet import FleetService
 from api.ingest import Ingest
@@ -70,6 +70,14 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
         if ev.kind == ek.FLEET and not ev.local:
             fleet.wake()
 
+    async def drop_connections(device_id: str, change: str) -> None:
+        # Latch's broker closes a revoked or rotated device's open connections at once (broker/core.py
+        # drop_device); an external Mosquitto drops them on the reload its files' rewrite causes
+        # (latch/mosquitto_config.py), and this message is routed to nobody there
+        if change in (ROTATED, REVOKED) and link.is_connected:
+            link.publish(topics.drop_topic(device_id), change.encode(), qos=1)
+
+    registry.after_change.append(drop_connections)
     events_.sinks.append(wake_waiters)
     events_.sinks.append(wake_fleet)
     events_.sinks.append(to_rider_topic)

@@ -56,6 +56,7 @@ from broker.codec import (
 from broker.fence import Gatekeeper, TopicFence, may_own
 from broker.identity import Identity, Role
 from broker.index import SubscriptionIndex, is_wildcard, topic_matches
+from protocol import topics
 
 log = logging.getLogger("latch.broker")
 
@@ -408,7 +409,9 @@ class Connection(asyncio.Protocol):
                 core.store.op(st.QOS2_IN_INSERT, (s.client_id, pid))
         core.stats["messages_received"] += 1
         assert self.identity is not None
-        if core.fence.may_publish(self.identity, topic) and not topic.startswith("$SYS"):
+        if self.identity.role is Role.SERVICE and topic.startswith(topics.SVC_PREFIX):
+            core.service_request(topic, payload)   # to the broker itself: never routed
+        elif core.fence.may_publish(self.identity, topic) and not topic.startswith("$SYS"):
             core.publish(topic, payload, qos, bool(flags & 1), self)
         else:
             core.stats["publishes_denied"] += 1
@@ -516,7 +519,8 @@ class BrokerCore:
         self.stats: dict[str, int] = dict.fromkeys((
             "connections_total", "connects_refused", "messages_received", "messages_sent", "publishes_denied",
             "dropped_queue_full", "dropped_slow_consumer", "protocol_violations", "keepalive_timeouts",
-            "connect_timeouts", "takeovers", "sessions_expired", "wills_published", "publishers_throttled"), 0)
+            "connect_timeouts", "takeovers", "sessions_expired", "wills_published", "publishers_throttled",
+            "connections_dropped_on_revoke"), 0)
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -685,6 +689,27 @@ class BrokerCore:
                   if s.conn is None and s.expires_at is not None and s.expires_at <= now]:
             self.stats["sessions_expired"] += 1
             self.discard(s)
+
+    def service_request(self, topic: str, payload: bytes) -> None:
+        """The API's requests to the broker (protocol/topics.py, latch/v1/svc/...)."""
+        device_id = topics.parse_drop_topic(topic)
+        if device_id is None:
+            log.warning("ignored an unknown service request on %r", topic[:120])
+            return
+        self.drop_device(device_id, payload.decode(errors="replace")[:40] or "revoked")
+
+    def drop_device(self, device_id: str, why: str) -> int:
+        """Close every connection logged in as `device_id` (its credentials were revoked or rotated, so
+        its next login is refused or needs the new secret). The will is published, as for any
+        connection lost without DISCONNECT: the device shows offline. Returns how many were closed."""
+        dropped = [s.conn for s in self.sessions.values()
+                   if s.conn is not None and s.identity is not None and s.identity.role is Role.DEVICE
+                   and s.identity.name == device_id]
+        for conn in dropped:
+            log.info("closing %s: credentials %s", conn._name(), why)
+            conn.close()
+        self.stats["connections_dropped_on_revoke"] += len(dropped)
+        return len(dropped)
 
     def publish_will(self, c: Connection) -> None:
         will, c.will = c.will, None

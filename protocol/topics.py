@@ -9,6 +9,10 @@
 
     latch/v1/u/<user_id>/events       API -> a user's app  the user's events (JSON, QoS 1), read-only
 
+    latch/v1/svc/drop/<device_id>     API -> Latch's broker  close that device's connections now: its
+                                      credentials were revoked or rotated (payload: which). Only the
+                                      service identity may publish it; nobody receives it.
+
 Device ids are 1-64 characters of [A-Za-z0-9_-]: never a wildcard, a slash
 or a leading '$', so a device id can be substituted into a topic safely.
 User ids follow the same rule.
@@ -133,3 +137,24 @@ def user_may_subscribe(user_id, topic_filter):
 
 def user_may_receive(user_id, topic_name):
     return user_may_subscribe(user_id, topic_name)
+
+
+# ---- the API's requests to Latch's own broker ------------------------------------------
+
+SVC_PREFIX = "latch/v1/svc/"
+SVC_DROP = SVC_PREFIX + "drop/"
+
+
+def drop_topic(device_id):
+    """Where the API asks Latch's broker to close a device's connections; ValueError on a bad id."""
+    if not valid_device_id(device_id):
+        raise ValueError("invalid device id %r: use 1-64 of [A-Za-z0-9_-]" % (device_id,))
+    return SVC_DROP + device_id
+
+
+def parse_drop_topic(topic_name):
+    """The device id of a drop request's topic, or None."""
+    if not isinstance(topic_name, str) or not topic_name.startswith(SVC_DROP):
+        return None
+    device_id = topic_name[len(SVC_DROP):]
+    return device_id if valid_device_id(device_id) else None

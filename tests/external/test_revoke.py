@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -9,6 +10,7 @@ import pytest
 
 from latch.settings import Settings, broker_tls_context, parse_broker, parse_broker_url
 from mqtt_client import MqttClient, MqttConnectError
+from protocol import topics
 from tests.support import LiveStack
 
 
@@ -56,3 +58,28 @@ def test_broker_urls() -> None:
         broker_tls_context("mqtts://h:1", Path("/nonexistent/ca.pem"))
     assert Settings(broker=None).broker_tls() is None
     assert Settings(broker="mqtts://h:1").broker_tls() is not None
+
+
+async def test_revoking_or_rotating_closes_the_open_connection_on_latchs_broker(stack: LiveStack) -> None:
+    """Credentials that stop working stop an open session too, not only the next login: the API asks
+    Latch's broker (latch/v1/svc/drop/<id>) to close the device's connections; the will says offline."""
+    revoked = await stack.lock("bike-rv")
+    rotated = await stack.lock("bike-ro")
+    bystander = await stack.lock("bike-by")
+    assert revoked.client.is_connected and rotated.client.is_connected
+
+    assert (await stack.http.delete("/v1/devices/bike-rv")).status_code == 200
+    await asyncio.wait_for(revoked.client.disconnected.wait(), 10)
+    await stack.wait_presence("bike-rv", False)
+
+    assert (await stack.http.post("/v1/devices/bike-ro/credentials")).status_code == 200
+    await asyncio.wait_for(rotated.client.disconnected.wait(), 10)
+    await stack.wait_presence("bike-ro", False)
+
+    # nobody else is touched, and only the service identity may ask: a device's request is refused
+    assert bystander.client.is_connected
+    bystander.client.publish(topics.drop_topic("bike-by"), b"revoked", qos=1)
+    r = await stack.command("bike-by", "unlock")                    # a round trip after that publish
+    assert r.json()["status"] == "succeeded" and bystander.client.is_connected
+    assert stack.stack.broker is not None
+    assert stack.stack.broker.core.stats["connections_dropped_on_revoke"] == 2

@@ -32,3 +32,12 @@ def test_fence_rules() -> None:
     assert not topics.device_may_subscribe("a", "latch/v1/d/a/#")
     assert not topics.device_may_subscribe("a", "#")
     assert not topics.device_may_receive("a", "latch/v1/d/b/cmd")
+
+
+def test_drop_requests() -> None:
+    assert topics.drop_topic("bike-1") == "latch/v1/svc/drop/bike-1"
+    assert topics.parse_drop_topic("latch/v1/svc/drop/bike-1") == "bike-1"
+    for t in ("latch/v1/svc/drop/", "latch/v1/svc/drop/a/b", "latch/v1/svc/drop/+", "latch/v1/d/a/ack", 7):
+        assert topics.parse_drop_topic(t) is None   # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="invalid device id"):
+        topics.drop_topic("a/#")
