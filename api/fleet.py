@@ -30,7 +30,11 @@ Decisions, and why:
   `fleet_concurrency` device commands in flight (all fleets together) and keeps each transaction short
   (one device command; one batch of fleet_target updates), so an unlock waits at most for the one
   transaction already running (see CONCURRENCY_* below for PostgreSQL's several writers). Creating a fleet
-  command is one bigger transaction, also BULK.
+  command is one bigger transaction, also BULK. The CPU is shared too: with an async driver (asyncpg) a
+  rollout's database work runs on the event loop beside riders' requests, so before each device command
+  the worker gives way while the loop is behind (`give_way`, LOOP_BUSY_S): a rider's request waiting in
+  the loop's queue runs first, and a rollout asked to go faster than the process can goes as fast as it
+  can *without* slowing riders down.
 
 * **Pace.** rate_per_min / 60 devices per second accrue into a budget each tick (fractions carried,
   so 90/min issues 1, 2, 1, 2, ... per second); a tick issues floor(budget). The budget is capped at
@@ -102,6 +106,24 @@ COUNTED_TARGETS_PER_S = 20_000   # ... or less often for big ones: at most this 
 # (its `fleet` event reaches every replica's event log, and api/app.py wakes the worker). An idle API makes no
 # query (tests/api/test_longpoll.py); this is only the safety net.
 IDLE_RECHECK_S = 30.0
+# A rollout gives way while one pass of the event loop's ready queue takes longer than this (other work is
+# waiting: riders' requests, device answers), for at most GIVE_WAY_MAX_S per device command. Measured on
+# PostgreSQL + asyncpg, 10,000 locks, 2 cores (bench/fleet.py): see docs/scaling.md.
+LOOP_BUSY_S = 0.005
+GIVE_WAY_MAX_S = 1.0
+
+
+async def give_way() -> None:
+    """Wait while the event loop is busy with other work (bounded): bulk work goes after interactive."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + GIVE_WAY_MAX_S
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(0)          # one pass of whatever else is ready to run
+        behind = loop.time() - t0
+        if behind < LOOP_BUSY_S or t0 >= deadline:
+            return
+        await asyncio.sleep(behind)     # as long again: the queue drains meanwhile
 # device commands in creation at once (all fleets), unless LATCH_FLEET_CONCURRENCY says otherwise. SQLite has
 # one writer thread: enough in flight to keep its queue stocked while the event loop does the rest (4: ~300
 # devices/s issued, 16: ~500/s, offline devices, one process). PostgreSQL has several writer threads
@@ -430,6 +452,7 @@ class FleetService:
             async with self._gate:
                 if f.id in self._stopped:
                     return
+                await give_way()
                 try:
                     cmd, _ = await self.commands.create(device, body, owner, device_key(f.id, seq),
                                                         priority=Priority.BULK)

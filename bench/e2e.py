@@ -31,6 +31,7 @@ from pathlib import Path
 import aiohttp
 import httpx
 
+from bench.cpu_quota import CpuQuota
 from bench.procs import Proc, cpu_seconds, cpu_seconds_named, free_port, machine_busy_seconds, pct
 
 RESULTS = Path(__file__).parent / "results"
@@ -69,6 +70,8 @@ class Bench:
     replicas: int = 1
     broker: str = "latch"          # latch: `latch broker`; mosquitto: Debian's, configured by `latch broker-config`
     share_group: str | None = None  # replicas take acks as $share/<group>/... (Mosquitto)
+    replica_cpu: float | None = None  # each API replica held to this many cores (bench/cpu_quota.py)
+    quotas: list[CpuQuota] = field(default_factory=list)
 
     @property
     def api_url(self) -> str:
@@ -105,6 +108,10 @@ class Bench:
             self.api_urls.append((await api.expect(r"API:\s+(http\S+)")).group(1))
             api.drain()
             self.procs[f"api-{i + 1}"] = api
+            if self.replica_cpu:
+                quota = CpuQuota(f"latch-bench-api-{i + 1}", self.replica_cpu)
+                quota.add(api.proc.pid)
+                self.quotas.append(quota)
         sim = await Proc.start("sim", "sim", "--devices", str(self.devices), "--broker", f"127.0.0.1:{port}",
                                "--api", self.api_url, "--data-dir", d, "--actuation-delay", "0",
                                "--log-level", "WARNING", env=env)
@@ -126,6 +133,9 @@ class Bench:
     async def stop(self) -> None:
         for p in reversed(list(self.procs.values())):
             await p.stop()
+        for q in self.quotas:
+            q.close()
+        self.quotas = []
 
     def _db_writes(self) -> int | None:
         """Rows inserted + updated in the PostgreSQL database so far (pg_stat_database)."""

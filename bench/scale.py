@@ -4,6 +4,8 @@ database and one external broker (Debian's Mosquitto, configured by `latch broke
     python -m bench.scale --database-url postgresql://USER@127.0.0.1:PORT/postgres   # an admin URL:
                                                                    # a fresh database is made per run
     python -m bench.scale ... --replicas 1,2,3 --rates 20,40,80 --saturate 200
+    python -m bench.scale ... --replica-cpu 0.25 --rates 10 --saturate 120   # each replica a quarter core:
+                                                                   # does throughput grow with replicas?
 
 For each replica count: a new database, `latch db upgrade`, Mosquitto, N `latch api` (taking device
 answers as $share/latch-api/... so each answer is applied by one replica), a 1,000-lock simulator; then
@@ -53,17 +55,22 @@ async def main() -> None:
     ap.add_argument("--saturate", type=float, default=200, help="a rate far above capacity (0: skip)")
     ap.add_argument("--duration", type=float, default=10)
     ap.add_argument("--broker", choices=("mosquitto", "latch"), default="mosquitto")
+    ap.add_argument("--replica-cpu", type=float,
+                    help="hold each API replica to this many cores (a cgroup quota, bench/cpu_quota.py), so "
+                         "that adding replicas, not the machine, sets the pace")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     result: dict = {"bench": "scale", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(),
                     "devices": args.devices, "broker": args.broker, "postgres": _pg_settings(args.database_url),
+                    "replica_cpu": args.replica_cpu,
                     "by_replicas": {}}
     for n in [int(x) for x in args.replicas.split(",")]:
         url = _fresh_database(args.database_url, f"latch_scale_{n}")
         with tempfile.TemporaryDirectory(prefix="latch-scale-") as tmp:
             bench = Bench(args.devices, Path(tmp), database_url=url, replicas=n, broker=args.broker,
-                          share_group="latch-api" if args.broker == "mosquitto" else None)
+                          share_group="latch-api" if args.broker == "mosquitto" else None,
+                          replica_cpu=args.replica_cpu)
             print(f"== {n} API replica(s), PostgreSQL, {args.broker}, {args.devices} locks: starting ...", flush=True)
             t0 = time.monotonic()
             await bench.start()
