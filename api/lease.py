@@ -11,6 +11,7 @@ SQLite: the one API process always holds it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -33,8 +34,12 @@ class Lease:
         holder applies device reports."""
         self._dsn = libpq_dsn(url) if url else None
         self.eligible = eligible
+        # one connection, kept while it works, holder or not: a replica without the lease retries on it
+        # (a new connection per try cost a PostgreSQL backend start per second per replica)
         self._conn: psycopg.AsyncConnection | None = None
+        self._holding = False
         self._checked = 0.0
+        self._trying = asyncio.Lock()   # the sweeper and the fleet worker both ask: one try at a time
         self.on_acquired: list[Callable[[], None]] = []   # called when this process takes the lease
 
     @property
@@ -47,7 +52,11 @@ class Lease:
             return True
         if not self.eligible:
             return False
-        if self._conn is not None:
+        async with self._trying:
+            return await self._hold()
+
+    async def _hold(self) -> bool:
+        if self._holding and self._conn is not None:
             if time.monotonic() - self._checked < LEASE_CHECK_S and not self._conn.closed:
                 return True
             try:
@@ -56,29 +65,40 @@ class Lease:
                 return True
             except psycopg.Error as e:
                 log.warning("lost the singleton lease (its connection failed: %s)", e)
-                conn, self._conn = self._conn, None
-                await conn.close()
+                await self._drop()
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+            except psycopg.Error as e:
+                log.warning("cannot reach PostgreSQL for the lease: %s", e)
+                self._conn = None
+                return False
         try:
-            conn = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+            cur = await self._conn.execute("SELECT pg_try_advisory_lock(%s)", (LEASE_KEY,))
+            row = await cur.fetchone()
         except psycopg.Error as e:
-            log.warning("cannot reach PostgreSQL for the lease: %s", e)
+            log.warning("PostgreSQL failed the lease try (%s); reconnecting next time", e)
+            await self._drop()
             return False
-        cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (LEASE_KEY,))
-        row = await cur.fetchone()
         if row and row[0]:
             log.info("this process now holds the singleton lease (sweeper, fleet rollouts, device reports)")
-            self._conn, self._checked = conn, time.monotonic()
+            self._holding, self._checked = True, time.monotonic()
             for cb in self.on_acquired:
                 cb()
             return True
-        await conn.close()
         return False
+
+    async def _drop(self) -> None:
+        conn, self._conn, self._holding = self._conn, None, False
+        if conn is not None:
+            try:
+                await conn.close()
+            except psycopg.Error:
+                pass
 
     @property
     def held(self) -> bool:
-        return self._dsn is None or (self._conn is not None and not self._conn.closed)
+        return self._dsn is None or (self._holding and self._conn is not None and not self._conn.closed)
 
     async def release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await conn.close()
+        await self._drop()

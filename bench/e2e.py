@@ -108,10 +108,6 @@ class Bench:
             self.api_urls.append((await api.expect(r"API:\s+(http\S+)")).group(1))
             api.drain()
             self.procs[f"api-{i + 1}"] = api
-            if self.replica_cpu:
-                quota = CpuQuota(f"latch-bench-api-{i + 1}", self.replica_cpu)
-                quota.add(api.proc.pid)
-                self.quotas.append(quota)
         sim = await Proc.start("sim", "sim", "--devices", str(self.devices), "--broker", f"127.0.0.1:{port}",
                                "--api", self.api_url, "--data-dir", d, "--actuation-delay", "0",
                                "--log-level", "WARNING", env=env)
@@ -125,6 +121,22 @@ class Bench:
                 if online >= min(self.devices, 1000):
                     break
                 await asyncio.sleep(0.1)
+        await self.settle()
+        if self.replica_cpu:   # after start-up: registering and 1,000 locks' first reports are not the run
+            for name, p in self.procs.items():
+                if name.startswith("api-"):
+                    quota = CpuQuota(f"latch-bench-{name}", self.replica_cpu)
+                    quota.add(p.proc.pid)
+                    self.quotas.append(quota)
+
+    async def settle(self, quiet_cores: float = 0.05, window_s: float = 0.5, tries: int = 120) -> None:
+        """Wait (bounded) until every process is quiet: the locks' first reports are applied, so a run's
+        CPU figures are the run's own."""
+        for _ in range(tries):
+            before = {name: p.cpu_s for name, p in self.procs.items()}
+            await asyncio.sleep(window_s)
+            if all((p.cpu_s - before[name]) / window_s < quiet_cores for name, p in self.procs.items()):
+                return
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.api_url, headers={"Authorization": f"Bearer {self.token}"},

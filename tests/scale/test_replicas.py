@@ -180,3 +180,26 @@ async def test_killing_a_replica_mid_load_loses_no_command(tmp_path: Path) -> No
         # commands racing for one lock may be refused as busy: a final answer too
         assert set(statuses) <= {"succeeded", "rejected", "expired", "timed_out"} and statuses["succeeded"] > 30
         assert any([(await rep.metrics())["singleton_lease"] for rep in survivors])
+
+
+async def test_the_lease_has_one_holder_however_many_ask_at_once() -> None:
+    """The sweeper and the fleet worker of one process, and other processes, ask for the lease at the same
+    time; a replica without it retries on the connection it keeps (no backend start per try)."""
+    from api.lease import Lease
+
+    url = postgres_url()
+    a, b = Lease(url), Lease(url)
+    try:
+        for _ in range(5):
+            got = await asyncio.gather(*(lease.hold() for lease in (a, b, a, b, a, b)))
+            assert sorted(got) == [False] * 3 + [True] * 3 and got[0::2] in ([True] * 3, [False] * 3)
+            assert [a.held, b.held].count(True) == 1
+        holder, other = (a, b) if a.held else (b, a)
+        pid = other._conn.info.backend_pid if other._conn else None   # type: ignore[union-attr]
+        await holder.release()
+        assert await eventually(other.hold, timeout=5, what="the other to take the lease")
+        assert other.held and not holder.held
+        assert other._conn is not None and other._conn.info.backend_pid == pid   # the same connection
+    finally:
+        await a.release()
+        await b.release()
