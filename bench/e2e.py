@@ -32,7 +32,8 @@ import aiohttp
 import httpx
 
 from bench.cpu_quota import CpuQuota
-from bench.procs import Proc, cpu_seconds, cpu_seconds_named, free_port, machine_busy_seconds, pct
+from bench.procs import (Proc, cpu_seconds, cpu_seconds_named, free_port, machine_busy_seconds,
+                         machine_steal_seconds, pct)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,6 +58,7 @@ class RunResult:
     replicas: int = 1
     db_writes_per_command: float | None = None   # PostgreSQL rows inserted + updated, per command
     machine_busy_cores: float | None = None      # the whole machine's average busy cores during the run
+    machine_steal_cores: float | None = None     # cores' worth taken by the host meanwhile (a noisy neighbour)
 
 
 @dataclass
@@ -171,7 +173,7 @@ class Bench:
         cpu_before = {name: p.cpu_s for name, p in self.procs.items()}
         own_before = cpu_seconds(os.getpid())
         pg_before = cpu_seconds_named("postgres") if self.database_url else 0.0
-        busy_before, wall_before = machine_busy_seconds(), time.monotonic()
+        busy_before, steal_before, wall_before = machine_busy_seconds(), machine_steal_seconds(), time.monotonic()
         latencies: list[float] = []
         finals: dict[str, int] = {}
         errors = 0
@@ -217,7 +219,9 @@ class Bench:
         cpu["load_generator"] = round((cpu_seconds(os.getpid()) - own_before) * 1000 / per, 2)
         if self.database_url:   # the PostgreSQL server on this machine (a remote one shows as 0)
             cpu["postgres"] = round((cpu_seconds_named("postgres") - pg_before) * 1000 / per, 2)
-        busy = (machine_busy_seconds() - busy_before) / max(time.monotonic() - wall_before, 1e-9)
+        wall = max(time.monotonic() - wall_before, 1e-9)
+        busy = (machine_busy_seconds() - busy_before) / wall
+        steal = (machine_steal_seconds() - steal_before) / wall
         return RunResult(
             rate=rate, duration_s=round(elapsed, 2), sent=n, succeeded=succeeded, errors=errors, other_final=finals,
             achieved_per_s=round(succeeded / elapsed, 1), p50_ms=round(pct(latencies, 50), 1),
@@ -228,7 +232,7 @@ class Bench:
             sim_rss_mib=round(self.procs["sim"].rss_kib / 1024, 1), cpu_ms_per_command=cpu, replicas=self.replicas,
             db_writes_per_command=(round((writes_after - writes_before) / per, 1)
                                    if writes_before is not None and writes_after is not None else None),
-            machine_busy_cores=round(busy, 2))
+            machine_busy_cores=round(busy, 2), machine_steal_cores=round(steal, 2))
 
 
 def show(r: RunResult) -> None:
@@ -236,7 +240,8 @@ def show(r: RunResult) -> None:
           f"{r.other_final or ''}| achieved {r.achieved_per_s}/s | p50 {r.p50_ms} ms  p95 {r.p95_ms} ms  "
           f"p99 {r.p99_ms} ms  max {r.max_ms} ms | RSS broker {r.broker_rss_mib} MiB, api {r.api_rss_mib} MiB, "
           f"sim {r.sim_rss_mib} MiB | CPU ms/command {r.cpu_ms_per_command}"
-          + (f" | machine busy {r.machine_busy_cores} cores" if r.machine_busy_cores is not None else ""), flush=True)
+          + (f" | machine busy {r.machine_busy_cores} cores, stolen by the host {r.machine_steal_cores}"
+             if r.machine_busy_cores is not None else ""), flush=True)
 
 
 async def main() -> None:

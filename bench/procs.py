@@ -56,11 +56,22 @@ def cpu_seconds_named(comm: str) -> float:
     return total
 
 
+def _proc_stat_cpu() -> list[int]:
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
 def machine_busy_seconds() -> float:
     """CPU time the whole machine has spent not idle, summed over its cores (Linux /proc/stat)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    fields = _proc_stat_cpu()
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:7]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_steal_seconds() -> float:
+    """CPU time the hypervisor gave to others while this virtual machine wanted it (/proc/stat steal): a
+    run with much of it measured a crowded host, and its CPU-per-command figures run high."""
+    fields = _proc_stat_cpu()
+    return (fields[7] if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK")
 
 
 class Proc:
