@@ -33,8 +33,9 @@ Decisions, and why:
   command is one bigger transaction, also BULK. The CPU is shared too: with an async driver (asyncpg) a
   rollout's database work runs on the event loop beside riders' requests, so before each device command
   the worker gives way while the loop is behind (`give_way`, LOOP_BUSY_S): a rider's request waiting in
-  the loop's queue runs first, and a rollout asked to go faster than the process can goes as fast as it
-  can *without* slowing riders down.
+  the loop's queue runs first. Measured (docs/scaling.md, 10,000 locks on PostgreSQL): riders' p99 during
+  the rollout 577 → 390 ms, the rollout itself 2,717 → 3,051 devices/min; riders still wait longer than
+  without a rollout (p50 200 ms against ~30 ms), since the rollout's ORM work shares the process's core.
 
 * **Pace.** rate_per_min / 60 devices per second accrue into a budget each tick (fractions carried,
   so 90/min issues 1, 2, 1, 2, ... per second); a tick issues floor(budget). The budget is capped at
@@ -106,6 +107,17 @@ COUNTED_TARGETS_PER_S = 20_000   # ... or less often for big ones: at most this 
 # (its `fleet` event reaches every replica's event log, and api/app.py wakes the worker). An idle API makes no
 # query (tests/api/test_longpoll.py); this is only the safety net.
 IDLE_RECHECK_S = 30.0
+# device commands in creation at once (all fleets), unless LATCH_FLEET_CONCURRENCY says otherwise. SQLite has
+# one writer thread: enough in flight to keep its queue stocked while the event loop does the rest (4: ~300
+# devices/s issued, 16: ~500/s, offline devices, one process). PostgreSQL has several writers
+# (api/db.py), and every command's transaction takes the event log's order lock: measured with 8 writers,
+# 16 in flight filled every thread, device answers (INTERACTIVE) waited for one, and a rollout to online
+# locks achieved 25 devices/s with riders' unlocks at p50 135 ms; with 4 in flight: 41/s, unlocks p50 89 ms.
+# (Those were psycopg on threads; on asyncpg, the default since, 4 in flight: 51 devices/s, see docs/scaling.md.)
+CONCURRENCY_SQLITE, CONCURRENCY_POSTGRES = 16, 4
+FAILED_OUTCOMES = frozenset({Status.FAILED, Status.REJECTED, Status.EXPIRED, Status.TIMED_OUT})
+
+
 # A rollout gives way while one pass of the event loop's ready queue takes longer than this (other work is
 # waiting: riders' requests, device answers), for at most GIVE_WAY_MAX_S per device command. Measured on
 # PostgreSQL + asyncpg, 10,000 locks, 2 cores (bench/fleet.py): see docs/scaling.md.
@@ -124,14 +136,6 @@ async def give_way() -> None:
         if behind < LOOP_BUSY_S or t0 >= deadline:
             return
         await asyncio.sleep(behind)     # as long again: the queue drains meanwhile
-# device commands in creation at once (all fleets), unless LATCH_FLEET_CONCURRENCY says otherwise. SQLite has
-# one writer thread: enough in flight to keep its queue stocked while the event loop does the rest (4: ~300
-# devices/s issued, 16: ~500/s, offline devices, one process). PostgreSQL has several writer threads
-# (api/db.py), and every command's transaction takes the event log's order lock: measured with 8 writers,
-# 16 in flight filled every thread, device answers (INTERACTIVE) waited for one, and a rollout to online
-# locks achieved 25 devices/s with riders' unlocks at p50 135 ms; with 4 in flight: 41/s, unlocks p50 89 ms.
-CONCURRENCY_SQLITE, CONCURRENCY_POSTGRES = 16, 4
-FAILED_OUTCOMES = frozenset({Status.FAILED, Status.REJECTED, Status.EXPIRED, Status.TIMED_OUT})
 
 
 class FleetError(Exception):
