@@ -35,10 +35,15 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def _stat_cpu_seconds(raw: str) -> float:
+    """User + system CPU seconds from the text of a /proc/PID/stat file."""
+    fields = raw.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
 
 
 def cpu_seconds_named(comm: str) -> float:
@@ -51,8 +56,7 @@ def cpu_seconds_named(comm: str) -> float:
         except OSError:   # gone meanwhile
             continue
         if raw[raw.find("(") + 1:raw.rfind(")")] == comm:
-            fields = raw.rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += _stat_cpu_seconds(raw)
     return total
 
 

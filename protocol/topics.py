@@ -47,10 +47,16 @@ def valid_device_id(device_id):
     return True
 
 
+def _checked_id(device_id, what="device"):
+    """`device_id` itself when it may stand in a topic; ValueError saying what is allowed otherwise."""
+    if not valid_device_id(device_id):
+        raise ValueError("invalid %s id %r: use 1-64 of [A-Za-z0-9_-]" % (what, device_id))
+    return device_id
+
+
 def topic(device_id, kind):
     """The topic of `kind` for one device; raises ValueError on a bad id or kind."""
-    if not valid_device_id(device_id):
-        raise ValueError("invalid device id %r: use 1-64 of [A-Za-z0-9_-]" % (device_id,))
+    _checked_id(device_id)
     if kind not in KINDS:
         raise ValueError("unknown topic kind %r" % (kind,))
     return PREFIX + device_id + "/" + kind
@@ -125,9 +131,7 @@ USER_EVENTS = "events"
 
 def user_events_topic(user_id):
     """The topic carrying one user's events; raises ValueError on a bad id."""
-    if not valid_device_id(user_id):
-        raise ValueError("invalid user id %r: use 1-64 of [A-Za-z0-9_-]" % (user_id,))
-    return USER_PREFIX + user_id + "/" + USER_EVENTS
+    return USER_PREFIX + _checked_id(user_id, "user") + "/" + USER_EVENTS
 
 
 def user_may_subscribe(user_id, topic_filter):
@@ -147,9 +151,7 @@ SVC_DROP = SVC_PREFIX + "drop/"
 
 def drop_topic(device_id):
     """Where the API asks Latch's broker to close a device's connections; ValueError on a bad id."""
-    if not valid_device_id(device_id):
-        raise ValueError("invalid device id %r: use 1-64 of [A-Za-z0-9_-]" % (device_id,))
-    return SVC_DROP + device_id
+    return SVC_DROP + _checked_id(device_id)
 
 
 def parse_drop_topic(topic_name):
