@@ -6,16 +6,21 @@ import asyncio
 import random
 import ssl
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
 
 
 class Fleet:
     def __init__(self, creds: Iterable[Credentials], behaviour: Behaviour | None = None, seed: int = 1,
-                 keepalive: int = 30) -> None:
+                 keepalive: int = 30, data_dir: Path | None = None, config: dict[str, Any] | None = None) -> None:
+        """`data_dir`: each lock's state file and the process's actuation record (device_sim/__init__.py);
+        `config`: firmware config.json tuning keys for every lock (firmware/config.py)."""
         rng = random.Random(seed)
+        self.data_dir = data_dir
         self.locks = {c.device_id: SimulatedLock(c, behaviour or Behaviour(), random.Random(rng.random()),
-                                                 keepalive=keepalive)
+                                                 keepalive=keepalive, data_dir=data_dir, config=dict(config or {}))
                       for c in creds}
 
     def __getitem__(self, device_id: str) -> SimulatedLock:

@@ -38,6 +38,11 @@ async def ensure_registered(api_url: str, token: str, ids: list[str], cache: Pat
     return out
 
 
+def sim_dir(data_dir: Path) -> Path:
+    """Where `latch sim` keeps its locks' state files and actuation records (device_sim/__init__.py)."""
+    return data_dir / "sim"
+
+
 async def run_sim(api_url: str, token: str, broker: str, n: int, prefix: str, behaviour: Behaviour,
                   data_dir: Path, broker_ca: Path | None = None) -> None:
     """`broker` is HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS, verified against `broker_ca`,
@@ -46,7 +51,8 @@ async def run_sim(api_url: str, token: str, broker: str, n: int, prefix: str, be
     host, port = parse_broker_url(broker)
     tls = broker_tls_context(broker, broker_ca if broker_ca is not None else Settings().broker_ca)
     creds = await ensure_registered(api_url, token, ids, data_dir / f"sim-fleet-{prefix.strip('-') or 'sim'}.json")
-    fleet = Fleet(creds, behaviour)
+    # each lock's persisted record (once-only across restarts) and this process's actuation record
+    fleet = Fleet(creds, behaviour, data_dir=sim_dir(data_dir))
     await fleet.start(host, port, tls=tls)
     print(f"{len(fleet)} simulated locks online ({ids[0]}..{ids[-1]}) on {host}:{port}"
           + (" (TLS)" if tls is not None else ""), flush=True)

@@ -1,0 +1,123 @@
+"""A simulated lock's outgoing QoS 1 queue: the firmware MQTT client's rules (firmware/mqtt.py), over gmqtt.
+
+firmware/mqtt.py cannot run under CPython (it reads MicroPython's ticks_ms), so its queue rules are
+mirrored here, one for one:
+- a QoS 1 message stays queued until its PUBACK, also across a lost link, and is sent again
+  (DUP) after every reconnect, whether or not the broker kept the session;
+- published while the link is down, it is queued and sent after the next connect;
+- a newer retained message supersedes an unsent one on the same topic;
+- the queue is bounded (MAX_QUEUED, the firmware's _MAX_QUEUED): when full, the oldest goes;
+- QoS 0 is sent when connected, else dropped.
+
+gmqtt keeps its own resend store, but replays it only when the broker kept the session and empties
+it otherwise, so this queue sends through gmqtt's connection directly and learns of PUBACKs by
+standing in for gmqtt's store (`_AckHook`): a message gmqtt itself stores (a test publishing on
+the lock's client) is kept and replayed by gmqtt as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import gmqtt
+from gmqtt.storage import PersistentStorage
+
+from mqtt_client import MqttClient
+
+log = logging.getLogger("latch.sim")
+
+MAX_QUEUED = 16   # firmware/mqtt.py _MAX_QUEUED
+
+
+@dataclass
+class _Queued:
+    topic: str
+    payload: bytes
+    retain: bool
+    mid: int = 0        # packet id of the copy last sent on the current connection; 0: not sent on it
+    sent: bool = False  # sent at least once (any later copy carries DUP)
+
+
+class _AckHook(PersistentStorage):
+    """gmqtt's resend store, which also tells the outbox of every PUBACK."""
+
+    def __init__(self, outbox: "Outbox") -> None:
+        super().__init__()
+        self._outbox = outbox
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        self._outbox.acked(mid)
+
+
+class Outbox:
+    def __init__(self, max_queued: int = MAX_QUEUED) -> None:
+        self.max_queued = max_queued
+        self.pending: list[_Queued] = []
+        self.dropped = 0           # queued messages pushed out by newer ones (a full queue)
+        self.client: MqttClient | None = None
+
+    def attach(self, client: MqttClient) -> None:
+        """Use `client` from now on (a new one per start); the queue carries over."""
+        self.client = client
+        client._client._persistent_storage = _AckHook(self)
+        for q in self.pending:
+            q.mid = 0
+
+    def _ids(self):  # type: ignore[no-untyped-def]
+        return self.client._client._package_handler.id_generator if self.client else None
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if not qos:
+            if self.client is not None and self.client.is_connected:
+                self.client.publish(topic, payload, qos=0, retain=retain)
+            return
+        if retain:
+            for old in self.pending:
+                if old.retain and not old.sent and old.topic == topic:
+                    self.pending.remove(old)   # superseded before it was ever sent
+                    break
+        if len(self.pending) >= self.max_queued:
+            self._forget(self.pending.pop(0))
+            self.dropped += 1
+        q = _Queued(topic, payload, retain)
+        self.pending.append(q)
+        self._send(q)
+
+    def resend(self) -> int:
+        """After a connect: send every unacknowledged message again, oldest first. Returns how many."""
+        n = 0
+        for q in list(self.pending):
+            self._forget(q)
+            n += self._send(q)
+        return n
+
+    def acked(self, mid: int) -> None:
+        for q in self.pending:
+            if q.mid == mid:
+                self.pending.remove(q)
+                return
+
+    def _send(self, q: _Queued) -> bool:
+        c = self.client
+        if c is None or not c.is_connected:
+            return False
+        msg = gmqtt.Message(q.topic, q.payload, qos=1, retain=q.retain)
+        msg.dup = q.sent
+        try:
+            q.mid, _ = c._client._connection.publish(msg)
+        except Exception as e:   # the link died under us: it stays queued for the next connect
+            log.debug("%s: send failed, kept queued: %r", c.client_id, e)
+            q.mid = 0
+            return False
+        q.sent = True
+        return True
+
+    def _forget(self, q: _Queued) -> None:
+        """Release the packet id of a copy whose PUBACK will not come (replaced or dropped)."""
+        if q.mid:
+            ids = self._ids()
+            if ids is not None:
+                ids.free_id(q.mid)
+            q.mid = 0
