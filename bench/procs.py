@@ -106,12 +106,14 @@ class Proc:
                 raise RuntimeError(f"{self.name} exited with {await self.proc.wait()}:\n{self.output[-2000:]}")
             self.output += line.decode(errors="replace")
 
-    def drain(self) -> None:
-        """Keep reading output in the background so the process never blocks on a full pipe."""
+    def drain(self, keep_tail: bool = False) -> None:
+        """Keep reading output in the background so the process never blocks on a full pipe; with
+        `keep_tail`, the last few KiB stay in `output` (to show why a process died)."""
         async def pump() -> None:
             assert self.proc.stdout is not None
-            while await self.proc.stdout.readline():
-                pass
+            while line := await self.proc.stdout.readline():
+                if keep_tail:
+                    self.output = (self.output + line.decode(errors="replace"))[-8192:]
         asyncio.get_running_loop().create_task(pump())
 
     @property
