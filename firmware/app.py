@@ -58,7 +58,7 @@ class Firmware:
         self.ctrl = LockController(cfg["device_id"], signing.decode_key(cfg["command_key"]), record=record,
                                    actuation_timeout_ms=cfg["actuation_timeout_ms"],
                                    heartbeat_ms=cfg["heartbeat_s"] * 1000, telemetry_ms=cfg["telemetry_s"] * 1000,
-                                   max_records=cfg["max_records"])
+                                   max_records=cfg["max_records"], urandom=hal.urandom)
         self.client = link.make_client(cfg, self.log)
         self.client.handler = self.handler
         self.ctrl.on_sensor(hal.read_locked(), self.time(), battery=hal.battery())
@@ -98,9 +98,9 @@ class Firmware:
         """A message from the broker: to the controller, then its effects."""
         # the RETAIN flag gives a command no special standing: it is checked like any other
         c = self.ctrl
-        asked = c.sync_nonce
+        n = c.syncs
         effects = c.on_message(topic, payload, self.time(), retained)
-        if asked is not None and c.sync_nonce is None:
+        if c.syncs != n:
             self.log("clock synchronised offset=%d" % c.clock_offset_ms)
         await self.run(effects)
         del effects

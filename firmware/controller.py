@@ -5,7 +5,10 @@ so it imports only `protocol` and uses plain tuples for effects:
 
     ("publish", topic, payload_bytes, qos, retain)
     ("actuate", "unlock" | "lock" | "beep", command_id)   drive the hardware, then call on_actuated()
-    ("persist", record_dict)      write atomically, before the effects that follow it run
+    ("persist", record_dict)      write atomically, before the effects that follow it run;
+                                  {"executed": [[id, expires_at, result, reason], ...],
+                                   "clock": newest server ms known to have passed}; pass it back
+                                  as `record` after a restart
     ("reboot",)
     ("log", text)
 
@@ -13,9 +16,15 @@ The caller runs the effects in order. Promises kept here:
 - a command is actuated at most once: its id is persisted before actuation
   and a redelivery is answered from the record, never actuated again;
 - never late: a command past its expiry (server clock) is rejected;
+- the clock comes only from a signed time reply to this boot's own sync request (a random nonce,
+  never repeated across boots), and it never moves back behind the newest server time the lock
+  already knows to have passed (persisted as record["clock"]): a recorded reply replayed after
+  a reboot cannot roll the clock back to make an old signed command valid again;
 - never for a forger: the HMAC signature and the addressee are checked first;
 - the reported state comes from the sensor, never from what was commanded.
 """
+
+from os import urandom as _urandom
 
 from protocol import messages as m
 from protocol import topics
@@ -27,11 +36,28 @@ IN_PROGRESS = "in_progress"
 REASON_INTERRUPTED = "interrupted by restart"
 REASON_CLOCK = "clock not synchronised"
 REASON_FULL = "too many unexpired commands to remember; retry after they expire"
+# A time reply slower than this is refused (and asked for again): the clock it gives is off by up
+# to half the round trip, and a held-back reply is how a man in the middle would set it back.
+MAX_SYNC_RTT_MS = 10000
+# Two honest syncs can disagree by up to half of each round trip plus the local clock's drift
+# since the last one. A reply behind what the lock knows by more than this is refused; by less,
+# the clock is held at what the lock knows (it never moves back).
+CLOCK_SLACK_MS = MAX_SYNC_RTT_MS
+
+
+def new_nonce(urandom=_urandom):
+    """A sync nonce: 62 random bits (an int the protocol's decoder takes, and a small int, with
+    no heap, on 64-bit MicroPython). Never derived from the time: it must not repeat across boots."""
+    return int.from_bytes(urandom(8), "big") >> 2
 
 
 class LockController:
     def __init__(self, device_id, key, record=None, clock_offset_ms=None,
-                 actuation_timeout_ms=5000, heartbeat_ms=60000, telemetry_ms=300000, max_records=MAX_RECORDS):
+                 actuation_timeout_ms=5000, heartbeat_ms=60000, telemetry_ms=300000, max_records=MAX_RECORDS,
+                 urandom=None):
+        """`record`: what the last "persist" effect carried (None on first boot). `urandom(n)`:
+        n random bytes for the sync nonce; the firmware passes its HAL's hardware RNG, the
+        default is os.urandom."""
         self.device_id = device_id
         self.key = key
         self.cmd_topic = topics.cmd_topic(device_id)
@@ -42,7 +68,12 @@ class LockController:
                 r[2] = m.FAILED
                 r[3] = REASON_INTERRUPTED
         self.clock_offset_ms = clock_offset_ms  # server_ms - local_ms; None until synchronised
-        self.sync_nonce = None
+        # the newest server time (ms) the lock knows to have passed: the clock never goes behind it
+        self.clock_floor = (record or {}).get("clock") or 0
+        self.urandom = urandom or _urandom
+        self.sync_nonce = None     # the nonce of the sync request in flight
+        self.sync_sent = None      # local ms it was sent at
+        self.syncs = 0             # time replies accepted
         self.pending = []
         self.busy = None           # [command_id, local deadline]
         self.locked = None         # from the sensor only
@@ -75,8 +106,10 @@ class LockController:
         return eff
 
     def request_sync(self, local_ms):
-        self.sync_nonce = local_ms
-        return [("publish", topics.sync_topic(self.device_id), m.encode_sync(local_ms), 0, False)]
+        """Ask for the server's time with a fresh nonce (any earlier request's answer is stale)."""
+        self.sync_nonce = new_nonce(self.urandom)
+        self.sync_sent = local_ms
+        return [("publish", topics.sync_topic(self.device_id), m.encode_sync(self.sync_nonce), 0, False)]
 
     def on_sensor(self, locked, local_ms, battery=None, rssi=None):
         """A sensor reading; publishes the state when the lock position changed."""
@@ -135,10 +168,25 @@ class LockController:
             return [("log", "ignored time reply with a bad signature")]
         if self.sync_nonce is None or msg["t0"] != self.sync_nonce:
             return [("log", "ignored stale time reply")]
-        self.sync_nonce = None
+        self.sync_nonce = None  # used once
+        sent = self.sync_sent
+        rtt = local_ms - sent
+        if rtt > MAX_SYNC_RTT_MS:
+            return [("log", "refused time reply: %d ms round trip (limit %d); asking again"
+                     % (rtt, MAX_SYNC_RTT_MS))] + self.request_sync(local_ms)
         # NTP-style: the server read its clock halfway through the round trip
-        self.clock_offset_ms = msg["server_ms"] - (msg["t0"] + local_ms) // 2
-        eff = []
+        offset = msg["server_ms"] - (sent + local_ms) // 2
+        behind = self.clock_floor - (local_ms + offset)
+        if behind > CLOCK_SLACK_MS:
+            # fail safe: commands wait (or are refused) until a sync agrees with what the lock knows
+            return [("log", "refused time reply: it would set the clock %d ms behind what the lock already knows"
+                     % behind)]
+        if behind > 0:
+            offset += behind  # within the slack: held at what the lock knows, never moved back
+        self.clock_offset_ms = offset
+        self.clock_floor = local_ms + offset
+        self.syncs += 1
+        eff = [self._persist()]  # the floor survives a reboot
         pending, self.pending = self.pending, []
         for cmd in pending:
             eff.extend(self._on_command(cmd, local_ms))
@@ -168,6 +216,8 @@ class LockController:
                 return self._reject(cmd, REASON_CLOCK, local_ms, record=False)
             self.pending.append(cmd)
             return self.request_sync(local_ms) if self.sync_nonce is None else []
+        if now > self.clock_floor:
+            self.clock_floor = now
         if now > cmd["expires_at"]:
             return self._reject(cmd, m.REASON_EXPIRED_ON_DEVICE, local_ms)
         if not self._make_room(now):
@@ -232,7 +282,7 @@ class LockController:
         self.records.append([command_id, expires_at, result, reason])
 
     def _persist(self):
-        return ("persist", {"executed": [list(r) for r in self.records]})
+        return ("persist", {"executed": [list(r) for r in self.records], "clock": self.clock_floor})
 
     def state(self):
         s = {}

@@ -85,6 +85,12 @@ class Esp32Hal:
     def rssi(self):
         return None  # firmware.link reads it from the WiFi station
 
+    def urandom(self, n):
+        """n random bytes from the ESP32's hardware RNG (esp_random(): true random while the radio
+        is on, as it is whenever the lock asks for the time; os.urandom reads it on this port)."""
+        from os import urandom
+        return urandom(n)
+
     def unique_id(self):
         from binascii import hexlify
         return hexlify(machine.unique_id()).decode()

@@ -10,6 +10,9 @@ file (config "sim": {"control": path}), re-read while the firmware runs:
     {"battery": 55, "rssi": -70}
     {"manual": "lock"}       somebody closes (or opens) the lock by hand
 
+Config "sim" (read once, at boot) may also hold "urandom": "<hex>": a broken RNG that returns
+those bytes over and over (the same sync nonce every boot), for tests of what holds without it.
+
 Every motor run prints a "SIM motor <direction>" line, so a test can count
 actuations. The watchdog is a thread that kills the process (a reset) when
 the main loop stops feeding it. (Names reuse interned strings: see mqtt.py.)
@@ -32,6 +35,7 @@ class UnixHal:
         self.count = 0                            # motor runs
         self.ticks = [0, 0]                       # knobs last read, watchdog last fed
         self.timeout = 0                          # watchdog period, ms
+        self.rng = sim.get("urandom")             # hex: a broken RNG (tests); None: the OS's
 
     def load(self):
         """Read the knobs file (a missing or half-written one leaves the knobs as they were)."""
@@ -86,6 +90,15 @@ class UnixHal:
                 print("SIM motor stop: jammed")
                 return False, self.locked, "jammed"
             await asyncio.sleep_ms(20)
+
+    def urandom(self, n):
+        """n random bytes (the sync nonce): the OS's RNG, or the broken one a test asked for."""
+        if self.rng:
+            from binascii import unhexlify
+            b = unhexlify(self.rng)
+            return (b * (n // len(b) + 1))[:n]
+        from os import urandom
+        return urandom(n)
 
     def wdt_start(self, timeout):
         import _thread

@@ -8,20 +8,25 @@ import subprocess
 import pytest
 
 from tests.firmware.fwsupport import MP_DIR, REPO, mp_env, run_mp
-import controller_cases  # noqa: E402  (tests/firmware/mp, put on sys.path by fwsupport)
+import clock_cases  # noqa: E402  (tests/firmware/mp, put on sys.path by fwsupport)
+import controller_cases  # noqa: E402
 from protocol import signing, canonical, messages as m
 
 
-@pytest.mark.parametrize("case", controller_cases.CASES, ids=lambda c: c.__name__)
+MODULES = [controller_cases, clock_cases]
+
+
+@pytest.mark.parametrize("case", [c for mod in MODULES for c in mod.CASES], ids=lambda c: c.__name__)
 def test_controller_cpython(case):
     case()
 
 
-def test_controller_micropython(micropython):
-    r = run_mp(micropython, MP_DIR / "run_cases.py", "controller_cases", heap="64k")
+@pytest.mark.parametrize("mod", MODULES, ids=lambda mod: mod.__name__)
+def test_controller_micropython(micropython, mod):
+    r = run_mp(micropython, MP_DIR / "run_cases.py", mod.__name__, heap="64k")
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert "DONE %d passed, 0 failed" % len(controller_cases.CASES) in lines, r.stdout + r.stderr
+    assert "DONE %d passed, 0 failed" % len(mod.CASES) in lines, r.stdout + r.stderr
 
 
 def test_hmac_matches_cpython(micropython):
