@@ -199,6 +199,7 @@ class Service:
         self.kills = 0
         self.cpu_of_dead_s = 0.0
         self.unexpected_exits: list[str] = []
+        self.failed_starts: list[str] = []   # why a start had to be tried again (the tail of its output)
 
     async def start(self, timeout: float = 90, tries: int = 3) -> None:
         last: Exception | None = None
@@ -208,6 +209,7 @@ class Service:
                 await self.proc.expect(self.ready, timeout)
             except (RuntimeError, TimeoutError) as e:
                 last = e
+                self.failed_starts.append(str(e)[-600:])
                 await self._reap()
                 await asyncio.sleep(0.5)
                 continue
@@ -444,6 +446,8 @@ class Row:
     status: str
     created_at: int
     expires_at: int
+    reason: str | None = None
+    updated_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -457,7 +461,7 @@ class Actuation:
 
 def read_rows(data_dir: Path, database_url: str | None = None) -> dict[str, Row]:
     """Every command the API holds, from its database (the truth, not what the app was told)."""
-    query = "SELECT id, device_id, action, status, created_at, expires_at FROM command"
+    query = "SELECT id, device_id, action, status, created_at, expires_at, reason, updated_at FROM command"
     if database_url:
         import psycopg
 
@@ -519,6 +523,25 @@ class Audit:
         return not any(self.counts().values())
 
 
+def timeline(rows: dict[str, Row], bucket_s: float = 10.0) -> list[dict]:
+    """Per `bucket_s` of creation time: commands created, by final status, and the API's own median time
+    from creation to success (updated_at - created_at): where a backlog built up and drained."""
+    if not rows:
+        return []
+    t0 = min(r.created_at for r in rows.values())
+    buckets: dict[int, list[Row]] = {}
+    for r in rows.values():
+        buckets.setdefault(int((r.created_at - t0) / (bucket_s * 1000)), []).append(r)
+    out = []
+    for k in sorted(buckets):
+        rs = buckets[k]
+        ok = [r.updated_at - r.created_at for r in rs if r.status == "succeeded"]
+        out.append({"from_s": k * bucket_s, "created": len(rs),
+                    "by_status": dict(Counter(r.status for r in rs).most_common()),
+                    "succeeded_p50_ms": pct(ok, 50) if ok else None})
+    return out
+
+
 def audit(accepted: Iterable[str], rows: dict[str, Row], actuations: list[Actuation]) -> Audit:
     """The five counts, each as the list of command ids it counts (see the module's docstring)."""
     by_id: dict[str, list[Actuation]] = {}
@@ -563,7 +586,11 @@ async def run(cfg: Config, data_dir: Path, progress: bool = True) -> dict:
 
     cluster = Cluster(cfg, data_dir)
     say(f"starting broker, API and {cfg.devices} simulated locks ...")
-    await cluster.start()
+    try:
+        await cluster.start()
+    except BaseException:   # a process that did start is not left running
+        await cluster.stop()
+        raise
     faults = plan_faults(cfg.seed, cfg.duration_s, cfg.faults, cfg.max_down_s)
     say(f"ready; {cfg.commands} unlocks at {cfg.rate}/s, faults: "
         + ", ".join(f"{f.kind}@{f.at_s:.0f}s" for f in faults))
@@ -576,6 +603,7 @@ async def run(cfg: Config, data_dir: Path, progress: bool = True) -> dict:
     cpu_before = {s.name: s.cpu_s for s in cluster.services}
     own_before = cpu_seconds(os.getpid())
     busy_before, steal_before, wall_before = machine_busy_seconds(), machine_steal_seconds(), time.monotonic()
+    chaos_task: asyncio.Task[None] | None = None
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000),
                                          headers={"Authorization": f"Bearer {TOKEN}"}) as http:
@@ -630,6 +658,9 @@ async def run(cfg: Config, data_dir: Path, progress: bool = True) -> dict:
         steal = (machine_steal_seconds() - steal_before) / wall
         crashes = {s.name: s.unexpected_exits for s in cluster.services if s.unexpected_exits}
     finally:
+        if chaos_task is not None and not chaos_task.done():   # an error mid-run: no restart after the stop
+            chaos_task.cancel()
+            await asyncio.gather(chaos_task, return_exceptions=True)
         await cluster.stop()
 
     rows = read_rows(data_dir, cfg.database_url)
@@ -637,6 +668,8 @@ async def run(cfg: Config, data_dir: Path, progress: bool = True) -> dict:
     accepted = {t.command_id for t in taps if t.command_id is not None}
     result = audit(accepted, rows, actuations)
     final_by_status = Counter(rows[c].status for c in accepted if c in rows)
+    reasons = Counter(f"{rows[c].status}: {rows[c].reason}" for c in accepted
+                      if c in rows and rows[c].status != "succeeded")
     latencies = [(t.done_at - t.scheduled) * 1000 for t in taps if t.status == "succeeded" and t.done_at]
     refusals: Counter[str] = Counter()
     for t in taps:
@@ -654,6 +687,7 @@ async def run(cfg: Config, data_dir: Path, progress: bool = True) -> dict:
             "never_accepted": sum(t.command_id is None for t in taps),
             "final": sum(final_by_status[s] for s in FINAL_STATUSES),
             "final_by_status": dict(sorted(final_by_status.items())),
+            "not_succeeded_by_reason": dict(reasons.most_common()),
             "api_rows": len(rows), "api_rows_not_final": still_open,
             "api_rows_the_app_never_heard_of": len(set(rows) - accepted),
             "retried_taps": sum(t.attempts > 1 for t in taps), "attempts": sum(t.attempts for t in taps),
@@ -667,9 +701,11 @@ async def run(cfg: Config, data_dir: Path, progress: bool = True) -> dict:
         "kills": kills,
         "faults": [asdict(f) for f in done_faults],
         "unexpected_exits": crashes,
+        "failed_starts": {s.name: s.failed_starts for s in cluster.services if s.failed_starts},
         "latency_ms_succeeded": {"n": len(latencies), "p50": round(pct(latencies, 50), 1),
                                  "p99": round(pct(latencies, 99), 1),
                                  "max": round(max(latencies, default=float("nan")), 1)},
+        "timeline_10s": timeline(rows),
         "load_s": round(load_s, 1),
         "cpu_s": cpu,
         "cpu_ms_per_succeeded": {k: round(v * 1000 / max(succeeded, 1), 2) for k, v in cpu.items()},
