@@ -2,7 +2,8 @@
 
     PrincipalDep  an operator (the admin token or an operator's token); a rider gets 403.
                   The fleet-management endpoints use it, as they did before riders existed.
-    CallerDep     anyone with a valid token; the route applies rider rights itself (api/rights.py).
+    CallerDep     anyone with a valid token whose session stands (api/users.py Sessions); the route
+                  applies rider rights itself (api/rights.py).
     StreamCallerDep  like CallerDep, but also accepts a short-lived stream token in ?token=.
 """
 
@@ -23,13 +24,14 @@ async def get_runtime(request: Request) -> Runtime:
 
 
 async def get_caller(request: Request) -> Principal:
-    settings = request.app.state.runtime.settings
-    return authenticate(request, settings.admin_token, settings.jwt_secret)
+    rt: Runtime = request.app.state.runtime
+    return await authenticate(request, rt.settings.admin_token or "", rt.settings.jwt_secret, rt.users.sessions)
 
 
 async def get_stream_caller(request: Request) -> Principal:
-    settings = request.app.state.runtime.settings
-    return authenticate(request, settings.admin_token, settings.jwt_secret, query_token=True)
+    rt: Runtime = request.app.state.runtime
+    return await authenticate(request, rt.settings.admin_token or "", rt.settings.jwt_secret, rt.users.sessions,
+                              query_token=True)
 
 
 async def get_principal(request: Request) -> Principal:

@@ -31,8 +31,23 @@ class User(SQLModel, table=True):
     email: str = Field(unique=True, max_length=254)
     name: str = ""
     password_hash: str
-    role: str
+    role: str                     # the role every request gets (api/users.py Sessions), whatever a token says
     created_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+    # set by DELETE /v1/users/{id}: the row stays (rides and commands still name it), every session is
+    # refused, the email is released for a new account
+    deleted_at: int | None = Field(default=None, sa_column=Column(BigInteger))
+
+
+class UserSession(SQLModel, table=True):
+    """One login: its id is the `sid` claim of the access token (and of the stream tokens minted from it).
+    A token is accepted only while its session exists, is not revoked and its user is not deleted."""
+    __tablename__ = "user_session"
+    __table_args__ = (Index("ix_user_session_user_expires", "user_id", "expires_at"),)
+    id: str = Field(primary_key=True, max_length=32)
+    user_id: str = Field(foreign_key="user.id", max_length=32)
+    created_at: int = Field(sa_column=Column(BigInteger, nullable=False))
+    expires_at: int = Field(sa_column=Column(BigInteger, nullable=False))   # the access token's exp, in ms
+    revoked_at: int | None = Field(default=None, sa_column=Column(BigInteger))
 
 
 class Ride(SQLModel, table=True):
@@ -79,6 +94,11 @@ class UserCreate(SignUp):
 class Login(BaseModel):
     email: str = PField(max_length=254)
     password: str = PField(max_length=256)
+
+
+class PasswordChange(BaseModel):
+    current_password: str = PField(max_length=256)
+    new_password: str = PField(min_length=8, max_length=256)
 
 
 class UserPublic(BaseModel):

@@ -1,8 +1,11 @@
 """Where the broker looks up device credentials: the device registry's table.
 
-The API owns the registry (table `device`); the broker only reads the two
-columns it needs with plain SQL, so `latch broker` can run beside `latch api`
-on the same database without the API's models.
+The API owns the registry (table `device`) and the users' sessions (tables
+`user_session`, `user`); the broker only reads the columns it needs with plain
+SQL, so `latch broker` can run beside `latch api` on the same database without
+the API's models. A rider's MQTT login (password = access token) is accepted
+only while the token's session is not revoked and its user not deleted — read
+at every login, no cache (logins are rare next to requests).
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class SqlCredentialStore:
                 claims = tokens.verify(self._jwt_secret, password)
             except tokens.TokenError:
                 return None
-            return Identity(Role.USER, username) if claims.user_id == username else None
+            if claims.user_id != username or claims.session_id is None:
+                return None
+            return Identity(Role.USER, username) if await self._session_stands(claims.session_id, username) else None
         row = await self._device(username)
         if row is None or row.revoked or not secret_matches(password, row.secret_hash):
             return None
@@ -59,6 +64,13 @@ class SqlCredentialStore:
         if row is None or row.revoked:
             return None
         return Identity(Role.DEVICE, common_name)
+
+    async def _session_stands(self, session_id: str, user_id: str) -> bool:
+        row = await self._db.read(lambda s: s.connection().execute(text(
+            'SELECT 1 FROM user_session s JOIN "user" u ON u.id = s.user_id '
+            "WHERE s.id = :sid AND s.user_id = :uid AND s.revoked_at IS NULL AND u.deleted_at IS NULL"),
+            {"sid": session_id, "uid": user_id}).first())
+        return row is not None
 
     async def _device(self, device_id: str):  # type: ignore[no-untyped-def]
         return await self._db.read(lambda s: s.connection().execute(

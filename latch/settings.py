@@ -54,6 +54,17 @@ class Settings(BaseSettings):
     jwt_secret: str | None = None          # HS256 signing key; generated into DATA_DIR/jwt.secret
     token_ttl_s: int = 12 * 3600           # access tokens (Authorization: Bearer, MQTT password)
     stream_token_ttl_s: int = 120          # short-lived tokens for ?token= (EventSource, WebSocket)
+    session_cache_s: float = 5.0           # a session's standing/role cached per process (api/sessions.py says why)
+    # login and sign-up (api/routes/users.py, api/hashing.py): token buckets per client address and per account
+    login_rate_per_address_per_s: float = 0.2   # sustained: 12 a minute per address (an IPv6 /64 counts as one)
+    login_burst_per_address: int = 20
+    login_rate_per_account_per_s: float = 1 / 30   # after the burst, one try per account every 30 s
+    login_burst_per_account: int = 5
+    signup_rate_per_address_per_s: float = 1 / 60
+    signup_burst_per_address: int = 10
+    trust_forwarded_for: bool = False      # behind a reverse proxy: the client address is X-Forwarded-For's last hop
+    password_hash_workers: int = 1         # argon2 hashes at once (each ~1 core and 64 MiB while it runs)
+    password_hash_queue: int = 8           # more waiting beyond those; the rest get 503 + Retry-After
     command_rate_per_s: float = Field(1.0, description="per-user command rate (token bucket, per process)")
     command_burst: int = 10
     low_battery_pct: int = 20
@@ -63,6 +74,11 @@ class Settings(BaseSettings):
     subscriber_buffer: int = 500           # events queued for one connection before it is cut off
     sse_keepalive_s: float = 15.0
     event_page: int = 500                  # most events in one poll/backlog page
+    max_streams_per_user: int = 10         # open SSE/WebSocket/long-poll streams one user account may hold (429 past)
+
+    # the HTTP boundary (api/boundary.py, api/security_headers.py)
+    max_body_bytes: int = 64 * 1024        # larger request bodies get 413 before they are read
+    ws_allowed_origins: list[str] = []     # browser Origins /v1/ws accepts besides the API's own (same-origin)
 
     # fleet commands (api/fleet.py)
     fleet_max_devices: int = 100_000       # devices one fleet command may target
