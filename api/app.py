@@ -6,13 +6,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
-from api import event_models as ek, pg_bus, schema
-from api.commands import CommandService
+from api import event_models as ek, pg_bus, schema, security_headers
+from api.boundary import BodyGuard, validation_error_handler
+from api.commands import CommandService, CommandTooLarge
 from api.db import Database
 from api.devices import REVOKED, ROTATED, DeviceRegistry
-from api.events import EventLog, LiveEvent
+from api.events import EventLog, LiveEvent, TooManyStreams
 from api.fleet import FleetService
 from api.ingest import Ingest
 from api.journal import Journal
@@ -43,8 +46,23 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
         await holder[0].handle(topic, payload, qos, retain)
 
     link = BrokerLink(settings.api_client_id, SERVICE_USERNAME, settings.service_secret, handle,
-                      ingest=settings.ingest, share_group=settings.share_group)
+                      ingest=settings.ingest, share_group=settings.share_group,
+                      max_packet_size=settings.mqtt_max_packet_size)
     commands_ = CommandService(db, settings, link, waiters, metrics)
+
+    def command_dropped(topic: str, payload: bytes) -> None:   # the link gave up on a sent command
+        parsed = topics.parse(topic)
+        if parsed is None or parsed[1] != topics.CMD:
+            return
+        try:
+            command_id = messages.decode_downlink(payload).get("id")
+        except messages.ProtocolError:
+            return
+        if isinstance(command_id, str):
+            asyncio.get_running_loop().create_task(
+                commands_.publish_refused(command_id, "the broker kept closing the connection on it"))
+
+    link.on_dropped.append(command_dropped)
     # one lease (api/lease.py) for every singleton job: device reports, the sweeper, fleet rollouts
     lease = Lease(db.url if db.is_postgres else None, eligible=settings.ingest)
     lease.on_acquired.append(lambda: asyncio.get_running_loop().create_task(link.refresh_retained()))
@@ -135,13 +153,31 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
             if own_db:
                 await database.close()
 
-    app = FastAPI(title="Latch", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="Latch", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Press Unlock, a lock opens, exactly once. Operator API: "
                               "`Authorization: Bearer <token>`.")
     app.state.runtime = runtime
+    _map_errors(app)
     app.state.mosquitto = mosquitto
     for r in (health.router, devices.router, commands.router, users.router, rides.router, events.router, ws.router,
               pages.router, broker_auth.router, fleet_routes.router):
         app.include_router(r)
     pages.mount_static(app)
+    app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    security_headers.install(app)    # added last, so outermost: BodyGuard's 413/422 get the headers too
     return app
+
+
+def _map_errors(app: FastAPI) -> None:
+    """Errors the services raise, mapped to HTTP in one place."""
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+
+    async def too_large(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=413)
+
+    async def too_many_streams(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=429,
+                            headers={"Retry-After": str(TooManyStreams.retry_after_s)})
+
+    app.add_exception_handler(CommandTooLarge, too_large)
+    app.add_exception_handler(TooManyStreams, too_many_streams)

@@ -4,6 +4,7 @@
       |                   |                          |------device_failed------> failed
       |                   |                          |------device_rejected----> rejected
       |                   |                          '------timeout-----------> timed_out
+      |                   |--publish_failed--> failed   (the broker link could not take it)
       |                   '--(any device outcome, timeout: as from received)
       |--device_offline--> failed      (fail-fast actions such as unlock)
       |--expire----------> expired     (never delivered before its expiry)
@@ -38,6 +39,7 @@ class Event(StrEnum):
     DEVICE_FAILED = "device_failed"
     DEVICE_REJECTED = "device_rejected"
     DEVICE_OFFLINE = "device_offline"
+    PUBLISH_FAILED = "publish_failed"
     EXPIRE = "expire"
     TIMEOUT = "timeout"
     CANCEL = "cancel"
@@ -62,6 +64,7 @@ TRANSITIONS: dict[tuple[Status, Event], Status] = {
     (S.SENT, E.DEVICE_FAILED): S.FAILED,
     (S.SENT, E.DEVICE_REJECTED): S.REJECTED,
     (S.SENT, E.TIMEOUT): S.TIMED_OUT,
+    (S.SENT, E.PUBLISH_FAILED): S.FAILED,
     (S.RECEIVED, E.DEVICE_SUCCEEDED): S.SUCCEEDED,
     (S.RECEIVED, E.DEVICE_FAILED): S.FAILED,
     (S.RECEIVED, E.DEVICE_REJECTED): S.REJECTED,

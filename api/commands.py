@@ -38,6 +38,32 @@ log = logging.getLogger("latch.commands")
 
 OFFLINE_REASON = "device offline: {action} is never queued for an offline device, so it cannot fire late"
 NO_BROKER_REASON = "broker unreachable: the command could not be sent"
+PUBLISH_FAILED_REASON = "the command could not be handed to the broker"
+
+
+class CommandTooLarge(ValueError):
+    """The signed command would not fit what a lock reads; str(e) says by how much."""
+
+
+def signed_payload(cmd: Command, command_key: str) -> bytes:
+    """The signed wire message for `cmd`; CommandTooLarge when it exceeds what a lock accepts."""
+    msg = messages.make_command(cmd.id, cmd.device_id, cmd.action, cmd.params, cmd.created_at,
+                                cmd.expires_at, key=binascii.unhexlify(command_key))
+    payload = messages.encode_command(msg)
+    if len(payload) > messages.MAX_PAYLOAD:
+        raise CommandTooLarge(f"the signed command is {len(payload)} bytes; a lock reads at most "
+                              f"{messages.MAX_PAYLOAD}: send smaller params")
+    return payload
+
+
+def check_fits_any_device(action: str, params: dict) -> None:
+    """CommandTooLarge unless `action` with `params` fits a lock whatever its id (a fleet command:
+    checked once, before any of its device commands exists). Signed with a throwaway key: the
+    signature's length does not depend on it."""
+    now = now_ms()
+    probe = Command(id="0" * 32, device_id="x" * 64, action=action, params=params, owner="", created_at=now,
+                    expires_at=now + 2**31 * 1000, updated_at=now)
+    signed_payload(probe, "00" * 32)
 
 
 class Publisher(Protocol):
@@ -125,6 +151,8 @@ class CommandService:
         cmd = Command(id=command_id or new_command_id(), device_id=device.id, action=body.action, params=body.params,
                       status=Status.QUEUED, owner=owner, idempotency_key=idempotency_key,
                       request_hash=req_hash, created_at=now, expires_at=now + ttl_s * 1000, updated_at=now)
+        # signed before anything is written: what cannot be signed or would not fit a lock is refused here
+        payload = signed_payload(cmd, device.command_key)
         events = [CommandEvent(command_id=cmd.id, at=now, event="created", to_status=Status.QUEUED,
                                detail=f"ttl {ttl_s}s, by {owner}")]
         publish = False
@@ -163,17 +191,29 @@ class CommandService:
                 raise IdempotencyConflict(existing.id)
             return existing, False
         self.metrics.inc("commands_created")
-        if publish:
-            self._publish(cmd, device.command_key)
+        if publish and not await self._publish(cmd, payload):
+            return cmd, True   # failed: _publish recorded why and woke its waiters
         self._after_change(cmd)
         return cmd, True
 
     # ---- dispatch ---------------------------------------------------------------
-    def _publish(self, cmd: Command, command_key: str) -> None:
-        msg = messages.make_command(cmd.id, cmd.device_id, cmd.action, cmd.params, cmd.created_at,
-                                    cmd.expires_at, key=binascii.unhexlify(command_key))
-        self.publisher.publish(topics.cmd_topic(cmd.device_id), messages.encode_command(msg), qos=1)
+    async def _publish(self, cmd: Command, payload: bytes) -> bool:
+        """Hand the signed command to the broker link. A publish that fails for any reason ends the
+        command `failed` with the reason (it never stays `sent` waiting for a timeout); False then."""
+        try:
+            self.publisher.publish(topics.cmd_topic(cmd.device_id), payload, qos=1)
+        except Exception as e:   # not connected any more, refused as too large, a closed transport ...
+            log.warning("command %s to %s not published: %s", cmd.id, cmd.device_id, e)
+            out = await self.transition(cmd.id, Event.PUBLISH_FAILED, reason=f"{PUBLISH_FAILED_REASON}: {e}")
+            if out is not None:
+                cmd.status, cmd.reason, cmd.deadline_ms = out.command.status, out.command.reason, None
+            return False
         self.metrics.inc("commands_sent")
+        return True
+
+    async def publish_refused(self, command_id: str, why: str) -> None:
+        """The broker link gave up on a command it had sent (api/link.py): end it `failed`."""
+        await self.transition(command_id, Event.PUBLISH_FAILED, reason=f"{PUBLISH_FAILED_REASON}: {why}")
 
     async def dispatch_queued(self, device: Device) -> int:
         """The device came online: send what waited for it, once (only a transition that applied publishes)."""
@@ -186,8 +226,8 @@ class CommandService:
         sent = 0
         for command_id in queued:
             out = await self.transition(command_id, Event.DISPATCH)
-            if out is not None and out.applied:
-                self._publish(out.command, device.command_key)
+            if out is not None and out.applied and await self._publish(
+                    out.command, signed_payload(out.command, device.command_key)):
                 sent += 1
         return sent
 

@@ -72,6 +72,12 @@ class CursorError(ValueError):
     """A cursor that is not an event id, or one from the future; str(e) is the 400's message."""
 
 
+class TooManyStreams(Exception):
+    """The user already holds LATCH_MAX_STREAMS_PER_USER open streams; str(e) is the 429's message."""
+
+    retry_after_s = 5
+
+
 def parse_cursor(raw: str | None, head: int) -> int | None:
     """None for no cursor; otherwise an event id not after `head`."""
     if raw is None or raw.strip() == "":
@@ -187,6 +193,7 @@ class Subscription:
         self.closed = True
         self.reason = reason
         self._log._remove(self)
+        self._log._release_stream(self.user_id)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -218,6 +225,8 @@ class EventLog:
         self.sinks: list[Callable[[LiveEvent], None]] = []
         self._operators: set[Subscription] = set()
         self._riders: dict[str, set[Subscription]] = {}
+        self.max_streams_per_user = settings.max_streams_per_user
+        self._streams: dict[str, int] = {}   # open subscriptions per user account (the admin token has none)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.shared = db.is_postgres          # other processes may append too (api/pg_bus.py)
         self._local: dict[int, LiveEvent] = {}   # committed events known here (ours, or from NOTIFY) not yet published
@@ -427,8 +436,29 @@ class EventLog:
         return cursor
 
     def open(self, who: Principal, after: int | None) -> Subscription:
-        """A subscription from `after` (None: from now). Call backlog() until it is live."""
+        """A subscription from `after` (None: from now). Call backlog() until it is live.
+
+        Each user account holds at most `max_streams_per_user` at once (SSE, WebSocket subscriptions
+        and held long polls together): TooManyStreams past that. One rider held 400 SSE streams, each
+        a buffer and a task here; a phone needs one. The admin token (automation) is not capped."""
+        uid = who.user_id
+        if uid is not None:
+            held = self._streams.get(uid, 0)
+            if held >= self.max_streams_per_user:
+                self.metrics.inc("streams_refused")
+                raise TooManyStreams(f"you already have {held} open event streams, the most allowed "
+                                     f"(LATCH_MAX_STREAMS_PER_USER); close one, or resume with your cursor")
+            self._streams[uid] = held + 1
         return Subscription(who, self.head if after is None else after, self.buffer, self)
+
+    def _release_stream(self, user_id: str | None) -> None:
+        if user_id is None:
+            return
+        left = self._streams.get(user_id, 0) - 1
+        if left > 0:
+            self._streams[user_id] = left
+        else:
+            self._streams.pop(user_id, None)
 
     async def backlog(self, sub: Subscription, limit: int | None = None) -> list[LiveEvent]:
         """The next page of visible events after the subscription's cursor. When the page is the last

@@ -83,7 +83,7 @@ from sqlmodel import Session, col, select
 from api import event_models as ek
 from api.clock import now_ms, to_datetime
 from api.command_states import FINAL, Status
-from api.commands import CommandService
+from api.commands import CommandService, check_fits_any_device
 from api.db import Database, Priority
 from api.events import EventLog
 from api.fleet_models import (
@@ -226,6 +226,7 @@ class FleetService:
     async def create(self, body: FleetCreate, owner: str,
                      idempotency_key: str | None) -> tuple[FleetCommand, bool]:
         """(fleet command, created). A repeated Idempotency-Key with the same body returns the first one."""
+        check_fits_any_device(body.action, body.params)   # CommandTooLarge before anything is written
         req_hash = _request_hash(body) if idempotency_key else None
         now = now_ms()
         spec = body.target

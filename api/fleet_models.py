@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field as PField, field_validator, mo
 from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from api.command_params import check_params
 from api.command_states import Status
 from api.models import known_action
 from protocol import topics
@@ -140,8 +141,8 @@ class FleetCreate(BaseModel):
     10,000 locks should fail loudly rather than fall back to a default."""
     model_config = ConfigDict(extra="forbid")
     action: str = PField(examples=["locate"])
-    params: dict[str, Any] = PField(default_factory=dict)
-    ttl_s: int | None = PField(None, ge=1, description="each device command's validity; default 30")
+    params: dict[str, Any] = PField(default_factory=dict, description="as a single command's params")
+    ttl_s: int | None = PField(None, ge=1, le=2**31, description="each device command's validity; default 30")
     target: FleetTargetSpec
     rate_per_min: int = PField(ge=1, description="devices issued per minute", examples=[600])
     abort: AbortRule | None = PField(None, description="stop issuing when failures exceed failure_pct % "
@@ -151,6 +152,12 @@ class FleetCreate(BaseModel):
     @classmethod
     def _known_action(cls, v: str) -> str:
         return known_action(v)
+
+    @field_validator("params")
+    @classmethod
+    def _signable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_params(v)
+        return v
 
 
 class FleetPublic(BaseModel):

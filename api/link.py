@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 
 from mqtt_client import Handler, MqttClient
 from protocol import topics
@@ -18,17 +20,24 @@ class BrokerLink:
     """Publishes commands and feeds every device message to `handler`."""
 
     def __init__(self, client_id: str, username: str, password: str, handler: Handler, *,
-                 ingest: bool = True, share_group: str | None = None) -> None:
+                 ingest: bool = True, share_group: str | None = None, max_packet_size: int | None = None,
+                 reconnect_delay: float = 0.25) -> None:
         """`ingest`: subscribe to the devices' uplink (False: an HTTP-only replica that publishes
         commands and learns outcomes from the database). `share_group`: subscribe as
         `$share/<group>/...` so a broker that supports shared subscriptions (Mosquitto, EMQX, HiveMQ)
         gives each device message to one replica of the group instead of to all of them; correct
-        either way, since every state change is a conditional UPDATE."""
+        either way, since every state change is a conditional UPDATE. `max_packet_size`: the broker's
+        packet limit; a bigger publish is refused here rather than sent to close the connection.
+        `reconnect_delay`: between attempts while the broker is away — short, so an outage costs
+        riders little more than the outage (one TCP connect per attempt is all it costs)."""
         self.ingest = ingest
         self.share_group = share_group
         # a persistent session keeps acks queued across a restart; a non-ingesting link needs none
         self.client = MqttClient(client_id, username=username, password=password, clean_session=not ingest,
-                                 handler=handler)
+                                 handler=handler, max_packet_size=max_packet_size,
+                                 reconnect_delay=reconnect_delay, on_dropped=self._dropped)
+        # a message the link gave up on (mqtt_client drops it after repeated replays): its command fails
+        self.on_dropped: list[Callable[[str, bytes], None]] = []
         self.client.on_connect_callbacks.append(self._on_connect)
         self._host = ""
         self._port = 0
@@ -39,10 +48,13 @@ class BrokerLink:
         await self.client.connect(host, port, tls=tls if tls is not None else False)
         await self._subscribe()
 
+    def _dropped(self, topic: str, payload: bytes) -> None:
+        for cb in self.on_dropped:
+            cb(topic, payload)
+
     def _on_connect(self, session_present: bool) -> None:
         if not session_present:
             log.info("broker has no session for the API: subscribing again")
-            import asyncio
             asyncio.get_running_loop().create_task(self._subscribe())
 
     async def _subscribe(self) -> None:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field as PField, field_validator
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from api.command_params import check_params
 from api.command_states import Status
 from protocol import messages, topics
 
@@ -159,13 +160,23 @@ class DeviceCredentials(DevicePublic):
 
 class CommandCreate(BaseModel):
     action: str = PField(examples=["unlock"])
-    params: dict[str, Any] = PField(default_factory=dict)
-    ttl_s: int | None = PField(None, ge=1, description="seconds the command stays valid; default 30")
+    params: dict[str, Any] = PField(default_factory=dict, description=(
+        "JSON objects, arrays, strings, integers (within +-(2**53-1)), booleans and null, at most 8 levels "
+        "deep; no floats (they cannot be signed identically on the lock). The whole signed command must fit "
+        f"in {messages.MAX_PAYLOAD} bytes, the most a lock reads (413 otherwise)."))
+    ttl_s: int | None = PField(None, ge=1, le=2**31, description="seconds the command stays valid; default 30, "
+                                                                 "at most LATCH_MAX_TTL_S")
 
     @field_validator("action")
     @classmethod
     def _known_action(cls, v: str) -> str:
         return known_action(v)
+
+    @field_validator("params")
+    @classmethod
+    def _signable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_params(v)
+        return v
 
 
 class HistoryEntry(BaseModel):

@@ -20,7 +20,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; env LATCH_HOST)")
     p.add_argument("--data-dir", type=Path, help="SQLite database and secrets (default ./latch-data)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default sqlite:///DATA_DIR/latch.db)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
 
 
 def _broker_opts(p: argparse.ArgumentParser) -> None:
@@ -223,6 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     from api.schema import SchemaNotReady
 
     settings = settings_from(args)
+    if settings.broker is not None:   # checked before anything starts: one line naming the option
+        from latch.settings import parse_broker
+        try:
+            parse_broker(settings.broker)
+        except ValueError as e:
+            raise SystemExit(f"latch {args.command}: --broker: {e}") from None
     try:
         if args.command == "db":
             asyncio.run(_db(settings, args.db_command))

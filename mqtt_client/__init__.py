@@ -5,6 +5,13 @@ gmqtt would retry with 3.1.1), so every connection here is MQTT 3.1.1 from the
 start. Inbound QoS 1 messages are acknowledged only after the handler returns:
 a message the handler did not finish is redelivered by the broker, never lost.
 TLS (an mqtts:// broker) is an ``ssl.SSLContext`` passed to ``connect``; reconnects reuse it.
+
+Outbound QoS 1/2 messages are replayed by gmqtt after a reconnect until acknowledged. Two guards keep
+one bad message from wedging the shared connection (a broker closes a connection on a packet over its
+limit, and MQTT 3.1.1 has no negative ack, so the replay would close it again, forever):
+a publish over ``max_packet_size`` raises PublishRefused and is never queued; and a message replayed
+``max_replays`` times without being acknowledged (each time the connection died with it in flight)
+is dropped from the queue and handed to ``on_dropped(topic, payload)``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,32 @@ class MqttConnectError(MqttError):
     """The broker could not be reached or refused the login."""
 
 
+class PublishRefused(MqttError):
+    """The message was not queued: the broker would refuse it (too large)."""
+
+
+def publish_packet_size(topic: str, payload: bytes, qos: int) -> int:
+    """Bytes of the PUBLISH packet for `topic` and `payload`, fixed header included."""
+    body = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+    length_bytes = 1 if body < 128 else 2 if body < 16_384 else 3 if body < 2_097_152 else 4
+    return 1 + length_bytes + body
+
+
+def parse_publish(packet: bytes) -> tuple[str, bytes]:
+    """(topic, payload) of a raw QoS 1/2 PUBLISH packet, as gmqtt stores it for replay."""
+    i, length, shift = 1, 0, 0
+    while True:
+        b = packet[i]
+        length |= (b & 0x7F) << shift
+        i += 1
+        shift += 7
+        if not b & 0x80:
+            break
+    tlen = int.from_bytes(packet[i:i + 2], "big")
+    topic = packet[i + 2:i + 2 + tlen].decode()
+    return topic, bytes(packet[i + 2 + tlen + 2:])
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     topic: str
@@ -51,6 +84,9 @@ class MqttClient:
         handler: Handler | None = None,
         keepalive: int = 30,
         reconnect_delay: float = 1.0,
+        max_packet_size: int | None = None,
+        max_replays: int = 3,
+        on_dropped: Callable[[str, bytes], None] | None = None,
     ) -> None:
         will_message = None
         if will is not None:
@@ -68,6 +104,10 @@ class MqttClient:
         self.client_id = client_id
         self.on_connect_callbacks: list[Callable[[bool], None]] = []
         self._refused: int | None = None
+        self.max_packet_size = max_packet_size
+        self.max_replays = max_replays
+        self.on_dropped = on_dropped
+        self._replays: dict[int, int] = {}     # mid -> times replayed after a reconnect, unacknowledged
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -106,6 +146,15 @@ class MqttClient:
             self._subscribed.pop(mid, None)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Queue a message; PublishRefused when it is larger than the broker takes, MqttError when the
+        client is not connected (nothing queued either way)."""
+        if self.max_packet_size is not None:
+            size = publish_packet_size(topic, payload, qos)
+            if size > self.max_packet_size:
+                raise PublishRefused(f"a {size}-byte message is over the broker's {self.max_packet_size}-byte "
+                                     f"packet limit")
+        if self._client._connection is None:
+            raise MqttError("not connected to the broker")
         self._client.publish(topic, payload, qos=qos, retain=retain)
 
     @property
@@ -116,12 +165,36 @@ class MqttClient:
     def _on_connect(self, client: gmqtt.Client, flags: int, rc: int, properties: dict) -> None:
         self.disconnected.clear()
         self.connected.set()
+        if flags:   # session present: gmqtt replays the unacknowledged messages right after this
+            self._drop_poison()
         for cb in self.on_connect_callbacks:
             cb(bool(flags))
 
     def _on_disconnect(self, client: gmqtt.Client, packet: bytes | None, exc: Exception | None = None) -> None:
         self.connected.clear()
         self.disconnected.set()
+
+    def _drop_poison(self) -> None:
+        """Count this replay for every unacknowledged message; drop those replayed max_replays times."""
+        storage = self._client._persistent_storage
+        inflight = dict(storage.get_all())
+        for mid in list(self._replays):
+            if mid not in inflight:     # acknowledged since
+                del self._replays[mid]
+        for mid, packet in inflight.items():
+            n = self._replays[mid] = self._replays.get(mid, 0) + 1
+            if n <= self.max_replays:
+                continue
+            storage.remove_message_by_mid(mid)
+            del self._replays[mid]
+            try:
+                topic, payload = parse_publish(packet)
+            except (IndexError, UnicodeDecodeError):
+                topic, payload = "", b""
+            log.warning("dropped a message on %r: the connection died %d times with it unacknowledged",
+                        topic, self.max_replays)
+            if self.on_dropped is not None and topic:
+                self.on_dropped(topic, payload)
 
     def _on_subscribe(self, client: gmqtt.Client, mid: int, qos: tuple[int, ...], properties: dict) -> None:
         fut = self._subscribed.get(mid)

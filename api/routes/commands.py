@@ -2,6 +2,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
+from api.paging import OffsetQuery
 from api.command_states import Status, is_final
 from api.commands import IdempotencyConflict, new_command_id, public, wait_until
 from api.runtime import Runtime
@@ -21,6 +22,7 @@ WaitQuery = Annotated[float, Query(ge=0, le=60, description="hold the response u
                         403: {"description": "a rider who does not hold this bike, or an operator-only action"},
                         404: {"description": "no such device"},
                         409: {"description": "Idempotency-Key reused with a different request"},
+                        413: {"description": "the signed command would not fit what a lock reads"},
                         429: {"description": "too many commands from this user (see Retry-After)"}})
 async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who: CallerDep,
                        response: Response, wait: WaitQuery = 0,
@@ -63,7 +65,7 @@ async def _with_history(rt: Runtime, command_id: str) -> CommandPublic:
 
 @router.get("/v1/commands", response_model=list[CommandPublic])
 async def list_commands(rt: RuntimeDep, who: CallerDep, limit: int = Query(50, ge=1, le=500),
-                        offset: int = Query(0, ge=0)) -> list[CommandPublic]:
+                        offset: OffsetQuery = 0) -> list[CommandPublic]:
     """Newest first: every command for an operator, a rider's own for a rider."""
     owner = None if who.is_operator else who.name
     return [public(c) for c in await rt.commands.list_recent(owner, limit, offset)]
@@ -99,7 +101,7 @@ async def cancel_command(command_id: str, rt: RuntimeDep, _: PrincipalDep) -> Co
 @router.get("/v1/devices/{device_id}/commands", response_model=list[CommandPublic])
 async def list_device_commands(device_id: str, rt: RuntimeDep, _: PrincipalDep,
                                limit: int = Query(50, ge=1, le=500),
-                               offset: int = Query(0, ge=0)) -> list[CommandPublic]:
+                               offset: OffsetQuery = 0) -> list[CommandPublic]:
     if await rt.registry.get(device_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
     return [public(c) for c in await rt.commands.list_for_device(device_id, limit, offset)]

@@ -1,5 +1,6 @@
 from fastapi import APIRouter, HTTPException, Query, status
 
+from api.paging import OffsetQuery
 from api.devices import DeviceExists, public
 from api.deps import PrincipalDep, RuntimeDep
 from api.models import DeviceCreate, DeviceCredentials, DevicePatch, DevicePublic
@@ -19,7 +20,7 @@ async def register_device(body: DeviceCreate, rt: RuntimeDep, _: PrincipalDep) -
 
 @router.get("", response_model=list[DevicePublic])
 async def list_devices(rt: RuntimeDep, _: PrincipalDep, limit: int = Query(100, ge=1, le=1000),
-                       offset: int = Query(0, ge=0)) -> list[DevicePublic]:
+                       offset: OffsetQuery = 0) -> list[DevicePublic]:
     found = await rt.registry.list(limit, offset)
     tags = await rt.registry.tags_of([d.id for d in found])
     return [public(d, tags[d.id]) for d in found]

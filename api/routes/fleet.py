@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
+from api.paging import OffsetQuery
 from api.deps import PrincipalDep, RuntimeDep
 from api.fleet import FleetError, FleetIdempotencyConflict, public
 from api.fleet_models import DEVICE_STATUSES, FleetCreate, FleetDevicePublic, FleetPublic, FleetStatus
@@ -19,6 +20,7 @@ _STATUSES = ", ".join(DEVICE_STATUSES)
                         400: {"description": "the target matches no device, too many, or lists unknown ids"},
                         403: {"description": "riders may not send fleet commands"},
                         409: {"description": "Idempotency-Key reused with a different request"},
+                        413: {"description": "the signed command would not fit what a lock reads"},
                         422: {"description": "a malformed body, or a rate or list above the configured maximum"}})
 async def create_fleet_command(body: FleetCreate, rt: RuntimeDep, who: PrincipalDep, response: Response,
                                idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> FleetPublic:
@@ -56,7 +58,7 @@ async def _public(rt: Runtime, fleet_id: str) -> FleetPublic:
 
 @router.get("", response_model=list[FleetPublic])
 async def list_fleet_commands(rt: RuntimeDep, _: PrincipalDep, limit: int = Query(50, ge=1, le=500),
-                              offset: int = Query(0, ge=0),
+                              offset: OffsetQuery = 0,
                               status_: Annotated[FleetStatus | None, Query(alias="status")] = None,
                               ) -> list[FleetPublic]:
     """Newest first, each with its progress counts."""
@@ -73,7 +75,7 @@ async def get_fleet_command(fleet_id: str, rt: RuntimeDep, _: PrincipalDep) -> F
 async def list_fleet_devices(fleet_id: str, rt: RuntimeDep, _: PrincipalDep,
                              status_: Annotated[str | None, Query(alias="status", description=_STATUSES)] = None,
                              limit: int = Query(100, ge=1, le=1000),
-                             offset: int = Query(0, ge=0)) -> list[FleetDevicePublic]:
+                             offset: OffsetQuery = 0) -> list[FleetDevicePublic]:
     """Each device of the fleet in issue order, with its command's id and status."""
     if status_ is not None and status_ not in DEVICE_STATUSES:
         raise HTTPException(422,

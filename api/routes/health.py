@@ -1,13 +1,18 @@
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from api.deps import PrincipalDep, RuntimeDep
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz")
-async def healthz(rt: RuntimeDep) -> dict[str, object]:
-    return {"status": "ok", "broker_connected": rt.link.is_connected}
+@router.get("/healthz", responses={503: {"description": "degraded: the broker link is down, commands fail fast"}})
+async def healthz(rt: RuntimeDep) -> JSONResponse:
+    """200 `ok` while the API can send commands; 503 `degraded` while its broker link is down (a load
+    balancer should send riders elsewhere: every unlock fails fast then)."""
+    up = rt.link.is_connected
+    return JSONResponse({"status": "ok" if up else "degraded", "broker_connected": up},
+                        status_code=200 if up else 503)
 
 
 @router.get("/v1/metrics")

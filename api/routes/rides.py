@@ -1,5 +1,6 @@
 from fastapi import APIRouter, Query, status
 
+from api.paging import OffsetQuery
 from api.commands import public as command_public
 from api.deps import CallerDep, RuntimeDep
 from api.rider_models import BikePublic, RideCreate, RidePublic, RideStarted
@@ -32,7 +33,7 @@ async def start_ride(body: RideCreate, rt: RuntimeDep, who: CallerDep) -> RideSt
 
 @router.get("/v1/rides", response_model=list[RidePublic])
 async def list_rides(rt: RuntimeDep, who: CallerDep, user_id: str | None = None, open: bool = False,
-                     limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> list[RidePublic]:
+                     limit: int = Query(50, ge=1, le=500), offset: OffsetQuery = 0) -> list[RidePublic]:
     """Your rides (operators: everyone's, or one user's with `user_id`), newest first."""
     try:
         return [public(r) for r in await rt.rides.list(who, limit, offset, user_id, open)]

@@ -30,7 +30,9 @@ from starlette.responses import JSONResponse
 from api import tokens
 from api.auth import AuthError, Principal, bearer_token, resolve
 from api.commands import IdempotencyConflict, public
-from api.events import CursorError, Subscription
+from api.boundary import BadJson, check_json
+from api.commands import CommandTooLarge
+from api.events import CursorError, Subscription, TooManyStreams
 from api.models import CommandCreate
 from api.rights import Refused
 from api.runtime import Runtime
@@ -75,11 +77,12 @@ class Connection:
                     await self.send(json.dumps({"type": "error", "error": f"frame over {MAX_FRAME} bytes"}))
                     continue
                 try:
-                    msg = json.loads(text)
+                    msg = check_json(text)
                     if not isinstance(msg, dict):
-                        raise ValueError("not an object")
-                except ValueError:
-                    await self.send(json.dumps({"type": "error", "error": "frames are JSON objects with a 'type'"}))
+                        raise BadJson("not an object")
+                except BadJson as e:
+                    await self.send(json.dumps({"type": "error",
+                                                "error": f"frames are strict JSON objects with a 'type': {e}"}))
                     continue
                 await self.handle(msg)
         except WebSocketDisconnect:
@@ -113,7 +116,11 @@ class Connection:
         except CursorError as e:
             await self.reply(request_id, False, 400, error=str(e))
             return
-        self.sub = sub = self.rt.events.open(self.who, cursor)
+        try:
+            self.sub = sub = self.rt.events.open(self.who, cursor)
+        except TooManyStreams as e:
+            await self.reply(request_id, False, 429, error=str(e))
+            return
         await self.send(json.dumps({"type": "subscribed", "request_id": request_id, "cursor": sub.cursor}))
         self.writer = asyncio.get_running_loop().create_task(self.write_events(sub))
 
@@ -149,7 +156,7 @@ class Connection:
         except ValidationError as e:
             await self.reply(request_id, False, 422, error="; ".join(err["msg"] for err in e.errors()))
             return
-        if not isinstance(device_id, str):
+        if not isinstance(device_id, str) or len(device_id) > 64:
             await self.reply(request_id, False, 422, error="device_id is required")
             return
         try:
@@ -165,15 +172,38 @@ class Connection:
         except Refused as e:
             await self.reply(request_id, False, e.status, error=e.reason)
             return
+        except CommandTooLarge as e:
+            await self.reply(request_id, False, 413, error=str(e))
+            return
         except IdempotencyConflict as e:
             await self.reply(request_id, False, 409, error=f"idempotency_key was already used for command {e.args[0]}")
             return
         await self.reply(request_id, True, 201 if created else 200, command=public(cmd).model_dump(mode="json"))
 
 
+def origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
+    """A browser's Origin must be the API's own (same host and port) or one of LATCH_WS_ALLOWED_ORIGINS;
+    a client that sends none (not a browser: the app, a script) is let through to authenticate.
+    Without this check any web page a logged-in operator visits could open the socket with the
+    operator's stream token (cross-site WebSocket hijacking)."""
+    origin = ws.headers.get("origin")
+    if origin is None:
+        return True
+    if origin in allowed:
+        return True
+    host = ws.headers.get("host", "")
+    scheme, _, rest = origin.partition("://")
+    return scheme in ("http", "https") and rest == host
+
+
 @router.websocket("/v1/ws")
 async def websocket(ws: WebSocket) -> None:
     rt: Runtime = ws.app.state.runtime
+    if not origin_allowed(ws, rt.settings.ws_allowed_origins):
+        await ws.send_denial_response(JSONResponse(
+            {"detail": f"Origin {ws.headers.get('origin', '')[:100]!r} may not open this socket "
+                       "(LATCH_WS_ALLOWED_ORIGINS)"}, status_code=403))
+        return
     try:
         who = _authenticate(ws, rt)
     except AuthError as e:

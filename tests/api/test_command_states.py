@@ -11,7 +11,7 @@ EXPECTED_MOVES = {
                     Event.EXPIRE: Status.EXPIRED, Event.CANCEL: Status.CANCELLED},
     Status.SENT: {Event.DEVICE_RECEIVED: Status.RECEIVED, Event.DEVICE_SUCCEEDED: Status.SUCCEEDED,
                   Event.DEVICE_FAILED: Status.FAILED, Event.DEVICE_REJECTED: Status.REJECTED,
-                  Event.TIMEOUT: Status.TIMED_OUT},
+                  Event.TIMEOUT: Status.TIMED_OUT, Event.PUBLISH_FAILED: Status.FAILED},
     Status.RECEIVED: {Event.DEVICE_SUCCEEDED: Status.SUCCEEDED, Event.DEVICE_FAILED: Status.FAILED,
                       Event.DEVICE_REJECTED: Status.REJECTED, Event.TIMEOUT: Status.TIMED_OUT},
 }

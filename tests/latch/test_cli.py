@@ -77,8 +77,11 @@ async def test_api_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_pa
 
 
 async def test_bad_options_give_a_clear_error(tmp_path: Path) -> None:
+    # ephemeral ports: the check must not depend on 8000/1883 being free (./run serve may be running)
     proc = await asyncio.create_subprocess_exec(*LATCH, "serve", "--broker", "nonsense", "--data-dir", str(tmp_path),
+                                                "--http-port", "0", "--mqtt-port", "0",
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode != 0
     assert b"mqtt://HOST:PORT" in out
+    assert out.count(b"\n") <= 2 and b"Traceback" not in out, out   # one line naming the option, no traceback
