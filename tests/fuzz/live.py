@@ -47,7 +47,7 @@ class ServerError:
 class ServerLog(logging.Handler):
     """Collects the ERROR records of uvicorn and Latch's loggers, thread-safely, in order."""
 
-    LOGGERS = ("uvicorn", "uvicorn.error", "latch")
+    LOGGERS = ("uvicorn", "latch")   # uvicorn.error propagates to uvicorn
 
     def __init__(self) -> None:
         super().__init__(level=logging.ERROR)
