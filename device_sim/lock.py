@@ -191,14 +191,14 @@ class SimulatedLock:
         c, cfg = self.controller, self.cfg
         eff = c.on_sensor(self.bolt_locked, now, self.behaviour.battery)
         eff.extend(c.on_tick(now))
-        connected = self.client.is_connected
-        if connected and now >= self._resync_at:
+        # (is_connected asked only when something is due: it is most of a tick's cost otherwise)
+        if now >= self._resync_at and self.client.is_connected:
             self._resync_at = now + cfg["resync_s"] * 1000
             self._answer_by = now + max(5000, 2000 * cfg["keepalive_s"])
             eff.extend(c.request_sync(now))
         if c.sync_nonce is None:
             self._answer_by = 0
-        elif connected and self._answer_by and now > self._answer_by:
+        elif self._answer_by and now > self._answer_by and self.client.is_connected:
             # the broker takes our messages but nothing comes back: the route is broken; start over
             self._answer_by = 0
             self._bounce()
