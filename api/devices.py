@@ -1,4 +1,10 @@
-"""The device registry: registration, credentials, presence and reported state."""
+"""The device registry: registration, credentials, presence and reported state.
+
+Command keys are stored sealed (api/keyseal.py). The registry seals them when it writes them and opens
+them as a Device row is loaded (an ORM load/refresh hook on the registry's engines), so code that reads
+`device.command_key` in a unit of work (api/commands.py signing, api/ingest.py time replies) gets the
+key in hex, as before, and the database never holds it in the clear. Only this module writes the column.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,14 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from weakref import WeakKeyDictionary
+
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, delete, select
 
+from api import keyseal
 from api.clock import now_ms, to_datetime
 from api.db import Database
 from api.hooks import NO_HOOKS, ChangeHooks
@@ -35,9 +46,30 @@ def public(d: Device, tags: list[str] | None = None) -> DevicePublic:
     )
 
 
-def _credentials(d: Device, secret: str, tags: list[str] | None = None) -> DeviceCredentials:
+def _credentials(d: Device, secret: str, command_key: str, tags: list[str] | None = None) -> DeviceCredentials:
     return DeviceCredentials(**public(d, tags).model_dump(), mqtt_username=d.id, mqtt_password=secret,
-                             mqtt_client_id=d.id, command_key=d.command_key)
+                             mqtt_client_id=d.id, command_key=command_key)
+
+
+_SEALS: WeakKeyDictionary[Engine, keyseal.KeySeal] = WeakKeyDictionary()   # engine -> its database's seal
+
+
+@event.listens_for(Device, "load")
+def _open_key(device: Device, context) -> None:  # type: ignore[no-untyped-def]
+    _open_loaded(device, context.session)
+
+
+@event.listens_for(Device, "refresh")
+def _open_key_again(device: Device, context, attrs) -> None:  # type: ignore[no-untyped-def]
+    if attrs is None or "command_key" in attrs:
+        _open_loaded(device, context.session)
+
+
+def _open_loaded(device: Device, session) -> None:  # type: ignore[no-untyped-def]
+    stored = device.__dict__.get("command_key")
+    seal = _SEALS.get(session.get_bind()) if stored else None
+    if seal is not None:   # set as the loaded value: the row is not dirtied, nothing is written back
+        set_committed_value(device, "command_key", seal.open(device.id, stored))
 
 
 TAG_QUERY_CHUNK = 500   # ids per IN (...) list: well under SQLite's bound-parameter limit
@@ -57,6 +89,10 @@ def tags_of(s: Session, device_ids: list[str]) -> dict[str, list[str]]:
 class DeviceRegistry:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.seal = keyseal.for_url(db.url)
+        _SEALS[db.engine] = self.seal
+        if db.async_engine is not None:
+            _SEALS[db.async_engine.sync_engine] = self.seal
         self.hooks: ChangeHooks = NO_HOOKS   # the event log hooks in here (inside each change's transaction)
         # awaited after a registration, rotation or revocation has committed, with the device id and
         # REGISTERED / ROTATED / REVOKED (e.g. to rewrite an external Mosquitto's password file); a
@@ -71,9 +107,9 @@ class DeviceRegistry:
                 log.exception("after-change callback for device %s failed", device_id)
 
     async def register(self, body: DeviceCreate) -> DeviceCredentials:
-        secret = new_secret()
+        secret, key = new_secret(), secrets.token_hex(32)
         device = Device(id=body.id, name=body.name, secret_hash=hash_secret(secret),
-                        command_key=secrets.token_hex(32), created_at=now_ms(), zone=body.zone)
+                        command_key=self.seal.seal(body.id, key), created_at=now_ms(), zone=body.zone)
 
         def insert(s: Session) -> None:
             s.add(device)
@@ -85,18 +121,18 @@ class DeviceRegistry:
 
         await self.db.write(insert)
         await self._changed(device.id, REGISTERED)
-        return _credentials(device, secret, body.tags)
+        return _credentials(device, secret, key, body.tags)
 
     async def rotate(self, device_id: str) -> DeviceCredentials | None:
         """New MQTT secret and command key; the old ones stop working at once."""
-        secret = new_secret()
+        secret, key = new_secret(), secrets.token_hex(32)
 
         def rotate(s: Session) -> Device | None:
             device = s.get(Device, device_id)
             if device is None:
                 return None
             device.secret_hash = hash_secret(secret)
-            device.command_key = secrets.token_hex(32)
+            device.command_key = self.seal.seal(device_id, key)
             device.revoked = False
             s.add(device)
             s.commit()
@@ -106,7 +142,27 @@ class DeviceRegistry:
         if device is None:
             return None
         await self._changed(device_id, ROTATED)
-        return _credentials(device, secret, (await self.tags_of([device_id]))[device_id])
+        return _credentials(device, secret, key, (await self.tags_of([device_id]))[device_id])
+
+    async def seal_plain_keys(self) -> int:
+        """Seal every command key an earlier Latch stored in plain hex (in place: the locks keep their keys);
+        how many were sealed. Plain SQL, so no ORM hook is involved."""
+        def seal_all(s: Session) -> int:
+            conn = s.connection()
+            rows = conn.execute(text("SELECT id, command_key FROM device")).all()
+            n = 0
+            for device_id, stored in rows:
+                if keyseal.is_plain(stored):
+                    conn.execute(text("UPDATE device SET command_key = :k WHERE id = :id AND command_key = :old"),
+                                 {"k": self.seal.seal(device_id, stored.lower()), "id": device_id, "old": stored})
+                    n += 1
+            s.commit()
+            return n
+
+        n = await self.db.write(seal_all)
+        if n:
+            log.info("sealed %d command key(s) stored in plain text by an earlier Latch", n)
+        return n
 
     async def revoke(self, device_id: str) -> Device | None:
         """Refuse the device's credentials from now on (rotating them lets it back in); None if unknown."""

@@ -136,13 +136,29 @@ async def _serve(settings: Settings, demo_fleet: int, embedded_broker: bool, mig
               f"  OpenAPI page:   {stack.api_url}/docs\n"
               f"  MQTT broker:    {'mqtts' if settings.broker_tls() else 'mqtt'}://{host}:{port}"
               + ("" if embedded_broker else " (external)") + "\n"
-              f"  Operator token: {settings.admin_token}\n"
+              + _operator_token_lines(settings)
               + (f"  Demo fleet:     {demo_fleet} simulated locks, bike-0001..bike-{demo_fleet:04d}\n" if demo_fleet else "")
-              + f"Try:\n  curl -s -X POST -H 'Authorization: Bearer {settings.admin_token}' "
+              + f"Try:\n  curl -s -X POST -H \"Authorization: Bearer {_token_shell(settings)}\" "
               f"-H 'Content-Type: application/json' -d '{{\"action\": \"unlock\"}}' "
               f"'{stack.api_url}/v1/devices/bike-0001/commands?wait=5'\n", flush=True)
 
     await _until_signalled(start, stack.stop)
+
+
+def _operator_token_lines(settings: Settings) -> str:
+    """The operator token is printed once, on the start that generated it; afterwards only where it is kept
+    (logs end up in journald and docker logs, where a token must not)."""
+    source, path = settings.admin_token_source, settings.admin_token_file
+    if source == "generated":
+        return f"  Operator token: {settings.admin_token}\n                  (shown this once; kept in {path}, mode 0600)\n"
+    if source == "file":
+        return f"  Operator token: in {path}\n"
+    return "  Operator token: the one set in LATCH_ADMIN_TOKEN\n"
+
+
+def _token_shell(settings: Settings) -> str:
+    """The token as a shell expression, never its value."""
+    return f"$(cat {settings.admin_token_file})" if settings.admin_token_source != "setting" else "$LATCH_ADMIN_TOKEN"
 
 
 async def _broker(settings: Settings) -> None:

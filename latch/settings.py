@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import ssl
 from pathlib import Path
 from typing import NamedTuple
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -52,6 +53,9 @@ class Settings(BaseSettings):
 
     # riders: accounts, tokens, rights (see api/users.py, api/rides.py)
     jwt_secret: str | None = None          # HS256 signing key; generated into DATA_DIR/jwt.secret
+    # seals device command keys at rest (api/keyseal.py); generated into DATA_DIR/command-keys.secret.
+    # Every API replica must hold the same one (like jwt_secret)
+    command_key_secret: str | None = None
     token_ttl_s: int = 12 * 3600           # access tokens (Authorization: Bearer, MQTT password)
     stream_token_ttl_s: int = 120          # short-lived tokens for ?token= (EventSource, WebSocket)
     session_cache_s: float = 5.0           # a session's standing/role cached per process (api/sessions.py says why)
@@ -104,17 +108,48 @@ class Settings(BaseSettings):
         """The TLS context for an mqtts:// broker (CA: broker_ca, else the system's); None for plain MQTT."""
         return broker_tls_context(self.broker, self.broker_ca) if self.broker else None
 
+    # where the admin token came from: "generated" (this start made it: print it, once), "file" (an earlier
+    # start made it: print only the file's path) or "setting" (LATCH_ADMIN_TOKEN / --token: print neither)
+    _admin_token_source: str | None = PrivateAttr(None)
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    @property
+    def admin_token_source(self) -> str:
+        return self._admin_token_source or "setting"
+
     def ensure_secrets(self) -> None:
-        """Fill admin token and service secret from the data dir, generating them on first start."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Fill the secrets from the data dir, generating them on first start; make the data dir private.
+
+        Everything Latch keeps in the data dir is readable by its owner only: the directory 0700, the secret
+        files, latch.db and broker.db (and their -wal/-shm/-journal, which SQLite creates with the database
+        file's mode), the cached device credentials (*.json) 0600. The two databases are created empty here
+        with that mode when they do not exist yet (SQLite takes an empty file as a new database), and
+        tightened when an earlier Latch left them 0644."""
+        _private_dir(self.data_dir)
         if self.admin_token is None:
-            self.admin_token = _stored_secret(self.data_dir / "admin.token")
+            self.admin_token, generated = _stored_secret_of(self.admin_token_file)
+            self._admin_token_source = "generated" if generated else "file"
         if self.service_secret is None:
             self.service_secret = _stored_secret(self.data_dir / "service.secret")
         if self.jwt_secret is None:
             self.jwt_secret = _stored_secret(self.data_dir / "jwt.secret")
         if self.broker_hook_secret is None:
             self.broker_hook_secret = _stored_secret(self.data_dir / "broker-hook.secret")
+        if self.command_key_secret is None:
+            self.command_key_secret = _stored_secret(self.data_dir / "command-keys.secret")
+        from api import keyseal   # the registry finds the seal for its database here
+
+        keyseal.register(self.resolved_database_url(), self.command_key_secret)
+        databases = ["broker.db"] + (["latch.db"] if self.database_url is None else [])
+        for name in databases:
+            _private_file(self.data_dir / name, create=True)
+            for suffix in ("-wal", "-shm", "-journal"):
+                _private_file(self.data_dir / (name + suffix), create=False)
+        for path in self.data_dir.glob("*.json"):   # cached device credentials (demo fleet, `latch sim`)
+            _private_file(path, create=False)
 
 
 class BrokerURL(NamedTuple):
@@ -166,10 +201,38 @@ def broker_tls_context(url: str, ca: Path | None = None) -> ssl.SSLContext | Non
     return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
 
 
-def _stored_secret(path: Path) -> str:
+def _private_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+
+
+def _private_file(path: Path, create: bool) -> None:
+    """Mode 0600; with `create`, an empty file is made so when missing (created 0600, not chmod-ed after)."""
+    if create:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return
+        except FileExistsError:
+            pass
+    try:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    except FileNotFoundError:
+        pass
+
+
+def _stored_secret_of(path: Path) -> tuple[str, bool]:
+    """(the secret in `path`, whether it was generated now); created 0600 from the start."""
     if path.exists():
-        return path.read_text().strip()
+        _private_file(path, create=False)
+        return path.read_text().strip(), False
     value = secrets.token_urlsafe(32)
-    path.touch(mode=0o600)
-    path.write_text(value + "\n")
-    return value
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value, True
+
+
+def _stored_secret(path: Path) -> str:
+    return _stored_secret_of(path)[0]
