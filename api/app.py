@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api import event_models as ek, pg_bus, schema, security_headers
+from api import event_models as ek, openapi_doc, pg_bus, schema, security_headers
 from api.boundary import BodyGuard, validation_error_handler
 from api.commands import CommandService, CommandTooLarge
 from api.db import Database
@@ -128,6 +128,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await schema.check(database, settings.resolved_database_url())   # refuses an un-migrated database
+        await runtime.registry.seal_plain_keys()   # command keys an older version stored in plain text
         listener = None
         if database.is_postgres:   # other replicas' changes (api/pg_bus.py); listening before reading the head
             listener = PgListener(database.url, {pg_bus.EVENTS: runtime.events.on_notify,
@@ -163,6 +164,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
               pages.router, broker_auth.router, fleet_routes.router):
         app.include_router(r)
     pages.mount_static(app)
+    openapi_doc.install(app)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     security_headers.install(app)    # added last, so outermost: BodyGuard's 413/422 get the headers too
     return app

@@ -11,6 +11,10 @@ Every HTTP request passes `BodyGuard` (an ASGI middleware) first:
   `MAX_JSON_DEPTH` levels of nesting. Python's json module accepts all of these and they used to
   reach the database, the signer or the response renderer and end in a 500.
 
+The broker hooks (/v1/broker/...) are left to parse their own bodies: EMQX treats any 4xx as "no
+opinion" and asks its next authenticator, so they answer every body, however malformed, with an explicit
+deny (api/routes/broker_auth.py). Their bodies are still bounded.
+
 `validation_error_handler` renders 422s without echoing the input (passwords came back in the
 detail) — at most a short prefix of a non-secret scalar.
 """
@@ -88,9 +92,10 @@ async def _answer(send: Send, status: int, body: dict[str, Any], headers: list[t
 class BodyGuard:
     """Bounds and checks every HTTP request body before the app reads it (module docstring)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, own_parsers: tuple[str, ...] = ("/v1/broker/",)) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.own_parsers = own_parsers   # path prefixes whose routes answer malformed JSON themselves
 
     def _too_large(self) -> dict[str, Any]:
         return {"detail": f"request body over {self.max_body_bytes} bytes (LATCH_MAX_BODY_BYTES)"}
@@ -129,7 +134,7 @@ class BodyGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if body and _is_json(content_type):
+        if body and _is_json(content_type) and not scope.get("path", "").startswith(self.own_parsers):
             try:
                 check_json(body)
             except BadJson as e:

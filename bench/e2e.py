@@ -81,7 +81,7 @@ class Bench:
 
     async def start(self) -> None:
         env = {"LATCH_ADMIN_TOKEN": self.token, "LATCH_SERVICE_SECRET": "bench-service-secret",
-               "LATCH_JWT_SECRET": "bench-jwt-secret"}
+               "LATCH_JWT_SECRET": "bench-jwt-secret", "LATCH_COMMAND_KEY_SECRET": "bench-command-key-secret"}
         if self.database_url:
             env["LATCH_DATABASE_URL"] = self.database_url
         d = str(self.data_dir)

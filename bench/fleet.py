@@ -48,7 +48,8 @@ class FleetBench:
         self.devices, self.riders, self.data_dir, self.database_url = devices, riders, data_dir, database_url
         self.token = "bench-token"
         self.env = {"LATCH_ADMIN_TOKEN": self.token, "LATCH_SERVICE_SECRET": "bench-service-secret",
-                    "LATCH_JWT_SECRET": "bench-jwt-secret", **({"LATCH_DATABASE_URL": database_url}
+                    "LATCH_JWT_SECRET": "bench-jwt-secret",
+                    "LATCH_COMMAND_KEY_SECRET": "bench-command-key-secret", **({"LATCH_DATABASE_URL": database_url}
                                                                  if database_url else {})}
         self.procs: dict[str, Proc] = {}
         self.api_url = ""

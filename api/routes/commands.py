@@ -87,7 +87,8 @@ async def get_command(command_id: str, rt: RuntimeDep, who: CallerDep, wait: Wai
     return await _with_history(rt, command_id)
 
 
-@router.post("/v1/commands/{command_id}/cancel", response_model=CommandPublic)
+@router.post("/v1/commands/{command_id}/cancel", response_model=CommandPublic,
+             responses={409: {"description": "the command is past queued: only a queued command can be cancelled"}})
 async def cancel_command(command_id: str, rt: RuntimeDep, _: PrincipalDep) -> CommandPublic:
     out = await rt.commands.cancel(command_id)
     if out is None:

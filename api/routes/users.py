@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
+from api.paging import OffsetQuery
 from api.deps import CallerDep, OperatorDep, RuntimeDep
 from api.hashing import PoolBusy
 from api.ratelimit import RateLimiter, client_address, too_many
@@ -145,7 +146,7 @@ async def create_user(body: UserCreate, rt: RuntimeDep, _: OperatorDep) -> UserP
 
 @router.get("/v1/users", response_model=list[UserPublic])
 async def list_users(rt: RuntimeDep, _: OperatorDep, limit: int = Query(100, ge=1, le=1000),
-                     offset: int = Query(0, ge=0)) -> list[UserPublic]:
+                     offset: OffsetQuery = 0) -> list[UserPublic]:
     return [public(u) for u in await rt.users.list(limit, offset)]
 
 

@@ -45,11 +45,12 @@ CLOSE_UNAUTHORIZED = 4401
 MAX_FRAME = 16 * 1024
 
 
-def _authenticate(ws: WebSocket, rt: Runtime) -> Principal:
+async def _authenticate(ws: WebSocket, rt: Runtime) -> Principal:
+    """As the HTTP routes do: the token, then its session (revoked, deleted user) and role from the database."""
     token, kinds = bearer_token(ws), (tokens.ACCESS,)   # type: ignore[arg-type]
     if token is None and ws.query_params.get("token"):
         token, kinds = ws.query_params["token"], (tokens.STREAM,)
-    return resolve(token, rt.settings.admin_token or "", rt.settings.jwt_secret, kinds)
+    return await rt.users.sessions.confirm(resolve(token, rt.settings.admin_token or "", rt.settings.jwt_secret, kinds))
 
 
 class Connection:
@@ -205,7 +206,7 @@ async def websocket(ws: WebSocket) -> None:
                        "(LATCH_WS_ALLOWED_ORIGINS)"}, status_code=403))
         return
     try:
-        who = _authenticate(ws, rt)
+        who = await _authenticate(ws, rt)
     except AuthError as e:
         try:
             await ws.send_denial_response(JSONResponse({"detail": str(e)}, status_code=401))

@@ -54,7 +54,8 @@ REQUIRED_ORDER = {
               "mosquitto": "service_healthy"},
     "sim": {"api-1": "service_healthy"},
 }
-SCALE_SECRETS = ("LATCH_ADMIN_TOKEN", "LATCH_SERVICE_SECRET", "LATCH_JWT_SECRET", "LATCH_DATABASE_URL")
+SCALE_SECRETS = ("LATCH_ADMIN_TOKEN", "LATCH_SERVICE_SECRET", "LATCH_JWT_SECRET", "LATCH_COMMAND_KEY_SECRET",
+                 "LATCH_DATABASE_URL")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

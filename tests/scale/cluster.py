@@ -72,6 +72,7 @@ async def cluster(tmp_path: Path, database_url: str, n: int, *, ingest: list[boo
     """`latch broker` + n × `latch api` on loopback, sharing `database_url` (already migrated) and secrets."""
     env = {"LATCH_DATABASE_URL": database_url, "LATCH_ADMIN_TOKEN": ADMIN,
            "LATCH_SERVICE_SECRET": "replica-service-secret", "LATCH_JWT_SECRET": "replica-jwt-secret",
+           "LATCH_COMMAND_KEY_SECRET": "replica-command-key-secret",
            "LATCH_SETTLE_GRACE_S": "0.5", **(extra_env or {})}
     ingest = ingest or [True] * n
     async with contextlib.AsyncExitStack() as stack:
