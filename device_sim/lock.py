@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import contextlib
 import logging
 import random
 import ssl
@@ -43,7 +44,7 @@ from device_sim.store import LockState, state_path
 from device_sim import ticker
 from firmware.config import DEFAULTS as FIRMWARE_DEFAULTS
 from firmware.controller import LockController
-from mqtt_client import MqttClient, Will, drop_connection
+from mqtt_client import MqttClient, MqttError, Will, drop_connection
 from protocol import messages, topics
 
 log = logging.getLogger("latch.sim")
@@ -138,7 +139,8 @@ class SimulatedLock:
         if abrupt:
             drop_connection(self.client)
             return
-        self.client.publish(topics.presence_topic(self.device_id), messages.OFFLINE, qos=1, retain=True)
+        with contextlib.suppress(MqttError):   # not connected: the will says it
+            self.client.publish(topics.presence_topic(self.device_id), messages.OFFLINE, qos=1, retain=True)
         await self.client.disconnect()
         for t in list(self._tasks):
             t.cancel()

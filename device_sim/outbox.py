@@ -5,9 +5,16 @@ mirrored here, one for one:
 - a QoS 1 message stays queued until its PUBACK, also across a lost link, and is sent again
   (DUP) after every reconnect, whether or not the broker kept the session;
 - published while the link is down, it is queued and sent after the next connect;
-- a newer retained message supersedes an unsent one on the same topic;
-- the queue is bounded (MAX_QUEUED, the firmware's _MAX_QUEUED): when full, the oldest goes;
+- a newer retained message supersedes a queued one on the same topic (the broker keeps only the
+  newest anyway);
+- the queue is bounded in count and in packet bytes (MAX_QUEUED, MAX_QUEUED_BYTES: the firmware's
+  _MAX_QUEUED, _MAX_QUEUED_BYTES): the oldest go until the new one fits;
 - QoS 0 is sent when connected, else dropped.
+
+Packet ids: a queued message's id is released when its copy can no longer be acknowledged (the
+connection it went out on is gone). One superseded or pushed out while its PUBACK may still come on
+this connection keeps its id until that PUBACK or the next connect, so a late PUBACK can never be
+taken for the acknowledgement of a newer message that reused the id.
 
 gmqtt keeps its own resend store, but replays it only when the broker kept the session and empties
 it otherwise, so this queue sends through gmqtt's connection directly and learns of PUBACKs by
@@ -23,11 +30,12 @@ from dataclasses import dataclass
 import gmqtt
 from gmqtt.storage import PersistentStorage
 
-from mqtt_client import MqttClient
+from mqtt_client import MqttClient, MqttError, publish_packet_size
 
 log = logging.getLogger("latch.sim")
 
-MAX_QUEUED = 16   # firmware/mqtt.py _MAX_QUEUED
+MAX_QUEUED = 8            # firmware/mqtt.py _MAX_QUEUED
+MAX_QUEUED_BYTES = 1536   # firmware/mqtt.py _MAX_QUEUED_BYTES (PUBLISH packets' bytes)
 
 
 @dataclass
@@ -35,6 +43,7 @@ class _Queued:
     topic: str
     payload: bytes
     retain: bool
+    size: int           # bytes of its PUBLISH packet
     mid: int = 0        # packet id of the copy last sent on the current connection; 0: not sent on it
     sent: bool = False  # sent at least once (any later copy carries DUP)
 
@@ -52,16 +61,19 @@ class _AckHook(PersistentStorage):
 
 
 class Outbox:
-    def __init__(self, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(self, max_queued: int = MAX_QUEUED, max_bytes: int = MAX_QUEUED_BYTES) -> None:
         self.max_queued = max_queued
+        self.max_bytes = max_bytes
         self.pending: list[_Queued] = []
         self.dropped = 0           # queued messages pushed out by newer ones (a full queue)
         self.client: MqttClient | None = None
+        self._orphans: set[int] = set()   # ids of copies no longer queued whose PUBACK may still come
 
     def attach(self, client: MqttClient) -> None:
         """Use `client` from now on (a new one per start); the queue carries over."""
         self.client = client
         client._client._persistent_storage = _AckHook(self)
+        self._orphans.clear()      # the old client's ids mean nothing to the new one
         for q in self.pending:
             q.mid = 0
 
@@ -71,29 +83,45 @@ class Outbox:
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         if not qos:
             if self.client is not None and self.client.is_connected:
-                self.client.publish(topic, payload, qos=0, retain=retain)
+                try:
+                    self.client.publish(topic, payload, qos=0, retain=retain)
+                except MqttError as e:   # the link went between the check and the send: QoS 0 is lost
+                    log.debug("%s: QoS 0 message dropped: %r", self.client.client_id, e)
             return
+        queue = self.pending
         if retain:
-            for old in self.pending:
-                if old.retain and not old.sent and old.topic == topic:
-                    self.pending.remove(old)   # superseded before it was ever sent
+            for old in queue:
+                if old.retain and old.topic == topic:
+                    queue.remove(old)      # superseded: the broker would keep only the newer one anyway
+                    self._orphan(old)
                     break
-        if len(self.pending) >= self.max_queued:
-            self._forget(self.pending.pop(0))
+        q = _Queued(topic, payload, retain, publish_packet_size(topic, payload, 1))
+        n = q.size + sum(old.size for old in queue)
+        while queue and (len(queue) >= self.max_queued or n > self.max_bytes):
+            old = queue.pop(0)             # the oldest goes
+            n -= old.size
+            self._orphan(old)
             self.dropped += 1
-        q = _Queued(topic, payload, retain)
-        self.pending.append(q)
+        queue.append(q)
         self._send(q)
 
     def resend(self) -> int:
         """After a connect: send every unacknowledged message again, oldest first. Returns how many."""
+        ids = self._ids()
+        if ids is not None:
+            for mid in self._orphans:      # their connection is gone: no PUBACK will come for them
+                ids.free_id(mid)
+        self._orphans.clear()
         n = 0
         for q in list(self.pending):
-            self._forget(q)
+            if q.mid and ids is not None:
+                ids.free_id(q.mid)
+            q.mid = 0
             n += self._send(q)
         return n
 
     def acked(self, mid: int) -> None:
+        self._orphans.discard(mid)
         for q in self.pending:
             if q.mid == mid:
                 self.pending.remove(q)
@@ -114,10 +142,8 @@ class Outbox:
         q.sent = True
         return True
 
-    def _forget(self, q: _Queued) -> None:
-        """Release the packet id of a copy whose PUBACK will not come (replaced or dropped)."""
+    def _orphan(self, q: _Queued) -> None:
+        """`q` leaves the queue; a copy of it on this connection keeps its id until its PUBACK or the next connect."""
         if q.mid:
-            ids = self._ids()
-            if ids is not None:
-                ids.free_id(q.mid)
+            self._orphans.add(q.mid)
             q.mid = 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from device_sim.actuations import read_actuations
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
-from device_sim.outbox import MAX_QUEUED, Outbox
+from device_sim.outbox import MAX_QUEUED, MAX_QUEUED_BYTES, Outbox
 from device_sim.store import state_path
 from firmware.store import decode
 from mqtt_client import MqttClient
@@ -194,3 +194,8 @@ def test_the_outbox_keeps_the_firmware_queue_rules() -> None:
     assert len(box.pending) == MAX_QUEUED            # bounded: the oldest went
     assert box.pending[-1].payload == str(MAX_QUEUED + 2).encode()
     assert box.dropped == 4
+    big = Outbox()                                   # bounded in bytes too, as the firmware's heap is
+    for i in range(3):
+        big.publish("t/ack", bytes([48 + i]) * 700, 1, False)
+    assert [q.payload[:1] for q in big.pending] == [b"1", b"2"]
+    assert sum(q.size for q in big.pending) <= MAX_QUEUED_BYTES
