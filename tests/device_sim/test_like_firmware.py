@@ -122,7 +122,8 @@ async def test_an_answer_made_while_the_link_is_down_arrives_after_the_reconnect
     port = await relay.start()
     try:
         creds = Credentials.from_registration(await stack.register("ln-1"))
-        lock = await _sim_lock(stack, creds, tmp_path / "sim", Behaviour(actuation_delay_s=0.5), port=port)
+        # a motor slow enough that the cut surely lands while it runs, even on a busy machine
+        lock = await _sim_lock(stack, creds, tmp_path / "sim", Behaviour(actuation_delay_s=1.5), port=port)
         cid = (await stack.command("ln-1", "unlock", wait=0)).json()["id"]
         await eventually(lambda: lock.actuations, what="the motor to start")
         relay.cut()                                       # the link goes down while the motor runs
