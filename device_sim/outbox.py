@@ -5,10 +5,10 @@ mirrored here, one for one:
 - a QoS 1 message stays queued until its PUBACK, also across a lost link, and is sent again
   (DUP) after every reconnect, whether or not the broker kept the session;
 - published while the link is down, it is queued and sent after the next connect;
-- a newer retained message supersedes a queued one on the same topic (the broker keeps only the
-  newest anyway);
-- the queue is bounded in count and in packet bytes (MAX_QUEUED, MAX_QUEUED_BYTES: the firmware's
-  _MAX_QUEUED, _MAX_QUEUED_BYTES): the oldest go until the new one fits;
+- a newer retained message supersedes an unsent one on the same topic;
+- the queue is bounded (MAX_QUEUED, the firmware's _MAX_QUEUED): when full, the oldest goes.
+  (A bound in bytes as well, `max_bytes`, is there for when the firmware gets one: it was tried
+  in firmware/mqtt.py during issue 12 and is off, None, as the firmware has none today);
 - QoS 0 is sent when connected, else dropped.
 
 Packet ids: a queued message's id is released when its copy can no longer be acknowledged (the
@@ -34,8 +34,7 @@ from mqtt_client import MqttClient, MqttError, publish_packet_size
 
 log = logging.getLogger("latch.sim")
 
-MAX_QUEUED = 8            # firmware/mqtt.py _MAX_QUEUED
-MAX_QUEUED_BYTES = 1536   # firmware/mqtt.py _MAX_QUEUED_BYTES (PUBLISH packets' bytes)
+MAX_QUEUED = 16   # firmware/mqtt.py _MAX_QUEUED
 
 
 @dataclass
@@ -61,7 +60,7 @@ class _AckHook(PersistentStorage):
 
 
 class Outbox:
-    def __init__(self, max_queued: int = MAX_QUEUED, max_bytes: int = MAX_QUEUED_BYTES) -> None:
+    def __init__(self, max_queued: int = MAX_QUEUED, max_bytes: int | None = None) -> None:
         self.max_queued = max_queued
         self.max_bytes = max_bytes
         self.pending: list[_Queued] = []
@@ -91,13 +90,13 @@ class Outbox:
         queue = self.pending
         if retain:
             for old in queue:
-                if old.retain and old.topic == topic:
-                    queue.remove(old)      # superseded: the broker would keep only the newer one anyway
+                if old.retain and not old.sent and old.topic == topic:
+                    queue.remove(old)      # superseded before it was ever sent
                     self._orphan(old)
                     break
         q = _Queued(topic, payload, retain, publish_packet_size(topic, payload, 1))
         n = q.size + sum(old.size for old in queue)
-        while queue and (len(queue) >= self.max_queued or n > self.max_bytes):
+        while queue and (len(queue) >= self.max_queued or (self.max_bytes is not None and n > self.max_bytes)):
             old = queue.pop(0)             # the oldest goes
             n -= old.size
             self._orphan(old)

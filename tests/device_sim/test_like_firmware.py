@@ -15,7 +15,7 @@ from pathlib import Path
 
 from device_sim.actuations import read_actuations
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
-from device_sim.outbox import MAX_QUEUED, MAX_QUEUED_BYTES, Outbox
+from device_sim.outbox import MAX_QUEUED, Outbox
 from device_sim.store import state_path
 from firmware.store import decode
 from mqtt_client import MqttClient
@@ -195,8 +195,20 @@ def test_the_outbox_keeps_the_firmware_queue_rules() -> None:
     assert len(box.pending) == MAX_QUEUED            # bounded: the oldest went
     assert box.pending[-1].payload == str(MAX_QUEUED + 2).encode()
     assert box.dropped == 4
-    big = Outbox()                                   # bounded in bytes too, as the firmware's heap is
+    big = Outbox(max_bytes=1536)                     # a bound in bytes too, when one is set
     for i in range(3):
         big.publish("t/ack", bytes([48 + i]) * 700, 1, False)
     assert [q.payload[:1] for q in big.pending] == [b"1", b"2"]
-    assert sum(q.size for q in big.pending) <= MAX_QUEUED_BYTES
+    assert sum(q.size for q in big.pending) <= 1536
+
+
+def test_the_outbox_bound_is_the_firmware_s() -> None:
+    """firmware/mqtt.py cannot be imported under CPython (MicroPython's ticks_ms): read its constant, so a
+    change to the firmware's queue fails here until the simulator follows it."""
+    import re
+
+    source = (Path(__file__).parents[2] / "firmware" / "mqtt.py").read_text()
+    found = re.search(r"^_MAX_QUEUED = const\((\d+)\)", source, re.M)
+    assert found is not None, "firmware/mqtt.py no longer defines _MAX_QUEUED: follow its new queue rules"
+    assert int(found.group(1)) == MAX_QUEUED
+    assert "_MAX_QUEUED_BYTES" not in source, "the firmware bounds its queue in bytes now: set Outbox.max_bytes"
