@@ -100,7 +100,7 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     events_.sinks.append(wake_fleet)
     events_.sinks.append(to_rider_topic)
     return Runtime(settings=settings, db=db, registry=registry, commands=commands_, ingest=ingest, link=link,
-                   sweeper=Sweeper(commands_, lease), metrics=metrics, waiters=waiters, events=events_,
+                   sweeper=Sweeper(commands_, lease, acks_behind=ingest.ack_lag.behind), metrics=metrics, waiters=waiters, events=events_,
                    rides=RideService(db, commands_, events_), rights=Rights(db, settings),
                    users=UserService(db, settings),
                    fleet=fleet)

@@ -39,6 +39,7 @@ log = logging.getLogger("latch.commands")
 OFFLINE_REASON = "device offline: {action} is never queued for an offline device, so it cannot fire late"
 NO_BROKER_REASON = "broker unreachable: the command could not be sent"
 PUBLISH_FAILED_REASON = "the command could not be handed to the broker"
+MAX_TIMEOUT_HOLD_S = 60.0   # the longest a timeout waits past its deadline while acks are applied late
 
 
 class CommandTooLarge(ValueError):
@@ -357,16 +358,27 @@ class CommandService:
         return await self.db.read(load)
 
     # ---- expiry and timeouts ----------------------------------------------------------
-    async def sweep(self, limit: int = 500) -> int | None:
-        """Expire or time out every command whose deadline passed; returns the next deadline."""
+    async def sweep(self, limit: int = 500, hold_timeouts: bool = False) -> int | None:
+        """Expire or time out every command whose deadline passed; returns the next deadline.
+
+        `hold_timeouts` (acks are being applied late: api/ingest.py AckLag): sent and received commands
+        are not timed out yet — their answer may be waiting for us — unless their deadline passed more
+        than MAX_TIMEOUT_HOLD_S ago, so every command still ends. Queued ones expire as usual."""
         now = now_ms()
-        due = await self.db.read(lambda s: s.exec(select(Command.id, Command.status).where(
+        due = await self.db.read(lambda s: s.exec(select(Command.id, Command.status, Command.deadline_ms).where(
             col(Command.deadline_ms).is_not(None), col(Command.deadline_ms) <= now).limit(limit)).all())
-        for command_id, status in due:
+        held = 0
+        for command_id, status, deadline in due:
             event = Event.EXPIRE if status == Status.QUEUED else Event.TIMEOUT
+            if event == Event.TIMEOUT and hold_timeouts and now - deadline < MAX_TIMEOUT_HOLD_S * 1000:
+                held += 1
+                continue
             reason = ("expired before it could be delivered" if event == Event.EXPIRE
                       else "no final answer from the device before the deadline")
             await self.transition(command_id, event, reason=reason)
+        if held:
+            self.metrics.inc("timeouts_held_acks_behind", held)
+            return now + 250
         return await self.db.read(lambda s: s.exec(
             select(Command.deadline_ms).where(col(Command.deadline_ms).is_not(None))
             .order_by(col(Command.deadline_ms)).limit(1)).first())

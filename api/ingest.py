@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from api.clock import now_ms
@@ -60,6 +61,41 @@ class InOrder:
         return len(self._tails)
 
 
+class AckLag:
+    """How far behind the devices this process applies acks: now minus each ack's own `ts` (the lock's
+    clock, synced to the server's), the median of the last WINDOW acks.
+
+    The sweeper asks `behind()` before it times a command out. Measured in bench/chaos.py on a starved
+    machine: the API was ~40 s behind its acks (they waited at the broker), timed commands out whose
+    `succeeded` was already queued, and 5 riders were told "timed out" for a lock that had opened.
+    A median, so one ack a lock re-sends after a long offline spell does not count as the API lagging;
+    stale (no ack for IDLE_S) counts as caught up, since nothing is then arriving to be behind on."""
+
+    WINDOW = 16
+    BEHIND_MS = 2_000
+    IDLE_S = 10.0
+
+    def __init__(self) -> None:
+        self._lags: list[int] = []
+        self._at = 0.0
+
+    def record(self, ts: int | None, now: int) -> None:
+        if ts is None or not 0 <= now - ts <= 3_600_000:   # no clock, or an implausible one
+            return
+        self._lags.append(now - ts)
+        if len(self._lags) > self.WINDOW:
+            del self._lags[0]
+        self._at = time.monotonic()
+
+    def median_ms(self) -> int:
+        return sorted(self._lags)[len(self._lags) // 2] if self._lags else 0
+
+    def behind(self) -> bool:
+        if not self._lags or time.monotonic() - self._at > self.IDLE_S:
+            return False
+        return self.median_ms() > self.BEHIND_MS
+
+
 class Ingest:
     def __init__(self, registry: DeviceRegistry, commands: CommandService, publisher: Publisher,
                  metrics: Metrics, lease: Lease | None = None) -> None:
@@ -69,6 +105,7 @@ class Ingest:
         self.metrics = metrics
         self.lease = lease or Lease(None)
         self._in_order = InOrder()
+        self.ack_lag = AckLag()
 
     async def handle(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         parsed = topics.parse(topic)
@@ -103,6 +140,7 @@ class Ingest:
         log.warning("dropped message on %s: %s", topic, why)
 
     async def _ack(self, device_id: str, ack: dict) -> None:
+        self.ack_lag.record(ack.get("ts"), now_ms())
         detail = f"device says {ack['result']}" + (f": {ack['reason']}" if ack.get("reason") else "")
         try:
             out = await self.commands.transition(ack["id"], ACK_EVENTS[ack["result"]], reason=ack.get("reason"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from api.clock import now_ms
 from api.commands import CommandService
@@ -18,12 +19,18 @@ from api.lease import LEASE_RETRY_S, Lease
 log = logging.getLogger("latch.sweeper")
 
 IDLE_RECHECK_S = 30.0  # with nothing due: a safety net only (deadlines arrive by deadline_changed or NOTIFY)
+BEHIND_RECHECK_S = 0.25   # while acks are applied late, how often timeouts are reconsidered
 
 
 class Sweeper:
-    def __init__(self, commands: CommandService, lease: Lease | None = None) -> None:
+    def __init__(self, commands: CommandService, lease: Lease | None = None,
+                 acks_behind: Callable[[], bool] = lambda: False) -> None:
+        """`acks_behind`: True while this process applies device acks late (api/ingest.py AckLag): then
+        timeouts wait (an answer may be queued for us), up to commands.MAX_TIMEOUT_HOLD_S; expiries of
+        never-sent commands do not."""
         self.commands = commands
         self.lease = lease or Lease(None)
+        self.acks_behind = acks_behind
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._next_due: float = 0.0
@@ -58,7 +65,7 @@ class Sweeper:
                 continue
             self._next_due = float("inf")  # a deadline set while sweeping wakes the next round
             try:
-                nxt = await self.commands.sweep()
+                nxt = await self.commands.sweep(hold_timeouts=self.acks_behind())
             except Exception:
                 log.exception("sweep failed; retrying")
                 nxt = None

@@ -364,8 +364,11 @@ async def test_dockerfile_healthcheck_asks_a_route_the_api_serves() -> None:
     route = next((r for r in health.router.routes if getattr(r, "path", None) == path), None)
     assert route is not None and "GET" in route.methods, f"{path} is not a GET route of api/routes/health.py"
     fields = set(re.findall(r"\.get\('(\w+)'\)", check))
-    answer = await route.endpoint(SimpleNamespace(link=SimpleNamespace(is_connected=True)))
-    assert fields and fields <= set(answer), (fields, answer)
+    response = await route.endpoint(SimpleNamespace(link=SimpleNamespace(is_connected=True)))
+    answer = json.loads(bytes(response.body))
+    assert response.status_code == 200 and fields and fields <= set(answer), (fields, answer)
+    down = await route.endpoint(SimpleNamespace(link=SimpleNamespace(is_connected=False)))
+    assert down.status_code == 503   # the healthcheck's urlopen raises on it: a degraded API is unhealthy
     assert json.loads(re.search(r"CMD (\[.*\])", check).group(1))[0] == "python"   # type: ignore[union-attr]
 
 
