@@ -103,7 +103,10 @@ class Bench:
             api_broker = ["--mqtt-port", str(port)]
         self.procs = {"broker": broker}
         for i in range(self.replicas):
-            api = await Proc.start(f"api-{i + 1}", "api", "--data-dir", f"{d}/api-{i + 1}", *api_broker,
+            # SQLite: the API shares the broker's data dir, so both read one registry (latch.db) that was migrated
+            # above; PostgreSQL: the database is shared anyway, each replica keeps its own files
+            api_dir = f"{d}/api-{i + 1}" if self.database_url else d
+            api = await Proc.start(f"api-{i + 1}", "api", "--data-dir", api_dir, *api_broker,
                                    "--http-port", str(free_port()), "--api-client-id", f"latch-api-{i + 1}",
                                    *(["--share-group", self.share_group] if self.share_group else []),
                                    "--log-level", "WARNING", env=env)

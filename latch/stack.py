@@ -23,6 +23,7 @@ from broker.credentials import SqlCredentialStore
 from broker.server import EmbeddedBroker, broker_options
 from device_sim.fleet import Fleet
 from device_sim.lock import Behaviour, Credentials
+from device_sim.provision import sim_dir
 from latch.settings import Settings
 
 log = logging.getLogger("latch")
@@ -91,7 +92,9 @@ class Stack:
             # external Mosquitto's password file rewritten and reloaded, so the demo locks may log in there)
             registry: DeviceRegistry = app.state.runtime.registry
             creds = await demo_credentials(registry, self.demo_fleet, s.data_dir / "demo-fleet.json")
-            self.fleet = Fleet(creds, self.fleet_behaviour)
+            # the demo locks keep the firmware's once-only record on disk: a restarted `latch serve` answers a
+            # replayed command from it instead of opening again (device_sim/store.py)
+            self.fleet = Fleet(creds, self.fleet_behaviour, data_dir=sim_dir(s.data_dir))
             host, port = s.broker_address()
             await self.fleet.start(host, port, tls=s.broker_tls())   # mqtts:// brokers: TLS, as the API
 
