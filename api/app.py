@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api import event_models as ek, openapi_doc, pg_bus, schema, security_headers
+from api.admission import Admission, Overloaded
 from api.boundary import BodyGuard, validation_error_handler
 from api.commands import CommandService, CommandTooLarge
 from api.db import Database
@@ -103,7 +104,8 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
                    sweeper=Sweeper(commands_, lease, acks_behind=ingest.ack_lag.behind), metrics=metrics, waiters=waiters, events=events_,
                    rides=RideService(db, commands_, events_), rights=Rights(db, settings),
                    users=UserService(db, settings),
-                   fleet=fleet)
+                   fleet=fleet,
+                   admission=Admission(db.write_delay, settings.admit_max_creating, settings.admit_max_queue_ms))
 
 
 def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
@@ -181,5 +183,10 @@ def _map_errors(app: FastAPI) -> None:
         return JSONResponse({"detail": str(exc)}, status_code=429,
                             headers={"Retry-After": str(TooManyStreams.retry_after_s)})
 
+    async def overloaded(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Overloaded)
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
+
     app.add_exception_handler(CommandTooLarge, too_large)
+    app.add_exception_handler(Overloaded, overloaded)
     app.add_exception_handler(TooManyStreams, too_many_streams)

@@ -25,7 +25,7 @@ from api import pg_bus
 from api.clock import now_ms, to_datetime
 from api.command_states import Event, Status, advance, is_final
 from api.command_priority import action_priority
-from api.db import Database
+from api.db import Database, Priority
 from api.devices import merge_reported
 from api.hooks import NO_HOOKS, ChangeHooks
 from api.metrics import Metrics
@@ -307,7 +307,7 @@ class CommandService:
                 return Outcome(cmd, applied)
             raise RuntimeError(f"command {command_id}: state change kept losing races")
 
-        out = await self.db.write(unit)
+        out = await self.db.write(unit, Priority.ANSWER)   # finishing accepted work goes before new work
         if out is not None:
             if out.applied:
                 self._after_change(out.command)

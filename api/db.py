@@ -38,6 +38,7 @@ import heapq
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from enum import IntEnum
@@ -48,6 +49,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
+
+from api.admission import StandingDelay
 
 T = TypeVar("T")
 
@@ -67,7 +70,8 @@ _SYNC_TWIN = {"sqlite+aiosqlite": "sqlite", "postgresql+asyncpg": "postgresql+ps
 
 class Priority(IntEnum):
     """Order of the write queue: lower first. See api/command_priority.py for which command gets which."""
-    INTERACTIVE = 0   # a person is waiting: unlock, lock, device answers
+    ANSWER = -1       # work already accepted: a device's answer, a timeout (finishing beats starting)
+    INTERACTIVE = 0   # a person is waiting: unlock, lock
     ROUTINE = 5       # other single commands
     BULK = 10         # fleet rollouts
 
@@ -75,16 +79,17 @@ class Priority(IntEnum):
 class _PriorityPool:
     """Worker threads taking jobs in (priority, arrival) order (the synchronous drivers)."""
 
-    def __init__(self, workers: int, name: str) -> None:
+    def __init__(self, workers: int, name: str, on_wait: Callable[[float], None] = lambda s: None) -> None:
         self._q: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
         self._seq = itertools.count()
+        self._on_wait = on_wait   # each job's time in the queue, seconds (api/admission.py)
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
         for th in self._threads:
             th.start()
 
     def submit(self, priority: int, fn: Callable[..., T], *args: Any) -> Future[T]:
         fut: Future[T] = Future()
-        self._q.put((priority, next(self._seq), (fut, fn, args)))
+        self._q.put((priority, next(self._seq), (fut, fn, args, time.monotonic())))
         return fut
 
     def _work(self) -> None:
@@ -92,7 +97,8 @@ class _PriorityPool:
             _, _, job = self._q.get()
             if job is None:
                 return
-            fut, fn, args = job
+            fut, fn, args, queued_at = job
+            self._on_wait(time.monotonic() - queued_at)
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
@@ -112,7 +118,8 @@ class PriorityGate:
 
     A waiter cancelled after it was handed a slot gives the slot on to the next waiter."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, on_wait: Callable[[float], None] = lambda s: None) -> None:
+        self._on_wait = on_wait   # each holder's wait for its slot, seconds (api/admission.py)
         self._free = slots
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
@@ -120,11 +127,14 @@ class PriorityGate:
     async def acquire(self, priority: int) -> None:
         if self._free > 0 and not self._waiters:
             self._free -= 1
+            self._on_wait(0.0)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._seq), fut))
+        queued_at = time.monotonic()
         try:
             await fut
+            self._on_wait(time.monotonic() - queued_at)
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():   # the slot was ours already: pass it on
                 self.release()
@@ -211,16 +221,17 @@ class Database:
         self.driver, self.is_async = driver_of(url)
         self.is_postgres = self.driver.startswith("postgresql")
         writers = 8 if self.is_postgres else 1
+        self.write_delay = StandingDelay()   # how long writes stand in the queue (api/admission.py)
         # the synchronous engine: every unit of work with a sync driver; schema work with either
         self.engine = make_engine(url)
         self._schema = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latch-db-schema")
         self.async_engine: AsyncEngine | None = None
         if self.is_async:
             self.async_engine = make_async_engine(url)
-            self._write_gate = PriorityGate(writers)
+            self._write_gate = PriorityGate(writers, self.write_delay.observe)
             self._read_gate = asyncio.Semaphore(4)
         else:
-            self._writer = _PriorityPool(writers, "latch-db-write")
+            self._writer = _PriorityPool(writers, "latch-db-write", self.write_delay.observe)
             self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="latch-db-read")
 
     def _run(self, fn: Callable[[Session], T]) -> T:

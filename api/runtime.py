@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from api.admission import Admission
 from api.commands import CommandService
 from api.db import Database
 from api.devices import DeviceRegistry
@@ -36,3 +37,4 @@ class Runtime:
     rights: Rights
     users: UserService
     fleet: FleetService          # fleet commands and their rollout worker (api/fleet.py)
+    admission: Admission         # refuses new commands at once while this process is overloaded

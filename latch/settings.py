@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     event_page: int = 500                  # most events in one poll/backlog page
     max_streams_per_user: int = 10         # open SSE/WebSocket/long-poll streams one user account may hold (429 past)
 
+    # admission control for commands (api/admission.py): refuse at once (503) what cannot be finished in time
+    admit_max_creating: int = 64           # commands being created at once in this process
+    admit_max_queue_ms: float = 100.0      # the database writer's standing queue above which new commands wait outside
+
     # the HTTP boundary (api/boundary.py, api/security_headers.py)
     max_body_bytes: int = 64 * 1024        # larger request bodies get 413 before they are read
     ws_allowed_origins: list[str] = []     # browser Origins /v1/ws accepts besides the API's own (same-origin)

@@ -27,7 +27,10 @@ WaitQuery = Annotated[float, Query(ge=0, le=60, description="hold the response u
 async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who: CallerDep,
                        response: Response, wait: WaitQuery = 0,
                        idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> CommandPublic:
-    """Operators command any device; a rider only the bike of their open ride (unlock, lock, locate)."""
+    """Operators command any device; a rider only the bike of their open ride (unlock, lock, locate).
+    503 with Retry-After when this API is overloaded (nothing written: retry, best with the same
+    Idempotency-Key)."""
+    rt.admission.check()   # before any work: refusing must stay cheap under overload
     try:
         await rt.rights.check_command(who, device_id, body.action)
     except Refused as e:
@@ -41,7 +44,8 @@ async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who:
     outcome = rt.waiters.register(command_id)   # before the command exists, so no outcome can slip past
     try:
         try:
-            cmd, created = await rt.commands.create(device, body, who.name, idempotency_key, command_id)
+            with rt.admission.creating_one():
+                cmd, created = await rt.commands.create(device, body, who.name, idempotency_key, command_id)
         except IdempotencyConflict as e:
             raise HTTPException(status.HTTP_409_CONFLICT,
                                 f"Idempotency-Key was already used for command {e.args[0]} with a different request")

@@ -25,7 +25,8 @@ async def start_ride(body: RideCreate, rt: RuntimeDep, who: CallerDep) -> RideSt
     on the event stream (or GET /v1/commands/{unlock.id}?wait=): the ride turns active when it succeeds."""
     try:
         rt.rights.check_rate(who)
-        ride, cmd = await rt.rides.start(who, body)
+        with rt.admission.creating_one():   # the ride's unlock is a command: 503 when overloaded
+            ride, cmd = await rt.rides.start(who, body)
     except Refused as e:
         raise e.http()
     return RideStarted(**public(ride).model_dump(), unlock=command_public(cmd))

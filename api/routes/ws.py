@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse
 from api import tokens
 from api.auth import AuthError, Principal, bearer_token, resolve
 from api.commands import IdempotencyConflict, public
+from api.admission import Overloaded
 from api.boundary import BadJson, check_json
 from api.commands import CommandTooLarge
 from api.events import CursorError, Subscription, TooManyStreams
@@ -168,13 +169,17 @@ class Connection:
             if device.revoked:
                 raise Refused(409, f"device {device_id!r} is revoked")
             key = msg.get("idempotency_key")
-            cmd, created = await self.rt.commands.create(device, body, self.who.name,
-                                                         key if isinstance(key, str) else None)
+            with self.rt.admission.creating_one():
+                cmd, created = await self.rt.commands.create(device, body, self.who.name,
+                                                             key if isinstance(key, str) else None)
         except Refused as e:
             await self.reply(request_id, False, e.status, error=e.reason)
             return
         except CommandTooLarge as e:
             await self.reply(request_id, False, 413, error=str(e))
+            return
+        except Overloaded as e:
+            await self.reply(request_id, False, 503, error=str(e), retry_after_s=e.retry_after_s)
             return
         except IdempotencyConflict as e:
             await self.reply(request_id, False, 409, error=f"idempotency_key was already used for command {e.args[0]}")
