@@ -97,13 +97,15 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
             link.publish(topics.drop_topic(device_id), change.encode(), qos=1)
 
     registry.after_change.append(drop_connections)
+    users = UserService(db, settings)
+    events_.confirm = users.sessions.confirm   # open streams re-check their session (api/events.py still_allowed)
     events_.sinks.append(wake_waiters)
     events_.sinks.append(wake_fleet)
     events_.sinks.append(to_rider_topic)
     return Runtime(settings=settings, db=db, registry=registry, commands=commands_, ingest=ingest, link=link,
                    sweeper=Sweeper(commands_, lease, acks_behind=ingest.ack_lag.behind), metrics=metrics, waiters=waiters, events=events_,
                    rides=RideService(db, commands_, events_), rights=Rights(db, settings),
-                   users=UserService(db, settings),
+                   users=users,
                    fleet=fleet,
                    admission=Admission(db.write_delay, settings.admit_max_creating, settings.admit_max_queue_ms))
 

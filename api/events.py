@@ -43,14 +43,15 @@ import bisect
 import itertools
 import json
 import logging
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import event as sa_event, func, text
 from sqlmodel import Session, col, select
 
-from api.auth import Principal
+from api.auth import AuthError, Principal
 from api.clock import now_ms
 from api.db import Database
 from api.event_models import LogEvent
@@ -70,6 +71,10 @@ APPEND_EVENTS = text("SELECT latch_append_events(:k, :c, CAST(:e AS json))")   #
 
 class CursorError(ValueError):
     """A cursor that is not an event id, or one from the future; str(e) is the 400's message."""
+
+
+SESSION_ENDED = "session ended: log in again"
+SESSION_RECHECK_S = 5.0
 
 
 class TooManyStreams(Exception):
@@ -145,11 +150,14 @@ def _release(fut: asyncio.Future[None]) -> None:
 class Subscription:
     """One connection's view of the log: a bounded buffer of events it may see, after its cursor."""
 
-    __slots__ = ("user_id", "operator", "cursor", "sent", "live", "closed", "reason", "cut", "task",
-                 "_buf", "_limit", "_waiter", "_log")
+    __slots__ = ("user_id", "session_id", "who", "checked_at", "operator", "cursor", "sent", "live", "closed",
+                 "reason", "cut", "task", "_buf", "_limit", "_waiter", "_log")
 
     def __init__(self, who: Principal, cursor: int, limit: int, log_: "EventLog") -> None:
         self.user_id = who.user_id
+        self.session_id = who.session_id
+        self.who = who
+        self.checked_at = time.monotonic()   # when the session behind it was last confirmed
         self.operator = who.is_operator
         self.cursor = cursor      # every visible event up to here has been handed over (backlog or buffer)
         self.sent = cursor        # the newest id the transport has written to its client
@@ -193,7 +201,7 @@ class Subscription:
         self.closed = True
         self.reason = reason
         self._log._remove(self)
-        self._log._release_stream(self.user_id)
+        self._log._release_stream(self)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -226,7 +234,9 @@ class EventLog:
         self._operators: set[Subscription] = set()
         self._riders: dict[str, set[Subscription]] = {}
         self.max_streams_per_user = settings.max_streams_per_user
-        self._streams: dict[str, int] = {}   # open subscriptions per user account (the admin token has none)
+        self._streams: dict[str, set[Subscription]] = {}   # open subscriptions per user account (not the admin)
+        # re-checks an open stream's session (revoked, user deleted) every SESSION_RECHECK_S: set by the app
+        self.confirm: Callable[[Principal], Awaitable[Principal]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.shared = db.is_postgres          # other processes may append too (api/pg_bus.py)
         self._local: dict[int, LiveEvent] = {}   # committed events known here (ours, or from NOTIFY) not yet published
@@ -443,22 +453,45 @@ class EventLog:
         a buffer and a task here; a phone needs one. The admin token (automation) is not capped."""
         uid = who.user_id
         if uid is not None:
-            held = self._streams.get(uid, 0)
-            if held >= self.max_streams_per_user:
+            held = self._streams.get(uid)
+            if held is not None and len(held) >= self.max_streams_per_user:
                 self.metrics.inc("streams_refused")
-                raise TooManyStreams(f"you already have {held} open event streams, the most allowed "
+                raise TooManyStreams(f"you already have {len(held)} open event streams, the most allowed "
                                      f"(LATCH_MAX_STREAMS_PER_USER); close one, or resume with your cursor")
-            self._streams[uid] = held + 1
-        return Subscription(who, self.head if after is None else after, self.buffer, self)
+        sub = Subscription(who, self.head if after is None else after, self.buffer, self)
+        if uid is not None:
+            self._streams.setdefault(uid, set()).add(sub)
+        return sub
 
-    def _release_stream(self, user_id: str | None) -> None:
-        if user_id is None:
-            return
-        left = self._streams.get(user_id, 0) - 1
-        if left > 0:
-            self._streams[user_id] = left
-        else:
-            self._streams.pop(user_id, None)
+    def _release_stream(self, sub: Subscription) -> None:
+        held = self._streams.get(sub.user_id) if sub.user_id is not None else None
+        if held is not None:
+            held.discard(sub)
+            if not held:
+                del self._streams[sub.user_id]   # type: ignore[arg-type]
+
+    def end_sessions(self, user_id: str, only: str | None = None, keep: str | None = None) -> int:
+        """Close the user's open streams of session `only` (logout), or of every session but `keep`
+        (password change, deletion): a revoked session stops receiving at once here; other replicas
+        find out at their next recheck (still_allowed). How many were closed."""
+        ended = [sub for sub in self._streams.get(user_id, ())
+                 if (only is None or sub.session_id == only) and (keep is None or sub.session_id != keep)]
+        for sub in ended:
+            sub.close(SESSION_ENDED)
+        return len(ended)
+
+    async def still_allowed(self, sub: Subscription) -> bool:
+        """Re-confirm the session behind an open stream at most every SESSION_RECHECK_S (a revocation
+        made on another replica); False (and the subscription closed) once it is revoked."""
+        if self.confirm is None or sub.user_id is None or time.monotonic() - sub.checked_at < SESSION_RECHECK_S:
+            return not sub.closed
+        sub.checked_at = time.monotonic()
+        try:
+            await self.confirm(sub.who)
+        except AuthError:
+            sub.close(SESSION_ENDED)
+            return False
+        return not sub.closed
 
     async def backlog(self, sub: Subscription, limit: int | None = None) -> list[LiveEvent]:
         """The next page of visible events after the subscription's cursor. When the page is the last

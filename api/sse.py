@@ -24,7 +24,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from api.events import EventLog, LiveEvent, Subscription
+from api.events import SESSION_ENDED, EventLog, LiveEvent, Subscription
 
 HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
            (b"x-accel-buffering", b"no")]
@@ -56,6 +56,8 @@ class EventStream(Response):
                     await self._events(send, page)
             while not sub.closed:
                 batch = await sub.next(self.keepalive_s)
+                if not await self.log.still_allowed(sub):   # logged out, or the user deleted, meanwhile
+                    break
                 if batch:
                     await self._events(send, batch)
                 elif not sub.closed:
@@ -73,7 +75,7 @@ class EventStream(Response):
 
     async def _finish(self, send: Any) -> None:
         final = b""
-        if self.sub.cut:
+        if self.sub.cut or self.sub.reason == SESSION_ENDED:
             final = b"event: error\ndata: %s\n\n" % json.dumps({"reason": self.sub.reason}).encode()
         try:   # a client that reads nothing gets no goodbye: the connection just ends
             await asyncio.wait_for(send({"type": "http.response.body", "body": final, "more_body": False}),

@@ -97,6 +97,7 @@ async def log_out(rt: RuntimeDep, who: CallerDep) -> Response:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "the admin token has no session: to revoke it, change "
                                                          "LATCH_ADMIN_TOKEN (or DATA_DIR/admin.token) and restart")
     await rt.users.sessions.revoke(who.session_id)
+    rt.events.end_sessions(who.user_id or "", only=who.session_id)   # its open streams end now
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -113,6 +114,7 @@ async def change_password(body: PasswordChange, request: Request, rt: RuntimeDep
         raise _busy(e) from e
     if not ok:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "the current password is wrong")
+    rt.events.end_sessions(who.user_id, keep=who.session_id)   # the other sessions' open streams end now
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -157,4 +159,5 @@ async def delete_user(user_id: str, rt: RuntimeDep, _: OperatorDep) -> Response:
     new account; its rides and commands stay in the history under its id."""
     if not await rt.users.delete(user_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no user {user_id[:64]!r}")
+    rt.events.end_sessions(user_id)   # every open stream of the account ends now
     return Response(status_code=status.HTTP_204_NO_CONTENT)

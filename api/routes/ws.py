@@ -33,7 +33,7 @@ from api.commands import IdempotencyConflict, public
 from api.admission import Overloaded
 from api.boundary import BadJson, check_json
 from api.commands import CommandTooLarge
-from api.events import CursorError, Subscription, TooManyStreams
+from api.events import SESSION_ENDED, CursorError, Subscription, TooManyStreams
 from api.models import CommandCreate
 from api.rights import Refused
 from api.runtime import Runtime
@@ -137,6 +137,8 @@ class Connection:
                     sub.sent = page[-1].id
             while not sub.closed:
                 batch = await sub.next(self.rt.settings.sse_keepalive_s)
+                if not await self.rt.events.still_allowed(sub):   # logged out, or the user deleted, meanwhile
+                    break
                 for ev in batch:
                     await self.send(ev.ws)
                 if batch:
@@ -150,6 +152,9 @@ class Connection:
         if sub.cut:
             with contextlib.suppress(Exception):
                 await self.ws.close(CLOSE_TOO_SLOW, (sub.reason or "too far behind")[:120])
+        elif sub.reason == SESSION_ENDED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(CLOSE_UNAUTHORIZED, SESSION_ENDED)
 
     async def command(self, msg: dict[str, Any], request_id: Any) -> None:
         device_id = msg.get("device_id")

@@ -170,3 +170,36 @@ async def test_a_revoked_or_deleted_users_token_no_longer_logs_in_over_mqtt(ws_s
                 await asyncio.wait_for(_mqtt_login(stack, u), 10)
     finally:
         await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
+
+
+async def test_open_streams_end_when_their_session_ends(stack: LiveStack, users) -> None:  # type: ignore[no-untyped-def]
+    """Logout ends the token's open SSE and WebSocket streams at once, not only its next request."""
+    import asyncio
+    import json as _json
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    from tests.api.push_support import sse_messages
+
+    rider = await users()
+    url = stack.api_url.replace("http://", "ws://") + "/v1/ws"
+    async with connect(url, additional_headers={"Authorization": f"Bearer {rider.token}"}) as ws:
+        await ws.send(_json.dumps({"type": "subscribe"}))
+        assert _json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "subscribed"
+        async with rider.http.stream("GET", "/v1/events/stream") as stream:
+            messages = sse_messages(stream)
+            assert (await asyncio.wait_for(messages.__anext__(), 10)).event == "ready"
+            assert (await rider.http.post("/v1/auth/logout")).status_code == 204
+
+            async def ended() -> str:
+                async for m in messages:
+                    if m.event == "error":
+                        return m.json()["reason"]
+                return "closed"
+            assert "session ended" in await asyncio.wait_for(ended(), 10)
+        try:
+            await asyncio.wait_for(ws.recv(), 10)
+            raise AssertionError("the WebSocket outlived its session")
+        except ConnectionClosed as e:
+            assert e.rcvd is not None and e.rcvd.code == 4401
