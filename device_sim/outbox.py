@@ -5,7 +5,8 @@ mirrored here, one for one:
 - a QoS 1 message stays queued until its PUBACK, also across a lost link, and is sent again
   (DUP) after every reconnect, whether or not the broker kept the session;
 - published while the link is down, it is queued and sent after the next connect;
-- a newer retained message supersedes an unsent one on the same topic;
+- a newer retained message supersedes a queued one on the same topic, sent or not (the broker keeps only
+  the newest retained message anyway);
 - the queue is bounded (MAX_QUEUED, the firmware's _MAX_QUEUED): when full, the oldest goes.
   (A bound in bytes as well, `max_bytes`, is there for when the firmware gets one: it was tried
   in firmware/mqtt.py during issue 12 and is off, None, as the firmware has none today);
@@ -34,7 +35,7 @@ from mqtt_client import MqttClient, MqttError, publish_packet_size
 
 log = logging.getLogger("latch.sim")
 
-MAX_QUEUED = 16   # firmware/mqtt.py _MAX_QUEUED
+MAX_QUEUED = 4    # firmware/mqtt.py _MAX_QUEUED
 
 
 @dataclass
@@ -90,8 +91,8 @@ class Outbox:
         queue = self.pending
         if retain:
             for old in queue:
-                if old.retain and not old.sent and old.topic == topic:
-                    queue.remove(old)      # superseded before it was ever sent
+                if old.retain and old.topic == topic:
+                    queue.remove(old)      # superseded, sent or not: the broker keeps only the newest retained
                     self._orphan(old)
                     break
         q = _Queued(topic, payload, retain, publish_packet_size(topic, payload, 1))

@@ -249,9 +249,6 @@ async def test_watchdog_fed_only_while_healthy(stack, micropython, tmp_path):
 
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 defect 14b, open: with the broker's PUBACKs withheld the 64 KiB "
-                   "firmware hits MemoryError within a few commands (reproduced); bounding the queue "
-                   "first needs room in the 64 KiB boot, see docs/firmware.md")
 async def test_64k_heap_stays_bounded_on_a_link_that_loses_the_way_back(stack, micropython, mpy_cross, tmp_path):
     """Issue 12, defect 14: under CPU contention the 64 KiB firmware ran out of heap. What piles up on a
     slow link is what the lock keeps until the broker confirms it: its unacknowledged QoS 1 messages
