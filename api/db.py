@@ -72,6 +72,7 @@ class Priority(IntEnum):
     """Order of the write queue: lower first. See api/command_priority.py for which command gets which."""
     ANSWER = -1       # work already accepted: a device's answer, a timeout (finishing beats starting)
     INTERACTIVE = 0   # a person is waiting: unlock, lock
+    REPORT = 3        # a device's presence and state reports (a burst of them must not hold an unlock)
     ROUTINE = 5       # other single commands
     BULK = 10         # fleet rollouts
 
@@ -79,7 +80,7 @@ class Priority(IntEnum):
 class _PriorityPool:
     """Worker threads taking jobs in (priority, arrival) order (the synchronous drivers)."""
 
-    def __init__(self, workers: int, name: str, on_wait: Callable[[float], None] = lambda s: None) -> None:
+    def __init__(self, workers: int, name: str, on_wait: Callable[[int, float], None] = lambda p, s: None) -> None:
         self._q: queue.PriorityQueue[tuple[int, int, Any]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._on_wait = on_wait   # each job's time in the queue, seconds (api/admission.py)
@@ -94,11 +95,11 @@ class _PriorityPool:
 
     def _work(self) -> None:
         while True:
-            _, _, job = self._q.get()
+            priority, _, job = self._q.get()
             if job is None:
                 return
             fut, fn, args, queued_at = job
-            self._on_wait(time.monotonic() - queued_at)
+            self._on_wait(priority, time.monotonic() - queued_at)
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
@@ -118,7 +119,7 @@ class PriorityGate:
 
     A waiter cancelled after it was handed a slot gives the slot on to the next waiter."""
 
-    def __init__(self, slots: int, on_wait: Callable[[float], None] = lambda s: None) -> None:
+    def __init__(self, slots: int, on_wait: Callable[[int, float], None] = lambda p, s: None) -> None:
         self._on_wait = on_wait   # each holder's wait for its slot, seconds (api/admission.py)
         self._free = slots
         self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
@@ -127,14 +128,14 @@ class PriorityGate:
     async def acquire(self, priority: int) -> None:
         if self._free > 0 and not self._waiters:
             self._free -= 1
-            self._on_wait(0.0)
+            self._on_wait(priority, 0.0)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiters, (priority, next(self._seq), fut))
         queued_at = time.monotonic()
         try:
             await fut
-            self._on_wait(time.monotonic() - queued_at)
+            self._on_wait(priority, time.monotonic() - queued_at)
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():   # the slot was ours already: pass it on
                 self.release()
@@ -221,18 +222,24 @@ class Database:
         self.driver, self.is_async = driver_of(url)
         self.is_postgres = self.driver.startswith("postgresql")
         writers = 8 if self.is_postgres else 1
-        self.write_delay = StandingDelay()   # how long writes stand in the queue (api/admission.py)
+        # how long a person's writes stand in the queue (api/admission.py): answers and interactive commands
+        # only — a backlog of reports or a rollout behind them is not a reason to refuse an unlock
+        self.write_delay = StandingDelay()
         # the synchronous engine: every unit of work with a sync driver; schema work with either
         self.engine = make_engine(url)
         self._schema = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latch-db-schema")
         self.async_engine: AsyncEngine | None = None
         if self.is_async:
             self.async_engine = make_async_engine(url)
-            self._write_gate = PriorityGate(writers, self.write_delay.observe)
+            self._write_gate = PriorityGate(writers, self._observe_wait)
             self._read_gate = asyncio.Semaphore(4)
         else:
-            self._writer = _PriorityPool(writers, "latch-db-write", self.write_delay.observe)
+            self._writer = _PriorityPool(writers, "latch-db-write", self._observe_wait)
             self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="latch-db-read")
+
+    def _observe_wait(self, priority: int, wait_s: float) -> None:
+        if priority <= Priority.INTERACTIVE:
+            self.write_delay.observe(wait_s)
 
     def _run(self, fn: Callable[[Session], T]) -> T:
         with Session(self.engine, expire_on_commit=False) as session:

@@ -22,7 +22,7 @@ from sqlmodel import Session, col, delete, select
 
 from api import keyseal
 from api.clock import now_ms, to_datetime
-from api.db import Database
+from api.db import Database, Priority
 from api.hooks import NO_HOOKS, ChangeHooks
 from api.models import Device, DeviceCreate, DeviceCredentials, DevicePatch, DevicePublic, DeviceTag
 from broker.identity import hash_secret, new_secret
@@ -226,11 +226,11 @@ class DeviceRegistry:
             s.commit()
             return device
 
-        return await self.db.write(mark)
+        return await self.db.write(mark, Priority.REPORT)
 
     async def merge_reported(self, device_id: str, fields: dict[str, Any]) -> bool:
         now = now_ms()
-        return await self.db.write(lambda s: merge_reported(s, device_id, fields, now, self.hooks))
+        return await self.db.write(lambda s: merge_reported(s, device_id, fields, now, self.hooks), Priority.REPORT)
 
 
 LAST_SEEN_RESOLUTION_MS = 5_000
