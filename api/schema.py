@@ -7,6 +7,8 @@ database that is not at the code's revision, saying what to run.
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 from alembic import command
@@ -18,6 +20,9 @@ from sqlalchemy import Engine, MetaData
 from api.db import Database
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+
+
+log = logging.getLogger("latch.schema")
 
 
 class SchemaNotReady(RuntimeError):
@@ -89,6 +94,26 @@ async def upgrade(db: Database, revision: str = "head") -> None:
 
 async def check(db: Database, url_hint: str = "") -> str:
     return await db.run_sync(lambda engine: check_engine(engine, url_hint))
+
+
+def _empty(engine: Engine) -> bool:
+    from sqlalchemy import inspect
+
+    return current_revision(engine) is None and not inspect(engine).get_table_names()
+
+
+async def prepare(db: Database, url_hint: str = "") -> str:
+    """What `latch broker` and `latch api` do at start: an empty SQLite database (a first start on a fresh
+    data dir) is created at the code's revision, with one log line; anything else must already be at it
+    (SchemaNotReady with the command to run). PostgreSQL is never migrated implicitly: a shared database
+    is upgraded once, on purpose (`latch db upgrade`), not by whichever replica starts first."""
+    if not db.is_postgres and await db.run_sync(_empty):
+        try:
+            await upgrade(db)
+            log.info("created a new Latch database at revision %s: %s", head_revision(), display_url(url_hint))
+        except Exception:   # another process (the broker or the API beside it) created it at the same moment
+            log.debug("creating the database raced another process; checking it", exc_info=True)
+    return await check(db, url_hint)
 
 
 def display_url(url: str) -> str:

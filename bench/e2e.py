@@ -59,6 +59,9 @@ class RunResult:
     db_writes_per_command: float | None = None   # PostgreSQL rows inserted + updated, per command
     machine_busy_cores: float | None = None      # the whole machine's average busy cores during the run
     machine_steal_cores: float | None = None     # cores' worth taken by the host meanwhile (a noisy neighbour)
+    api_to_broker_cpu: float | None = None       # the API's CPU per command over the broker's, same run (goal: <= 2)
+    ceiling_per_s: float | None = None           # the machine's cores / CPU per command of every process together
+    share_of_ceiling: float | None = None        # achieved / ceiling (goal at p99 < 50 ms: >= 0.8)
 
 
 @dataclass
@@ -223,6 +226,9 @@ class Bench:
         if self.database_url:   # the PostgreSQL server on this machine (a remote one shows as 0)
             cpu["postgres"] = round((cpu_seconds_named("postgres") - pg_before) * 1000 / per, 2)
         wall = max(time.monotonic() - wall_before, 1e-9)
+        api_ms = sum(v for k, v in cpu.items() if k.startswith("api-"))
+        total_ms = sum(cpu.values())
+        ceiling = (os.cpu_count() or 1) * 1000 / total_ms if total_ms > 0 else None
         busy = (machine_busy_seconds() - busy_before) / wall
         steal = (machine_steal_seconds() - steal_before) / wall
         return RunResult(
@@ -235,7 +241,10 @@ class Bench:
             sim_rss_mib=round(self.procs["sim"].rss_kib / 1024, 1), cpu_ms_per_command=cpu, replicas=self.replicas,
             db_writes_per_command=(round((writes_after - writes_before) / per, 1)
                                    if writes_before is not None and writes_after is not None else None),
-            machine_busy_cores=round(busy, 2), machine_steal_cores=round(steal, 2))
+            machine_busy_cores=round(busy, 2), machine_steal_cores=round(steal, 2),
+            api_to_broker_cpu=round(api_ms / cpu["broker"], 1) if cpu.get("broker") else None,
+            ceiling_per_s=round(ceiling, 1) if ceiling else None,
+            share_of_ceiling=round(succeeded / elapsed / ceiling, 2) if ceiling else None)
 
 
 def show(r: RunResult) -> None:
@@ -244,7 +253,23 @@ def show(r: RunResult) -> None:
           f"p99 {r.p99_ms} ms  max {r.max_ms} ms | RSS broker {r.broker_rss_mib} MiB, api {r.api_rss_mib} MiB, "
           f"sim {r.sim_rss_mib} MiB | CPU ms/command {r.cpu_ms_per_command}"
           + (f" | machine busy {r.machine_busy_cores} cores, stolen by the host {r.machine_steal_cores}"
-             if r.machine_busy_cores is not None else ""), flush=True)
+             if r.machine_busy_cores is not None else "")
+          + (f" | API/broker CPU {r.api_to_broker_cpu}x, ceiling {r.ceiling_per_s}/s, carried "
+             f"{r.share_of_ceiling:.0%} of it" if r.ceiling_per_s and r.share_of_ceiling is not None else ""),
+          flush=True)
+
+
+async def broker_baseline(devices: int, rates: list[int], duration: float) -> dict:
+    """Latch's broker alone on this machine, in this run (bench/broker.py's command round trips: a service
+    sends each of `devices` a QoS 1 command, each answers): the speed the platform is measured against."""
+    from bench.broker import Cfg, m_rtt, start_broker
+
+    async with start_broker("latch") as b:
+        out = await m_rtt(b, Cfg(devices=devices, rtt_rates=rates, rtt_duration=duration))
+    for r in out["runs"]:
+        r["broker_cpu_ms_per_round_trip"] = (round(r["broker_cpu_share"] * 1000 / r["achieved_per_s"], 3)
+                                             if r["achieved_per_s"] else None)
+    return out
 
 
 async def main() -> None:
@@ -260,7 +285,14 @@ async def main() -> None:
     ap.add_argument("--replicas", type=int, default=1, help="API processes (more than 1 needs PostgreSQL)")
     ap.add_argument("--broker", choices=("latch", "mosquitto"), default="latch")
     ap.add_argument("--share-group", help="replicas take device answers as $share/GROUP/... (Mosquitto)")
+    ap.add_argument("--baseline-rates", default="1000,3000,6000,10000,15000",
+                    help="command round-trip rates for the broker-alone baseline ('' to skip)")
     args = ap.parse_args()
+
+    baseline = None
+    if args.baseline_rates:
+        print("the broker alone (baseline, same machine, same run):", flush=True)
+        baseline = await broker_baseline(min(args.devices, 1000), [int(x) for x in args.baseline_rates.split(",")], 3.0)
 
     with tempfile.TemporaryDirectory(prefix="latch-bench-") as tmp:
         bench = Bench(args.devices, Path(tmp), database_url=args.database_url, replicas=args.replicas,
@@ -298,12 +330,16 @@ async def main() -> None:
               "broker": args.broker, "share_group": args.share_group,
               "runs": [asdict(r) for r in runs],
               "highest_rate_p99_under_target": asdict(best) if best else None,
-              "target_p99_ms": args.target_p99_ms}
+              "target_p99_ms": args.target_p99_ms, "broker_alone": baseline}
     out = args.out or RESULTS / f"e2e-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     if best:
         print(f"highest rate with p99 < {args.target_p99_ms} ms: {best.rate:.0f}/s (p99 {best.p99_ms} ms)")
+    if baseline:
+        top = baseline["best_rate_p99_under_25ms"]
+        print(f"the broker alone: {top}/s command round trips at p99 < 25 ms; end to end: "
+              f"{best.achieved_per_s if best else 0}/s at p99 < {args.target_p99_ms} ms")
     print(f"written: {out}")
 
 

@@ -173,7 +173,7 @@ async def _broker(settings: Settings) -> None:
                             SqlCredentialStore(db, settings.service_secret or "", settings.jwt_secret))
 
     async def start() -> None:
-        await schema.check(db, settings.resolved_database_url())
+        await schema.prepare(db, settings.resolved_database_url())   # a fresh SQLite data dir: created
         await broker.start()
         tune_gc()       # this process is only the broker: no full-heap collections mid-stream
         print("Latch broker listening: " + ", ".join(f"{k} {settings.host}:{v}" for k, v in broker.ports.items()),

@@ -67,8 +67,8 @@ class Stack:
     async def start(self) -> None:
         if self.migrate:
             await schema.upgrade(self.db)
-        else:
-            await schema.check(self.db, self.settings.resolved_database_url())
+        else:   # `latch api`: a fresh SQLite data dir is created, anything else must be migrated already
+            await schema.prepare(self.db, self.settings.resolved_database_url())
         s = self.settings
         if self.embedded_broker:
             self.broker = EmbeddedBroker(

@@ -61,19 +61,46 @@ async def test_broker_api_and_sim_as_separate_processes(tmp_path: Path) -> None:
 
 
 async def test_api_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_path: Path) -> None:
+    """PostgreSQL (shared by replicas) is migrated on purpose only; a database behind the code is refused on
+    either; a fresh SQLite data dir is created at the code's revision (the next test)."""
     url = empty_postgres_url() if ON_POSTGRES else f"sqlite:///{tmp_path / 'fresh.db'}"
     env = {"LATCH_DATABASE_URL": url, "LATCH_ADMIN_TOKEN": "t"}
-    for command in (["api", "--http-port", "0", "--mqtt-port", "1"], ["broker", "--mqtt-port", "0"],
-                    ["db", "check"]):
+    if not ON_POSTGRES:   # behind the code: at the first revision
+        code, out = await run_to_end("db", "upgrade", "--data-dir", str(tmp_path), env=env)
+        assert code == 0, out
+        from api.db import Database
+        from api import schema as _schema
+        db = Database(url)
+        try:
+            await db.run_sync(lambda e: _schema.downgrade_engine(e, "0001"))
+        finally:
+            await db.close()
+    refused = ("has no Latch schema (never migrated)" if ON_POSTGRES
+               else f"is at revision 0001, this Latch needs {head_revision()}")
+    commands = [["api", "--http-port", "0", "--mqtt-port", "1"], ["broker", "--mqtt-port", "0"], ["db", "check"]]
+    for command in commands:
         code, out = await run_to_end(*command, "--data-dir", str(tmp_path), env=env)
         assert code == 1, out
-        assert "has no Latch schema (never migrated): run `latch db upgrade --database-url" in out, out
+        assert f"{refused}: run `latch db upgrade --database-url" in out, out
     code, out = await run_to_end("db", "upgrade", "--data-dir", str(tmp_path), env=env)
-    assert code == 0 and f"upgraded empty -> {head_revision()}" in out, out
+    assert code == 0 and f"-> {head_revision()}" in out, out
     code, out = await run_to_end("db", "upgrade", "--data-dir", str(tmp_path), env=env)
     assert code == 0 and "(already)" in out, out
     code, out = await run_to_end("db", "check", "--data-dir", str(tmp_path), env=env)
     assert code == 0 and f"at {head_revision()}, as this Latch needs" in out, out
+
+
+async def test_broker_on_a_fresh_sqlite_data_dir_creates_its_database(tmp_path: Path) -> None:
+    # SQLite in both passes: the default a newcomer runs (PostgreSQL is never migrated implicitly: the test above)
+    env = {"LATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'latch.db'}"}
+    async with running("broker", "--mqtt-port", "0", "--data-dir", str(tmp_path), "--allow-anonymous",
+                       env=env) as proc:
+        m, out = await read_until(proc, r"Latch broker listening")
+        assert f"created a new Latch database at revision {head_revision()}" in out, out
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    code, out = await run_to_end("db", "check", "--data-dir", str(tmp_path), env=env)
+    assert code == 0, out
 
 
 async def test_bad_options_give_a_clear_error(tmp_path: Path) -> None:
