@@ -6,16 +6,13 @@ quietly not run because a dependency is missing.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
-from latch.stack import Stack
 from tests.dbs import TEST_DATABASE, drop_created, drop_template
-from tests.support import REQUIRE_ALL, LiveStack, make_settings
+from tests.support import REQUIRE_ALL, LiveStack, live_stack
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -42,11 +39,5 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[LiveStack]:
-    async with Stack(make_settings(tmp_path)) as st:
-        async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
-                                     headers={"Authorization": f"Bearer {st.settings.admin_token}"}) as http:
-            live = LiveStack(st, http)
-            try:
-                yield live
-            finally:
-                await asyncio.gather(*(lock.stop() for lock in live.locks), return_exceptions=True)
+    async with live_stack(tmp_path) as live:
+        yield live

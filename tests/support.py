@@ -7,7 +7,7 @@ import contextlib
 import signal
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,19 @@ class LiveStack:
 
     async def metrics(self) -> dict[str, int]:
         return (await self.http.get("/v1/metrics")).json()["counts"]
+
+
+@contextlib.asynccontextmanager
+async def live_stack(tmp_path: Path, **overrides: Any) -> AsyncIterator[LiveStack]:
+    """A started stack with these settings (make_settings), an operator HTTP client, and its locks stopped after."""
+    async with Stack(make_settings(tmp_path, **overrides)) as st:
+        async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
+                                     headers={"Authorization": f"Bearer {st.settings.admin_token}"}) as http:
+            live = LiveStack(st, http)
+            try:
+                yield live
+            finally:
+                await asyncio.gather(*(lock.stop() for lock in live.locks), return_exceptions=True)
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

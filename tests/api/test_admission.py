@@ -7,11 +7,9 @@ import asyncio
 import threading
 from pathlib import Path
 
-import httpx
 
 from api.admission import StandingDelay
-from latch.stack import Stack
-from tests.support import LiveStack, eventually, make_settings
+from tests.support import eventually, live_stack
 
 
 def test_standing_delay_is_the_shortest_wait_of_the_last_window() -> None:
@@ -34,26 +32,23 @@ def test_standing_delay_is_the_shortest_wait_of_the_last_window() -> None:
 
 
 async def test_an_overloaded_api_refuses_new_commands_at_once_and_writes_nothing(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, admit_max_creating=1)
-    async with Stack(settings) as st:
-        async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
-                                     headers={"Authorization": f"Bearer {settings.admin_token}"}) as http:
-            live = LiveStack(st, http)
-            lock = await live.lock("bike-a")
-            try:
-                release = threading.Event()
-                blocked = asyncio.ensure_future(live.runtime.db.write(lambda s: release.wait(30)))   # the writer is busy
-                first = asyncio.ensure_future(live.command("bike-a", "unlock", wait=10))
-                await eventually(lambda: live.runtime.admission.creating == 1, what="the first command admitted")
-                refused = await live.command("bike-a", "unlock", wait=10)
-                assert refused.status_code == 503, refused.text
-                assert refused.headers["retry-after"] == "1" and "busy" in refused.json()["detail"]
-                release.set()
-                await blocked
-                accepted = await first
-                assert accepted.status_code == 201 and accepted.json()["status"] == "succeeded", accepted.text
-                listed = (await http.get("/v1/devices/bike-a/commands")).json()
-                assert [c["id"] for c in listed] == [accepted.json()["id"]]   # the refused one left no row
-                assert (await live.command("bike-a", "lock")).json()["status"] == "succeeded"
-            finally:
-                await lock.stop()
+    async with live_stack(tmp_path, admit_max_creating=1) as live:
+        http = live.http
+        lock = await live.lock("bike-a")
+        try:
+            release = threading.Event()
+            blocked = asyncio.ensure_future(live.runtime.db.write(lambda s: release.wait(30)))   # the writer is busy
+            first = asyncio.ensure_future(live.command("bike-a", "unlock", wait=10))
+            await eventually(lambda: live.runtime.admission.creating == 1, what="the first command admitted")
+            refused = await live.command("bike-a", "unlock", wait=10)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1" and "busy" in refused.json()["detail"]
+            release.set()
+            await blocked
+            accepted = await first
+            assert accepted.status_code == 201 and accepted.json()["status"] == "succeeded", accepted.text
+            listed = (await http.get("/v1/devices/bike-a/commands")).json()
+            assert [c["id"] for c in listed] == [accepted.json()["id"]]   # the refused one left no row
+            assert (await live.command("bike-a", "lock")).json()["status"] == "succeeded"
+        finally:
+            await lock.stop()

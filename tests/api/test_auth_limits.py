@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from latch.stack import Stack
-from tests.support import LiveStack, eventually, make_settings
+from tests.support import LiveStack, eventually, live_stack, make_settings
 
 WRONG = {"password": "not the password"}
 
@@ -131,16 +131,10 @@ class _CountingHasher:
 @pytest.fixture
 async def flood_stack(tmp_path: Path) -> AsyncIterator[LiveStack]:
     """Limits out of the way (a flood from many addresses), a pool of 1 hash + 4 waiting."""
-    async with Stack(make_settings(tmp_path, login_rate_per_address_per_s=1e6, login_burst_per_address=10**6,
-                                   login_rate_per_account_per_s=1e6, login_burst_per_account=10**6,
-                                   password_hash_workers=1, password_hash_queue=4)) as st:
-        async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
-                                     headers={"Authorization": f"Bearer {st.settings.admin_token}"}) as http:
-            live = LiveStack(st, http)
-            try:
-                yield live
-            finally:
-                await asyncio.gather(*(lock.stop() for lock in live.locks), return_exceptions=True)
+    async with live_stack(tmp_path, login_rate_per_address_per_s=1e6, login_burst_per_address=10**6,
+                          login_rate_per_account_per_s=1e6, login_burst_per_account=10**6,
+                          password_hash_workers=1, password_hash_queue=4) as live:
+        yield live
 
 
 async def _unlock_ms(stack: LiveStack, n: int) -> list[float]:

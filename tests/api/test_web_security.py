@@ -6,14 +6,12 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from latch.stack import Stack
 from tests.api.push_support import sign_up
-from tests.support import LiveStack, make_settings
+from tests.support import LiveStack, live_stack
 
 
 async def test_pages_and_api_send_security_headers(stack: LiveStack) -> None:
@@ -57,29 +55,26 @@ async def test_websocket_refuses_a_foreign_origin(stack: LiveStack) -> None:
 
 
 async def test_open_event_streams_per_user_are_capped(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, max_streams_per_user=2)
-    async with Stack(settings) as st:
-        async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
-                                     headers={"Authorization": f"Bearer {settings.admin_token}"}) as http:
-            live = LiveStack(st, http)
-            rider = await sign_up(live)
-            try:
-                async with contextlib.AsyncExitStack() as held:
-                    for _ in range(2):
-                        r = await held.enter_async_context(rider.http.stream("GET", "/v1/events/stream"))
-                        assert r.status_code == 200
-                    r = await rider.http.get("/v1/events/stream")
-                    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
-                    assert "LATCH_MAX_STREAMS_PER_USER" in r.json()["detail"]
-                    r = await rider.http.get("/v1/events", params={"wait": 1})   # a held long poll is a stream too
-                    assert r.status_code == 429
-                    # the admin token (automation) is not capped
-                    async with http.stream("GET", "/v1/events/stream") as r:
-                        assert r.status_code == 200
+    async with live_stack(tmp_path, max_streams_per_user=2) as live:
+        http = live.http
+        rider = await sign_up(live)
+        try:
+            async with contextlib.AsyncExitStack() as held:
+                for _ in range(2):
+                    r = await held.enter_async_context(rider.http.stream("GET", "/v1/events/stream"))
+                    assert r.status_code == 200
+                r = await rider.http.get("/v1/events/stream")
+                assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+                assert "LATCH_MAX_STREAMS_PER_USER" in r.json()["detail"]
+                r = await rider.http.get("/v1/events", params={"wait": 1})   # a held long poll is a stream too
+                assert r.status_code == 429
+                # the admin token (automation) is not capped
+                async with http.stream("GET", "/v1/events/stream") as r:
+                    assert r.status_code == 200
 
-                async def freed() -> bool:   # closing streams frees their slots
-                    return (await rider.http.get("/v1/events", params={"wait": 0})).status_code == 200
-                from tests.support import eventually
-                await eventually(freed, what="stream slots freed")
-            finally:
-                await rider.http.aclose()
+            async def freed() -> bool:   # closing streams frees their slots
+                return (await rider.http.get("/v1/events", params={"wait": 0})).status_code == 200
+            from tests.support import eventually
+            await eventually(freed, what="stream slots freed")
+        finally:
+            await rider.http.aclose()
