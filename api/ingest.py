@@ -96,6 +96,13 @@ class AckLag:
         return self.median_ms() > self.BEHIND_MS
 
 
+REPEAT_WINDOW_S = 5.0   # a state report this soon after an ack that carried the same state repeats it
+
+
+def _fields(state: dict) -> dict:
+    return {k: state[k] for k in ("locked", "battery") if k in state}
+
+
 class Ingest:
     def __init__(self, registry: DeviceRegistry, commands: CommandService, publisher: Publisher,
                  metrics: Metrics, lease: Lease | None = None) -> None:
@@ -106,6 +113,9 @@ class Ingest:
         self.lease = lease or Lease(None)
         self._in_order = InOrder()
         self.ack_lag = AckLag()
+        # the state each device's latest ack carried, merged in that ack's transaction: the retained state
+        # report the lock sends right after repeats it, and needs no transaction of its own (docs/performance.md)
+        self._merged: dict[str, tuple[dict, float]] = {}
 
     async def handle(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         parsed = topics.parse(topic)
@@ -153,10 +163,16 @@ class Ingest:
         if out is None:
             self._drop("unknown_command", topics.ack_topic(device_id), f"no command {ack['id']!r}")
             return
+        if ack.get("state"):
+            self._merged[device_id] = (_fields(ack["state"]), time.monotonic())
         self.metrics.inc(f"acks_{ack['result']}")
 
     async def _state(self, device_id: str, state: dict) -> None:
-        fields = {k: state[k] for k in ("locked", "battery") if k in state}
+        fields = _fields(state)
+        merged = self._merged.pop(device_id, None)
+        if merged is not None and merged[0] == fields and time.monotonic() - merged[1] < REPEAT_WINDOW_S:
+            self.metrics.inc("state_reports_repeating_an_ack")   # already merged with the ack: no write
+            return
         if not await self.registry.merge_reported(device_id, fields):
             self._drop("unknown_device", topics.state_topic(device_id), "not in the registry")
 

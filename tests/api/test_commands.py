@@ -219,3 +219,19 @@ async def test_many_commands_in_parallel_all_reach_a_final_state(stack: LiveStac
     beeped = sum(b["status"] == "succeeded" for b in locates)
     assert sum(len(lock.actuations) for lock in locks) == beeped   # one beep per accepted locate, none for reports
     assert all(b["status"] == "succeeded" for b in bodies if b["action"] == "report")
+
+
+async def test_a_state_report_repeating_the_acks_state_costs_no_write(stack: LiveStack) -> None:
+    """The lock reports its state in the final ack and again, retained, right after: the second is not
+    written again (docs/performance.md), and the device's record is right either way."""
+    from tests.support import eventually
+
+    await stack.lock("bike-rep")
+    r = await stack.command("bike-rep", "unlock")
+    assert r.json()["status"] == "succeeded"
+    await eventually(lambda: stack.runtime.metrics.counts.get("state_reports_repeating_an_ack", 0) >= 1,
+                     what="the repeated state report recognised")
+    assert (await stack.http.get("/v1/devices/bike-rep")).json()["reported"]["locked"] is False
+    r = await stack.command("bike-rep", "lock")
+    assert r.json()["status"] == "succeeded"
+    assert (await stack.http.get("/v1/devices/bike-rep")).json()["reported"]["locked"] is True
