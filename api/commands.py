@@ -15,9 +15,9 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import update
+from sqlalchemy import insert as sql_insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -86,6 +86,17 @@ class IdempotencyConflict(Exception):
 class Outcome:
     command: Command
     applied: bool
+
+
+_COMMAND_COLUMNS = tuple(c.name for c in Command.__table__.columns)
+_EVENT_COLUMNS = tuple(c.name for c in CommandEvent.__table__.columns if c.name != "id")
+
+
+def insert_events(conn: Any, events: list[CommandEvent]) -> None:
+    """A command's history rows in one Core executemany: the ORM's flush of them was a good part of every
+    state change's cost (docs/performance.md)."""
+    if events:
+        conn.execute(sql_insert(CommandEvent.__table__), [{c: getattr(e, c) for c in _EVENT_COLUMNS} for e in events])
 
 
 def public(cmd: Command, history: list[CommandEvent] | None = None) -> CommandPublic:
@@ -172,8 +183,9 @@ class CommandService:
                                                         Command.idempotency_key == idempotency_key)).first()
                 if existing is not None:
                     return existing
-            s.add(cmd)
-            s.add_all(events)
+            conn = s.connection()   # Core, not the ORM's unit of work (docs/performance.md)
+            conn.execute(sql_insert(Command.__table__), {c: getattr(cmd, c) for c in _COMMAND_COLUMNS})
+            insert_events(conn, events)
             self.hooks.command_changed(s, cmd, events)
             if cmd.deadline_ms is not None and not self.sweeps_here():
                 self.notify(s, pg_bus.DEADLINE, str(cmd.deadline_ms))
@@ -295,7 +307,7 @@ class CommandService:
                     if res.rowcount != 1:
                         s.rollback()
                         continue
-                s.add_all(events)
+                insert_events(s.connection(), events)
                 if applied:
                     self.hooks.command_changed(s, cmd, events)
                     if cmd.deadline_ms is not None and not self.sweeps_here():

@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import event as sa_event, func, text
+from sqlalchemy import event as sa_event, func, insert, text
 from sqlmodel import Session, col, select
 
 from api.auth import AuthError, Principal
@@ -273,8 +273,12 @@ class EventLog:
         if not rows:
             return
         if not self.shared:   # SQLite: one writer, ids are in commit order as they are drawn
-            s.add_all(rows)
-            s.flush()
+            table = LogEvent.__table__   # Core with RETURNING, not the ORM's flush (docs/performance.md)
+            ids = s.connection().execute(
+                insert(table).returning(table.c.id, sort_by_parameter_order=True),
+                [{"at": r.at, "kind": r.kind, "audience": r.audience, "data": r.data} for r in rows]).scalars().all()
+            for row, event_id in zip(rows, ids, strict=True):
+                row.id = int(event_id)
             return
         # PostgreSQL: ids in commit order across processes (see the module's docstring). Everything else
         # of the transaction is written first; then one statement (migration 0003) takes the order lock,
