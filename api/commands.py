@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import insert as sql_insert, update
+from sqlalchemy import bindparam, insert as sql_insert, select as sa_select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -89,6 +89,7 @@ class Outcome:
 
 
 _COMMAND_COLUMNS = tuple(c.name for c in Command.__table__.columns)
+_SELECT_COMMAND = sa_select(Command.__table__).where(Command.__table__.c.id == bindparam("id"))
 _EVENT_COLUMNS = tuple(c.name for c in CommandEvent.__table__.columns if c.name != "id")
 
 
@@ -290,10 +291,12 @@ class CommandService:
         def unit(s: Session) -> Outcome | None:
             for _ in range(8):  # a lost race re-reads the row; bounded, each loss means another writer won
                 now = now_ms()
-                cmd = s.get(Command, command_id, populate_existing=True)
-                if cmd is None:
+                # Core: the row, as a detached Command changed in memory and written only by the conditional
+                # UPDATE below (the ORM's identity map and expunge cost more than the statement)
+                row = s.connection().execute(_SELECT_COMMAND, {"id": command_id}).mappings().first()
+                if row is None:
                     return None
-                s.expunge(cmd)  # changed in memory; written only by the conditional UPDATE below
+                cmd = Command(**row)
                 if device_id is not None and cmd.device_id != device_id:
                     raise ForeignCommand(cmd.device_id)
                 old = Status(cmd.status)

@@ -15,7 +15,7 @@ from typing import Any
 
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Engine, event, text
+from sqlalchemy import Engine, bindparam, event, select as sa_select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, delete, select
@@ -234,6 +234,12 @@ class DeviceRegistry:
 
 
 LAST_SEEN_RESOLUTION_MS = 5_000
+_DEVICE = Device.__table__
+_SELECT_REPORTED = sa_select(_DEVICE.c.online, _DEVICE.c.reported, _DEVICE.c.last_seen).where(
+    _DEVICE.c.id == bindparam("d_id"))
+_UPDATE_REPORTED = (update(_DEVICE).where(_DEVICE.c.id == bindparam("d_id"))
+                    .values(reported=bindparam("d_reported", type_=_DEVICE.c.reported.type),
+                            reported_at=bindparam("d_now"), last_seen=bindparam("d_now")))
 
 
 def merge_reported(s: Session, device_id: str, fields: dict[str, Any], now: int,
@@ -242,21 +248,20 @@ def merge_reported(s: Session, device_id: str, fields: dict[str, Any], now: int,
 
     The row is locked (FOR UPDATE on PostgreSQL) so replicas that all hear the same report compare it
     against what the previous one wrote, and only one of them records the change."""
-    device = s.get(Device, device_id, with_for_update=True)
-    if device is None:
+    conn = s.connection()   # Core: a read and an UPDATE, not the ORM's load and flush (docs/performance.md)
+    row = conn.execute(_SELECT_REPORTED.with_for_update(), {"d_id": device_id}).first()
+    if row is None:
         s.commit()
         return False
-    before = device.reported
-    merged = {**device.reported, **fields}
-    if merged == before and device.last_seen is not None and now - device.last_seen < LAST_SEEN_RESOLUTION_MS:
+    online, before, last_seen = row
+    merged = {**before, **fields}
+    if merged == before and last_seen is not None and now - last_seen < LAST_SEEN_RESOLUTION_MS:
         # a repeat of what we know (a lock reports its state in the ack and again, retained, right
         # after): not worth a write; last_seen is kept to this resolution
         s.commit()
         return True
-    device.reported = merged
-    device.reported_at = now
-    device.last_seen = now
-    hooks.device_changed(s, device, device.online, before)
-    s.add(device)
+    conn.execute(_UPDATE_REPORTED, {"d_id": device_id, "d_reported": merged, "d_now": now})
+    hooks.device_changed(s, Device(id=device_id, online=online, reported=merged, secret_hash="", command_key="",
+                                   created_at=0), online, before)
     s.commit()
     return True
