@@ -40,7 +40,8 @@ class Journal:
                 "final": is_final(status), "reason": cmd.reason if status == cmd.status else None,
                 "event": str(h.event), "created_at": cmd.created_at,
             }, audience, at=h.at)
-        if cmd.action == "unlock" and is_final(Status(cmd.status)):
+        # a ride's unlock is its rider's command: an operator's or a fleet's unlock has no ride to settle
+        if cmd.action == "unlock" and audience is not None and is_final(Status(cmd.status)):
             ride = settle_unlock(s, cmd, now_ms())
             if ride is not None:
                 self.events.append(s, ek.RIDE, ride_data(ride), ride.user_id)
