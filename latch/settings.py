@@ -147,11 +147,15 @@ class Settings(BaseSettings):
         from api import keyseal   # the registry finds the seal for its database here
 
         keyseal.register(self.resolved_database_url(), self.command_key_secret)
-        databases = ["broker.db"] + (["latch.db"] if self.database_url is None else [])
-        for name in databases:
-            _private_file(self.data_dir / name, create=True)
+        databases = [self.data_dir / "broker.db"]
+        sqlite_file = _sqlite_file(self.resolved_database_url())   # also a SQLite database outside the data dir
+        if sqlite_file is not None:
+            sqlite_file.parent.mkdir(parents=True, exist_ok=True)
+            databases.append(sqlite_file)
+        for path in databases:
+            _private_file(path, create=True)
             for suffix in ("-wal", "-shm", "-journal"):
-                _private_file(self.data_dir / (name + suffix), create=False)
+                _private_file(path.with_name(path.name + suffix), create=False)
         for path in self.data_dir.glob("*.json"):   # cached device credentials (demo fleet, `latch sim`)
             _private_file(path, create=False)
 
@@ -203,6 +207,14 @@ def broker_tls_context(url: str, ca: Path | None = None) -> ssl.SSLContext | Non
     if ca is not None and not Path(ca).is_file():
         raise ValueError(f"broker CA file {str(ca)!r} (LATCH_BROKER_CA) does not exist")
     return ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a sqlite:/// URL (None for PostgreSQL and in-memory databases)."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.partition(":///")[2].partition("?")[0]
+    return Path(path) if path and path != ":memory:" else None
 
 
 def _private_dir(path: Path) -> None:

@@ -94,12 +94,13 @@ async def test_plain_keys_of_an_earlier_latch_are_sealed_in_place(stack: LiveSta
     await lock.stop()
 
 
-@pytest.mark.skipif(ON_POSTGRES, reason="latch serve on its own SQLite database")
 async def test_the_operator_token_is_printed_once_when_generated(tmp_path: Path) -> None:
+    # `latch serve` on its own SQLite database in both passes (what a newcomer runs)
     args = ("serve", "--data-dir", str(tmp_path), "--http-port", "0", "--mqtt-port", "0")
+    sqlite = {"LATCH_DATABASE_URL": f"sqlite:///{tmp_path / 'latch.db'}"}
 
     async def start_output(env: dict[str, str] | None = None) -> str:
-        async with running(*args, env=env) as proc:
+        async with running(*args, env={**sqlite, **(env or {})}) as proc:
             _, out = await read_until(proc, r"Try:.*\n")
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(proc.wait(), 15) == 0
