@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,22 +11,15 @@ import pytest
 from amqtt.client import ClientError, ConnectError, MQTTClient
 from amqtt.mqtt.constants import QOS_1
 
-from latch.stack import Stack
 from protocol import topics
 from tests.api.push_support import User, sign_up
-from tests.support import LiveStack, eventually, make_settings
+from tests.support import LiveStack, eventually, live_stack
 
 
 @pytest.fixture
 async def ws_stack(tmp_path: Path) -> AsyncIterator[LiveStack]:
-    async with Stack(make_settings(tmp_path, ws_port=0)) as st:
-        async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
-                                     headers={"Authorization": f"Bearer {st.settings.admin_token}"}) as http:
-            live = LiveStack(st, http)
-            try:
-                yield live
-            finally:
-                await asyncio.gather(*(lock.stop() for lock in live.locks), return_exceptions=True)
+    async with live_stack(tmp_path, ws_port=0) as live:
+        yield live
 
 
 async def mqtt_ws(stack: LiveStack, user: User, client_id: str | None = None, clean: bool = True) -> MQTTClient:
