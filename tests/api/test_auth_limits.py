@@ -157,8 +157,12 @@ async def main(url, clients, seconds):
         n = 0
         while time.monotonic() < stop and n < 2000:          # bounded in time and count
             n += 1
-            r = await client.post("/v1/auth/login", json={"email": f"flood{i}-{n}@example.org",
-                                                          "password": "not the password"})
+            try:
+                r = await client.post("/v1/auth/login", json={"email": f"flood{i}-{n}@example.org",
+                                                              "password": "not the password"})
+            except httpx.TransportError:   # a keep-alive connection closed as the next request went out
+                counts["transport_error"] = counts.get("transport_error", 0) + 1
+                continue
             counts[r.status_code] = counts.get(r.status_code, 0) + 1
             if r.status_code == 503:
                 retry.add(r.headers.get("retry-after", ""))
@@ -191,7 +195,11 @@ async def test_a_login_flood_runs_a_bounded_number_of_hashes_and_commands_keep_f
         if proc.returncode is None:
             proc.kill()
         await proc.wait()
+    transport_errors = result["counts"].pop("transport_error", 0)
     counts = {int(k): v for k, v in result["counts"].items()}
+    # the flood tool's own client may race a keep-alive close now and then (seen once in CI); a rare one is
+    # not what this test is about, a server dropping connections under the flood would be
+    assert transport_errors <= max(1, sum(counts.values()) // 100), (transport_errors, counts)
     assert counting.peak == 1                                       # never more than the pool's one hash at once
     assert counts.get(503, 0) > 0 and result["retry_after"] == ["1"]   # the rest refused at once, told when
     assert counts.get(401, 0) > 0 and set(counts) <= {401, 503}
