@@ -24,6 +24,17 @@ from tests.device_sim.relay import Relay
 from tests.support import LiveStack, eventually
 
 
+async def _replay(stack, lock, device_id: str, cid: str, client_id: str) -> dict:  # type: ignore[no-untyped-def]
+    """Publish command `cid`'s signed message again, as the service identity; the lock's answer to it."""
+    svc = await _service_client(stack, client_id)
+    try:
+        svc.publish(topics.cmd_topic(device_id), await _signed_bytes(stack, cid), qos=1)
+        await eventually(lambda: any(a["id"] == cid for a in lock.answers), what="the restarted lock's answer")
+    finally:
+        await svc.disconnect()
+    return [a for a in lock.answers if a["id"] == cid][-1]
+
+
 async def _service_client(stack: LiveStack, client_id: str, handler=None) -> MqttClient:  # type: ignore[no-untyped-def]
     from broker.identity import SERVICE_USERNAME
     c = MqttClient(client_id, username=SERVICE_USERNAME, password=stack.settings.service_secret,
@@ -67,13 +78,7 @@ async def test_a_restarted_lock_answers_a_replayed_command_from_its_record_and_d
     await first.stop(abrupt=True)            # the process dies (kill -9): no goodbye, the will fires
     await stack.wait_presence("rs-1", False)
     again = await _sim_lock(stack, creds, data_dir)   # the same lock, restarted with the same data dir
-    svc = await _service_client(stack, "replayer")
-    try:
-        svc.publish(topics.cmd_topic("rs-1"), await _signed_bytes(stack, cid), qos=1)
-        await eventually(lambda: any(a["id"] == cid for a in again.answers), what="the restarted lock's answer")
-    finally:
-        await svc.disconnect()
-    answer = [a for a in again.answers if a["id"] == cid][-1]
+    answer = await _replay(stack, again, "rs-1", cid, "replayer")
     assert answer["result"] == messages.SUCCEEDED        # answered from the record ...
     assert again.actuations == []                        # ... not actuated again
     assert len(_actuated(data_dir, cid)) == 1            # the actuation record agrees: one execution in all
@@ -105,13 +110,7 @@ async def test_a_lock_restarted_mid_actuation_reports_it_interrupted_and_does_no
     await eventually(lambda: first.actuations, what="the motor to start")
     await first.stop(abrupt=True)
     again = await _sim_lock(stack, creds, data_dir)
-    svc = await _service_client(stack, "replayer-2")
-    try:
-        svc.publish(topics.cmd_topic("rs-2"), await _signed_bytes(stack, cid), qos=1)
-        await eventually(lambda: any(a["id"] == cid for a in again.answers), what="the restarted lock's answer")
-    finally:
-        await svc.disconnect()
-    answer = [a for a in again.answers if a["id"] == cid][-1]
+    answer = await _replay(stack, again, "rs-2", cid, "replayer-2")
     assert (answer["result"], answer.get("reason")) == (messages.FAILED, "interrupted by restart")
     assert again.actuations == [] and len(_actuated(data_dir, cid)) == 1
 
