@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     broker = sub.add_parser("broker", help="the MQTT broker alone")
     _common(broker), _broker_opts(broker)
+    broker.add_argument("--metrics-port", type=int,
+                        help="Prometheus GET /metrics on --host:PORT (off unless given; 0 = any free port)")
 
     api = sub.add_parser("api", help="the control API alone, against a running broker")
     _common(api), _api_opts(api)
