@@ -22,7 +22,7 @@ from api.ingest import Ingest
 from api.journal import Journal
 from api.lease import Lease
 from api.link import BrokerLink
-from api.metrics import Metrics
+from api.metrics import HttpMetrics, Metrics
 from api.pg_bus import PgListener
 from api.rides import RideService
 from api.rights import Rights
@@ -116,6 +116,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     own_db = db is None
     database = db or Database(settings.resolved_database_url())
     runtime = build_runtime(settings, database)
+    runtime.metrics.watch(runtime)   # GET /metrics: queue depths, transaction times (api/metrics.py)
     mosquitto = None
     if settings.mosquitto_config_dir is not None:   # an external Mosquitto reads the registry from files
         from latch.mosquitto_config import MosquittoSync
@@ -170,6 +171,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     pages.mount_static(app)
     openapi_doc.install(app)
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(HttpMetrics, metrics=runtime.metrics)   # outside BodyGuard: its 413s are timed too
     security_headers.install(app)    # added last, so outermost: BodyGuard's 413/422 get the headers too
     return app
 

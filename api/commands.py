@@ -205,6 +205,7 @@ class CommandService:
                 raise IdempotencyConflict(existing.id)
             return existing, False
         self.metrics.inc("commands_created")
+        self.metrics.command_changed(cmd, events, cmd.created_at)   # created (+ sent or failed): api/metrics.py
         if publish and not await self._publish(cmd, payload):
             return cmd, True   # failed: _publish recorded why and woke its waiters
         self._after_change(cmd)
@@ -313,6 +314,7 @@ class CommandService:
                 insert_events(s.connection(), events)
                 if applied:
                     self.hooks.command_changed(s, cmd, events)
+                    self.metrics.command_changed(cmd, events, row["updated_at"])   # the stage it left: api/metrics.py
                     if cmd.deadline_ms is not None and not self.sweeps_here():
                         self.notify(s, pg_bus.DEADLINE, str(cmd.deadline_ms))
                 if reported:

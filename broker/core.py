@@ -408,6 +408,7 @@ class Connection(asyncio.Protocol):
             if s.persistent:
                 core.store.op(st.QOS2_IN_INSERT, (s.client_id, pid))
         core.stats["messages_received"] += 1
+        core.rx_qos[qos] += 1
         assert self.identity is not None
         if self.identity.role is Role.SERVICE and topic.startswith(topics.SVC_PREFIX):
             core.service_request(topic, payload)   # to the broker itself: never routed
@@ -521,6 +522,8 @@ class BrokerCore:
             "dropped_queue_full", "dropped_slow_consumer", "protocol_violations", "keepalive_timeouts",
             "connect_timeouts", "takeovers", "sessions_expired", "wills_published", "publishers_throttled",
             "connections_dropped_on_revoke"), 0)
+        self.rx_qos = [0, 0, 0]   # PUBLISH received / sent by QoS (broker/metrics.py reads them)
+        self.tx_qos = [0, 0, 0]
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -805,6 +808,7 @@ class BrokerCore:
             if pkt0 is None:
                 pkt0 = encode_publish(topic_b, payload, 0, False, False, 0)
             self.stats["messages_sent"] += 1
+            self.tx_qos[0] += 1
             after(c.send, pkt0)
 
     def deliver(self, s: Session, topic: str, topic_b: bytes, payload: bytes, qos: int, retain: bool,
@@ -817,6 +821,7 @@ class BrokerCore:
                 self.stats["dropped_slow_consumer"] += 1
                 return
             self.stats["messages_sent"] += 1
+            self.tx_qos[0] += 1
             self.after(c.send, encode_publish(topic_b, payload, 0, retain, False, 0))
             return
         store = self.store
@@ -900,6 +905,7 @@ class BrokerCore:
         limit = s.max_inflight
         done = self.store.done_no
         sent = 0
+        tx_qos = self.tx_qos
         while queue and len(inflight) < limit:
             d = queue[0]
             if d.ready > done:          # its store write is not durable yet: after it is
@@ -917,6 +923,7 @@ class BrokerCore:
             c.send(encode_publish(d.topic_b, d.payload, d.qos, d.retain, d.dup, d.pid))
             d.dup = True
             sent += 1
+            tx_qos[d.qos] += 1
         self.stats["messages_sent"] += sent
         if s.throttled is not None or s.stuck:
             self._release(s)

@@ -45,6 +45,7 @@ class BrokerOptions:
     allow_anonymous: bool = False
     data_dir: Path | None = None      # the store: DATA_DIR/broker.db; None = in memory (nothing survives)
     fsync: bool = False               # synchronous=FULL: survive power loss too, not only a killed process
+    metrics_port: int | None = None   # Prometheus GET /metrics on host:metrics_port (broker/metrics.py); 0 = ephemeral
     limits: Limits = field(default_factory=Limits)
 
 
@@ -120,6 +121,7 @@ class EmbeddedBroker:
         self.ports: dict[str, int] = {}
         self._servers: list[Any] = []
         self._ws_server: Any = None
+        self._metrics: Any = None
 
     @property
     def port(self) -> int:
@@ -162,6 +164,12 @@ class EmbeddedBroker:
                 self.ports["tls"] = server.sockets[0].getsockname()[1]
             if o.ws_port is not None:
                 await self._start_ws(core, tls=None)
+            if o.metrics_port is not None:
+                from broker.metrics import MetricsListener, broker_registry
+
+                self._metrics = MetricsListener(broker_registry(self))
+                await self._metrics.start(o.host, o.metrics_port)
+                self.ports["metrics"] = self._metrics.port
         except BaseException:
             await self.stop()
             raise
@@ -210,6 +218,8 @@ class EmbeddedBroker:
                 c.abort()
 
     async def stop(self) -> None:
+        if self._metrics is not None:
+            await self._metrics.stop()
         for server in self._servers:
             server.close()
         if self._ws_server is not None:
@@ -262,4 +272,5 @@ def broker_options(settings: Any) -> BrokerOptions:
                          tls_cert=settings.tls_cert, tls_key=settings.tls_key, tls_port=settings.tls_port,
                          tls_client_ca=getattr(settings, "tls_client_ca", None),
                          allow_anonymous=bool(settings.allow_anonymous), data_dir=settings.data_dir,
-                         fsync=bool(getattr(settings, "mqtt_fsync", False)), limits=limits)
+                         fsync=bool(getattr(settings, "mqtt_fsync", False)), limits=limits,
+                         metrics_port=getattr(settings, "metrics_port", None))

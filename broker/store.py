@@ -154,6 +154,7 @@ class SqliteStore:
         self.done_no = 0        # last batch known durable
         self.failed: BaseException | None = None
         self.commits = 0
+        self.ops_written = 0    # operations in committed or committing batches (broker/metrics.py)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: queue.SimpleQueue[tuple[int, list[tuple[int, tuple[Any, ...]]]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -254,6 +255,7 @@ class SqliteStore:
             _run(cbs)
             return
         ops, self._ops = self._ops, []
+        self.ops_written += len(ops)
         self._busy, self._cbs = self._cbs, []
         no = self.open_no
         self.open_no += 1

@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     mqtt_max_packet_size: int = 1 << 20    # bytes; a bigger packet closes the connection
     mqtt_connect_timeout_s: float = 10.0   # from TCP accept to CONNECT
     mqtt_fsync: bool = False               # fsync every broker commit (survive power loss, not only kill -9)
+    # Prometheus (docs/observability.md): the broker's own /metrics listener on host:metrics_port (None = off,
+    # 0 = any free port); the API's GET /metrics takes an operator's token or metrics_token, or none if public
+    metrics_port: int | None = None
+    metrics_token: str | None = None
+    metrics_public: bool = False
 
     # command timing
     settle_grace_s: float = Field(5.0, description="after expiry, how long a device may still report the outcome")

@@ -77,6 +77,9 @@ class Stack:
             await self.broker.start()
             s.mqtt_port = self.broker.port
         app = create_app(s, self.db)
+        if self.broker is not None:   # the embedded broker's families on the API's GET /metrics too
+            from broker.metrics import BrokerCollector
+            app.state.runtime.metrics.registry.register(BrokerCollector(self.broker))
         sock = bind_socket(s.host, s.http_port)
         self.http_port = sock.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
