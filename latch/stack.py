@@ -77,7 +77,8 @@ class Stack:
             await self.broker.start()
             s.mqtt_port = self.broker.port
         app = create_app(s, self.db)
-        if self.broker is not None:   # the embedded broker's families on the API's GET /metrics too
+        if self.broker is not None and s.metrics_port is None:
+            # the embedded broker's families on the API's GET /metrics, unless they have their own listener
             from broker.metrics import BrokerCollector
             app.state.runtime.metrics.registry.register(BrokerCollector(self.broker))
         sock = bind_socket(s.host, s.http_port)

@@ -40,6 +40,7 @@ CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 PROFILES = {
     "embedded": {"latch"},
     "scale": {"postgres", "migrate", "broker-config", "mosquitto", "mosquitto-reload", "api-1", "api-2", "sim"},
+    "observability": {"prometheus", "grafana"},   # checked further in tests/ops/test_observability_config.py
 }
 API_REPLICAS = {"api-1", "api-2"}
 LATCH_MOSQUITTO_DIR = "/mosquitto/latch"   # the files `latch broker-config` and the API replicas write
