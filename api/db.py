@@ -19,7 +19,8 @@ default for `postgresql://` (figures in docs/scaling.md); psycopg on threads sta
 Either way the event loop never blocks on I/O.
 
 SQLite: one writer at a time (SQLite has one writer; more would nap in its busy handler) and a
-few readers (WAL lets them read while it writes). PostgreSQL: eight writers; correctness comes from
+few readers (WAL lets them read while it writes). The writer commits in groups: every unit of work
+waiting when it is free runs in one transaction, each in its own savepoint (api/group_commit.py). PostgreSQL: eight writers; correctness comes from
 conditional updates and row locks, not from a single writer (several API processes may share the
 database).
 
@@ -51,6 +52,7 @@ from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.admission import StandingDelay
+from api.group_commit import DURABLE, GroupCommitWriter, run_durable
 
 T = TypeVar("T")
 
@@ -217,7 +219,7 @@ def make_async_engine(url: str) -> AsyncEngine:
 class Database:
     """Runs units of work — functions of a Session that run one transaction — for the event loop."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, max_batch: int = 64) -> None:
         self.url = url
         self.driver, self.is_async = driver_of(url)
         self.is_postgres = self.driver.startswith("postgresql")
@@ -229,10 +231,14 @@ class Database:
         self.engine = make_engine(url)
         self._schema = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latch-db-schema")
         self.async_engine: AsyncEngine | None = None
+        self._writer: GroupCommitWriter | _PriorityPool | None = None
         if self.is_async:
             self.async_engine = make_async_engine(url)
             self._write_gate = PriorityGate(writers, self._observe_wait)
             self._read_gate = asyncio.Semaphore(4)
+        elif writers == 1:   # SQLite: group commit (api/group_commit.py)
+            self._writer = GroupCommitWriter(self.engine, self._observe_wait, max_batch=max_batch)
+            self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="latch-db-read")
         else:
             self._writer = _PriorityPool(writers, "latch-db-write", self._observe_wait)
             self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="latch-db-read")
@@ -243,16 +249,24 @@ class Database:
 
     def _run(self, fn: Callable[[Session], T]) -> T:
         with Session(self.engine, expire_on_commit=False) as session:
-            return fn(session)
+            try:
+                return fn(session)
+            finally:   # what it committed is committed: its after-durable callbacks (api/group_commit.py)
+                run_durable(session.info.pop(DURABLE, []))
 
     async def _run_async(self, fn: Callable[[Session], T]) -> T:
         assert self.async_engine is not None
         async with AsyncSession(self.async_engine, expire_on_commit=False) as session:
-            return await session.run_sync(fn)
+            try:
+                return await session.run_sync(fn)
+            finally:
+                run_durable(session.sync_session.info.pop(DURABLE, []))
 
     async def write(self, fn: Callable[[Session], T], priority: int = Priority.INTERACTIVE) -> T:
         """Run `fn` (which commits) as one of the writers, after every queued write of higher priority."""
-        if not self.is_async:
+        if isinstance(self._writer, GroupCommitWriter):
+            return await self._writer.submit(priority, fn)
+        if isinstance(self._writer, _PriorityPool):
             return await asyncio.wrap_future(self._writer.submit(priority, self._run, fn))
         await self._write_gate.acquire(priority)
         try:
@@ -274,7 +288,7 @@ class Database:
         loop = asyncio.get_running_loop()
         if self.async_engine is not None:
             await self.async_engine.dispose()
-        else:
+        elif self._writer is not None:
             await loop.run_in_executor(None, self._writer.shutdown)
             await loop.run_in_executor(None, self._readers.shutdown)
         await loop.run_in_executor(None, self._schema.shutdown)

@@ -55,6 +55,7 @@ from api.auth import AuthError, Principal
 from api.clock import now_ms
 from api.db import Database
 from api.event_models import LogEvent
+from api.group_commit import after_durable
 from api.metrics import Metrics
 from api.pg_bus import EVENTS as EVENTS_CHANNEL
 from latch.settings import Settings
@@ -298,10 +299,17 @@ class EventLog:
         if not rows or self._loop is None:
             return
         events = [LiveEvent.from_row(r) for r in rows]
-        try:
-            self._loop.call_soon_threadsafe(self._local_committed if self.shared else self._publish, events)
-        except RuntimeError:   # the loop is closed: shutting down, the rows are in the table
-            pass
+        loop, publish = self._loop, self._local_committed if self.shared else self._publish
+
+        def hand_over() -> None:
+            try:
+                loop.call_soon_threadsafe(publish, events)
+            except RuntimeError:   # the loop is closed: shutting down, the rows are in the table
+                pass
+
+        # published once durable: for a unit of a group commit that is the batch's COMMIT, not this
+        # savepoint's (api/group_commit.py)
+        after_durable(s, hand_over)
 
     # ---- several processes (PostgreSQL): publish in id order up to what is known committed --------
     def _local_committed(self, events: list[LiveEvent]) -> None:

@@ -1,0 +1,194 @@
+"""Group commit: SQLite's one writer runs every unit of work that is waiting in one transaction.
+
+SQLite has one writer. Before this module each unit of work — a command's creation, each of its
+state changes, each presence or state report — was its own transaction on the writer thread: a
+Session, BEGIN, the statements, COMMIT (the WAL frames of every page it touched written again),
+and a wake-up of the event loop for its answer. At a few hundred commands a second the writer
+ran several of those per command, one after another, while the event loop waited for each
+(docs/performance.md has the profile: transaction set-up, COMMIT and the loop wake-ups were about
+a fifth of the API's CPU on the command path).
+
+The broker's own store (broker/store.py) shows the way, and this is the same idea for the API:
+
+- The writer thread takes the first queued unit and, without waiting, every other unit already
+  queued behind it, in (priority, arrival) order, up to `max_batch`. At low load a batch is one
+  unit and nothing waits longer than before; under load each COMMIT carries many units.
+- One transaction (BEGIN IMMEDIATE ... COMMIT) holds the batch. Each unit runs in its own Session
+  joined to it through a SAVEPOINT (SQLAlchemy's `join_transaction_mode="create_savepoint"`):
+  the unit's own `commit()` releases its savepoint and its `rollback()` — or an exception —
+  undoes only its own work. Units keep the contract of api/db.py unchanged: a function of a
+  Session that runs (and commits) a whole transaction.
+- Nothing a unit did is visible outside before the batch's COMMIT: its answer, and whatever it
+  asked to run once durable (`after_durable`: the event log's publication to live subscribers,
+  log lines), are handed to the event loop only after the COMMIT returned — one wake-up of the
+  loop per batch, not per unit. So an acknowledged write is a committed write: a kill -9 right
+  after the answer loses nothing (tests/api/test_group_commit.py).
+- When the batch's transaction breaks (COMMIT fails, or an error SQLite answers by rolling the
+  whole transaction back), nothing of it was published: every unit of the batch is run again
+  alone, in its own transaction, and answers for itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+T = TypeVar("T")
+log = logging.getLogger("latch.db")
+
+DURABLE = "latch_after_durable"   # Session.info key: callbacks to run once the unit's writes are committed
+MAX_BATCH = 64                    # units in one transaction: bounds how long the first of them waits
+
+
+def after_durable(s: Session, fn: Callable[[], None]) -> None:
+    """Run `fn` on the writer thread once what `s` has committed so far is durable — after the real
+    COMMIT, which for a unit of a batch is the batch's. Call it from an `after_commit` listener."""
+    s.info.setdefault(DURABLE, []).append(fn)
+
+
+def run_durable(callbacks: list[Callable[[], None]]) -> None:
+    for fn in callbacks:
+        try:
+            fn()
+        except Exception:   # noqa: BLE001 — one listener's bug must not hold the other units' answers
+            log.exception("a callback after commit failed")
+
+
+class _Job:
+    __slots__ = ("loop", "future", "fn", "queued_at", "priority")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], fn: Callable[[Session], Any],
+                 priority: int) -> None:
+        self.loop, self.future, self.fn, self.priority = loop, future, fn, priority
+        self.queued_at = time.monotonic()
+
+
+class _BatchBroken(Exception):
+    """The batch's transaction cannot go on: its units are run again, each alone."""
+
+
+class GroupCommitWriter:
+    """One writer thread running queued units of work in batches, one transaction per batch."""
+
+    def __init__(self, engine: Engine, on_wait: Callable[[int, float], None] = lambda p, s: None,
+                 on_batch: Callable[[int, float], None] = lambda n, s: None, max_batch: int = MAX_BATCH) -> None:
+        self._engine = engine
+        self._on_wait = on_wait     # each unit's time in the queue, seconds (api/admission.py)
+        self._on_batch = on_batch   # each batch's size and transaction time, seconds (metrics)
+        self.max_batch = max(1, max_batch)
+        self.batches = self.units = 0   # read by metrics: units / batches is the mean batch size
+        self._q: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._thread = threading.Thread(target=self._work, name="latch-db-write", daemon=True)
+        self._thread.start()
+
+    def submit(self, priority: int, fn: Callable[[Session], T]) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._q.put((priority, next(self._seq), _Job(loop, fut, fn, priority)))
+        return fut
+
+    def shutdown(self) -> None:
+        self._q.put((1 << 30, next(self._seq), None))   # after every queued unit
+        self._thread.join()
+
+    # ---- the writer thread -------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            _, _, first = self._q.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if item[2] is None:          # shutting down: finish this batch first
+                    self._q.put(item)
+                    break
+                batch.append(item[2])
+            now = time.monotonic()
+            for job in batch:
+                self._on_wait(job.priority, now - job.queued_at)
+            self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        started = time.monotonic()
+        try:
+            answers, callbacks = self._run_together(batch) if len(batch) > 1 else self._run_alone(batch[0])
+        except _BatchBroken as e:
+            log.warning("a batch of %d writes failed as one transaction (%s): running each alone", len(batch), e)
+            answers, callbacks = [], []
+            for job in batch:
+                a, c = self._run_alone(job)
+                answers += a
+                callbacks += c
+        self.batches += 1
+        self.units += len(batch)
+        self._on_batch(len(batch), time.monotonic() - started)
+        run_durable(callbacks)
+        self._answer(answers)
+
+    def _run_alone(self, job: _Job) -> tuple[list[tuple[_Job, bool, Any]], list[Callable[[], None]]]:
+        """One unit in its own transaction, as api/db.py runs a unit on any other driver."""
+        with Session(self._engine, expire_on_commit=False) as s:
+            try:
+                answer = (job, True, job.fn(s))
+            except BaseException as e:  # noqa: BLE001 — handed to the awaiting coroutine
+                answer = (job, False, e)
+            return [answer], s.info.pop(DURABLE, [])
+
+    def _run_together(self, batch: list[_Job]) -> tuple[list[tuple[_Job, bool, Any]], list[Callable[[], None]]]:
+        answers: list[tuple[_Job, bool, Any]] = []
+        callbacks: list[Callable[[], None]] = []
+        with self._engine.connect() as conn:
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")   # the write lock for the whole batch, taken once
+                raw = conn.connection.dbapi_connection
+                for job in batch:
+                    with Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False) as s:
+                        try:
+                            answers.append((job, True, job.fn(s)))
+                        except BaseException as e:  # noqa: BLE001 — handed to the awaiting coroutine
+                            s.rollback()   # to the unit's savepoint: the batch's other units stand
+                            answers.append((job, False, e))
+                        callbacks += s.info.pop(DURABLE, [])
+                    if raw is None or not raw.in_transaction:   # SQLite rolled the whole batch back
+                        raise _BatchBroken("the transaction was rolled back by SQLite")
+                conn.commit()
+            except _BatchBroken:
+                raise
+            except Exception as e:   # the COMMIT, BEGIN, or a savepoint could not be made: nothing was published
+                raise _BatchBroken(str(e)) from e
+        return answers, callbacks
+
+    def _answer(self, answers: list[tuple[_Job, bool, Any]]) -> None:
+        """Hand every answer to its event loop in one wake-up per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, bool, Any]]] = {}
+        for a in answers:
+            by_loop.setdefault(a[0].loop, []).append(a)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:   # the loop is closed: nobody waits for these answers any more
+                pass
+
+
+def _deliver(items: list[tuple[_Job, bool, Any]]) -> None:
+    for job, ok, value in items:
+        if job.future.done():   # the caller gave up (cancelled): the write stands all the same
+            continue
+        if ok:
+            job.future.set_result(value)
+        else:
+            job.future.set_exception(value)
