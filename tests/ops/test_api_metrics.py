@@ -91,3 +91,20 @@ async def test_public_metrics_need_no_token(tmp_path: Path) -> None:
             r = await anon.get("/metrics")
             assert r.status_code == 200 and "latch_http_request_duration_seconds" in r.text
             assert (await anon.get("/v1/devices")).status_code == 401
+
+
+async def test_serve_with_a_metrics_port_gives_the_broker_its_own_page(tmp_path: Path) -> None:
+    """LATCH_METRICS_PORT with the embedded broker: its families on their own listener, not twice."""
+    async with live_stack(tmp_path, metrics_port=0) as stack:
+        broker = stack.stack.broker
+        assert broker is not None
+        await stack.lock("bike-7201")
+        api = await _scrape(stack)
+        assert "latch_commands_created" in api.families and not api.has("latch_broker_devices_connected")
+        async with httpx.AsyncClient() as anon:
+            r = await anon.get(f"http://127.0.0.1:{broker.ports['metrics']}/metrics")
+            assert r.status_code == 200
+            own = parse(r.text)
+            assert own.value("latch_broker_devices_connected") == 1
+            assert "latch_commands_created" not in own.families and own.has("process_cpu_seconds_total")
+            assert (await anon.post(f"http://127.0.0.1:{broker.ports['metrics']}/metrics")).status_code == 405
