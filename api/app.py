@@ -23,6 +23,8 @@ from api.journal import Journal
 from api.lease import Lease
 from api.link import BrokerLink
 from api.metrics import HttpMetrics, Metrics
+from api.notifications import routes as notification_routes
+from api.notifications.service import NotificationService
 from api.pg_bus import PgListener
 from api.rides import RideService
 from api.rights import Rights
@@ -102,12 +104,16 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     events_.sinks.append(wake_waiters)
     events_.sinks.append(wake_fleet)
     events_.sinks.append(to_rider_topic)
+    notifications = NotificationService(db, settings, events_, link, lambda: lease.held)   # api/notifications
+    events_.personalize = notifications.offer
+    events_.sinks.append(notifications.mqtt_sink)
     return Runtime(settings=settings, db=db, registry=registry, commands=commands_, ingest=ingest, link=link,
                    sweeper=Sweeper(commands_, lease, acks_behind=ingest.ack_lag.behind), metrics=metrics, waiters=waiters, events=events_,
                    rides=RideService(db, commands_, events_), rights=Rights(db, settings),
                    users=users,
                    fleet=fleet,
-                   admission=Admission(db.write_delay, settings.admit_max_creating, settings.admit_max_queue_ms))
+                   admission=Admission(db.write_delay, settings.admit_max_creating, settings.admit_max_queue_ms),
+                   notifications=notifications)
 
 
 def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
@@ -141,6 +147,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
                                   on_reconnect=runtime.events.resync)
             await listener.start()
         await runtime.events.start()   # before the broker link: presence arrives as soon as it connects
+        await runtime.notifications.start()   # its index before any transport reads a notification
         if mosquitto is not None:      # before connecting: the service user must be in Mosquitto's files
             await mosquitto.sync("start-up")
         host, port = settings.broker_address()
@@ -152,6 +159,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
         finally:
             runtime.events.close_all("server shutting down")
             await runtime.fleet.stop()     # before the sweeper releases the lease and the link stops
+            await runtime.notifications.stop()   # flushes its counts
             await runtime.sweeper.stop()
             await runtime.link.stop()
             if listener is not None:
@@ -166,7 +174,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     _map_errors(app)
     app.state.mosquitto = mosquitto
     for r in (health.router, devices.router, commands.router, users.router, rides.router, events.router, ws.router,
-              pages.router, broker_auth.router, fleet_routes.router):
+              pages.router, broker_auth.router, fleet_routes.router, notification_routes.router):
         app.include_router(r)
     pages.mount_static(app)
     openapi_doc.install(app)

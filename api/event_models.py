@@ -17,7 +17,9 @@ LOCK_STATE = "lock_state"    # {device_id, locked}, when the sensor's reading ch
 LOW_BATTERY = "low_battery"  # {device_id, battery}, when it drops below settings.low_battery_pct
 RIDE = "ride"                # {ride_id, device_id, user_id, status, reason}
 FLEET = "fleet"              # a fleet command started or stopped: {fleet_id, action, status, reason, total, issued}
-KINDS = (COMMAND, PRESENCE, LOCK_STATE, LOW_BATTERY, RIDE, FLEET)
+NOTIFICATION = "notification"   # a notification's position in the stream (api/notifications): riders see it per rules
+KINDS = (COMMAND, PRESENCE, LOCK_STATE, LOW_BATTERY, RIDE, FLEET, NOTIFICATION)
+RIDERS = "*"   # audience of an event offered to every rider, each through EventLog.personalize (no user id is "*")
 
 
 class LogEvent(SQLModel, table=True):

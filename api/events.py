@@ -54,7 +54,7 @@ from sqlmodel import Session, col, select
 from api.auth import AuthError, Principal
 from api.clock import now_ms
 from api.db import Database
-from api.event_models import LogEvent
+from api.event_models import RIDERS, LogEvent
 from api.group_commit import after_durable
 from api.metrics import Metrics
 from api.pg_bus import EVENTS as EVENTS_CHANNEL
@@ -238,6 +238,9 @@ class EventLog:
         self._streams: dict[str, set[Subscription]] = {}   # open subscriptions per user account (not the admin)
         # re-checks an open stream's session (revoked, user deleted) every SESSION_RECHECK_S: set by the app
         self.confirm: Callable[[Principal], Awaitable[Principal]] | None = None
+        # an event for every rider (audience RIDERS: notifications) -> that rider's copy, or None when the
+        # rider does not get this one (api/notifications/fanout.py): set by the app
+        self.personalize: Callable[[LiveEvent, str], LiveEvent | None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.shared = db.is_postgres          # other processes may append too (api/pg_bus.py)
         self._local: dict[int, LiveEvent] = {}   # committed events known here (ours, or from NOTIFY) not yet published
@@ -412,7 +415,14 @@ class EventLog:
             self.ring.append(ev)
             for sub in tuple(self._operators):
                 sub.push(ev)
-            if ev.audience is not None:
+            if ev.audience == RIDERS:
+                if self.personalize is not None:
+                    for user_id, subs in tuple(self._riders.items()):
+                        mine = self.personalize(ev, user_id)
+                        if mine is not None:
+                            for sub in tuple(subs):
+                                sub.push(mine)
+            elif ev.audience is not None:
                 for sub in tuple(self._riders.get(ev.audience, ())):
                     sub.push(ev)
             for sink in self.sinks:
@@ -525,8 +535,15 @@ class EventLog:
         tail = itertools.islice(self.ring, i, None)
         if not sub.operator:
             user_id = sub.user_id
-            tail = (ev for ev in tail if user_id is not None and ev.audience == user_id)
+            tail = (mine for ev in tail if user_id is not None and (mine := self._for_rider(ev, user_id)) is not None)
         return list(itertools.islice(tail, limit))
+
+    def _for_rider(self, ev: LiveEvent, user_id: str) -> LiveEvent | None:
+        if ev.audience == user_id:
+            return ev
+        if ev.audience == RIDERS and self.personalize is not None:
+            return self.personalize(ev, user_id)
+        return None
 
     async def _db_page(self, sub: Subscription, limit: int) -> tuple[list[LiveEvent], int]:
         after, operator, user_id = sub.cursor, sub.operator, sub.user_id
@@ -535,13 +552,16 @@ class EventLog:
             top = s.exec(select(func.max(col(LogEvent.id)))).one() or 0   # first: the page is read up to here
             q = select(LogEvent).where(col(LogEvent.id) > after, col(LogEvent.id) <= top)
             if not operator:
-                q = q.where(LogEvent.audience == user_id)
+                q = q.where(col(LogEvent.audience).in_((user_id, RIDERS)))
             rows = s.exec(q.order_by(col(LogEvent.id)).limit(limit)).all()
             covered = rows[-1].id if len(rows) >= limit else top
             return [LiveEvent.from_row(r) for r in rows], int(covered or after)
 
         self.metrics.inc("event_backlog_queries")
-        return await self.db.read(load)
+        page, covered = await self.db.read(load)
+        if not operator and user_id is not None:   # here, on the loop: personalize keeps in-memory state
+            page = [mine for ev in page if (mine := self._for_rider(ev, user_id)) is not None]
+        return page, covered
 
 
 def _event_id(ev: LiveEvent) -> int:

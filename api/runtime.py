@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from api.admission import Admission
 from api.commands import CommandService
@@ -38,3 +39,4 @@ class Runtime:
     users: UserService
     fleet: FleetService          # fleet commands and their rollout worker (api/fleet.py)
     admission: Admission         # refuses new commands at once while this process is overloaded
+    notifications: Any = None    # api/notifications/service.py NotificationService (Any: it imports this module's peers)

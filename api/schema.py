@@ -37,6 +37,7 @@ def target_metadata() -> MetaData:
         from api import fleet_models  # noqa: F401
     except ImportError:
         pass
+    from api.notifications import models as notification_models  # noqa: F401
     return SQLModel.metadata
 
 

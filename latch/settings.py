@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = 64 * 1024        # larger request bodies get 413 before they are read
     ws_allowed_origins: list[str] = []     # browser Origins /v1/ws accepts besides the API's own (same-origin)
 
+    # notifications to riders (api/notifications, docs/notifications.md)
+    notify_max_ttl_s: int = 7 * 86_400     # the longest a notification may live
+    notify_tick_s: float = 10.0            # releases of quiet-hours holds, preference reloads, count flushes this often
+    # at most this many notifications of a category handed to one rider per local day (0: no cap)
+    notify_daily_cap: dict[str, int] = {"transactional": 0, "service": 10, "marketing": 3}
+
     # fleet commands (api/fleet.py)
     fleet_max_devices: int = 100_000       # devices one fleet command may target
     fleet_max_rate_per_min: int = 60_000   # highest rollout rate a fleet command may ask for

@@ -1,0 +1,330 @@
+"""Sending notifications, riders' preferences and receipts, and the background work of the fan-out.
+
+    send()      one `notification` row and one event (kind "notification", audience RIDERS), one
+                transaction; the audience is resolved at send time: "all" is every rider account
+                (counted now; riders who sign up while it lives see it too), "users" must all be riders,
+                "riding" is the riders with an open (starting or active) ride at that moment, stored
+                in the row and the event
+    offer()     the event log's per-rider hook (EventLog.personalize): fanout.py decides
+    to_topics() the MQTT transport: each audience member's topic, by the process that sent it
+    tick        every LATCH_NOTIFY_TICK_S: reload preferences changed on other replicas, write a release
+                position for marketing held by quiet hours that ended (the lease holder only), flush
+                the counts into the notification rows, forget old notifications
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from api import event_models as ek
+from api.auth import RIDER, Principal
+from api.clock import now_ms
+from api.db import Database, Priority
+from api.event_models import LogEvent
+from api.events import EventLog, LiveEvent
+from api.link import BrokerLink
+from api.notifications.fanout import DELIVERED, MQTT, Fanout
+from api.notifications.models import (Action, Category, HeldCounts, Notification, NotificationCounts,
+                                      NotificationCreate, NotificationCreated, NotificationPref, NotificationPublic,
+                                      NotificationReceipt, Prefs, QuietHours, ReceiptCreate, ReceiptPublic,
+                                      format_clock, parse_clock)
+from api.notifications.rules import RiderPrefs
+from api.rider_models import OPEN_RIDE, Ride, User
+from api.rights import Refused
+from latch.settings import Settings
+from protocol import topics
+
+log = logging.getLogger("latch.notifications")
+KEEP_MS = 2 * 86_400_000   # notifications remembered this long after they were sent (the daily cap looks back a day)
+
+
+class NotificationService:
+    def __init__(self, db: Database, settings: Settings, events: EventLog, link: BrokerLink,
+                 writes_here: Callable[[], bool]) -> None:
+        self.db = db
+        self.events = events
+        self.link = link
+        self.writes_here = writes_here   # the singleton lease: only its holder writes release positions
+        self.max_ttl_s = settings.notify_max_ttl_s
+        self.tick_s = settings.notify_tick_s
+        self.fanout = Fanout({str(k): int(v) for k, v in settings.notify_daily_cap.items()})
+        self._prefs_seen = 0
+        self._task: asyncio.Task[None] | None = None
+        self._mqtt_tasks: set[asyncio.Task[None]] = set()
+
+    # ---- life -------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Before the transports open: the preferences and the recent notifications' positions."""
+        await self._load_prefs()
+        since = now_ms() - KEEP_MS
+
+        def load(s: Session) -> list[LogEvent]:
+            first = s.exec(select(func.min(col(Notification.event_id))).where(Notification.created_at >= since)).one()
+            if first is None:
+                return []
+            return list(s.exec(select(LogEvent).where(col(LogEvent.id) >= first, LogEvent.kind == ek.NOTIFICATION)
+                               .order_by(col(LogEvent.id))).all())
+
+        for row in await self.db.read(load):
+            self.fanout.observe(int(row.id or 0), row.at, row.data)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="latch-notifications")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for t in list(self._mqtt_tasks):
+            t.cancel()
+        with contextlib.suppress(Exception):
+            await self.flush()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("notification tick failed; trying again next tick")
+
+    async def tick(self) -> None:
+        await self._load_prefs()
+        now = now_ms()
+        if self.writes_here():
+            for item in self.fanout.releases_due(now):
+                await self._write_release(item.id)
+        await self.flush()
+        self.fanout.forget_before(now - KEEP_MS)
+
+    # ---- sending ----------------------------------------------------------------------
+    async def send(self, who: Principal, body: NotificationCreate) -> NotificationCreated:
+        if body.ttl_s > self.max_ttl_s:
+            raise Refused(422, f"ttl_s {body.ttl_s} is above the most allowed, {self.max_ttl_s} s "
+                               f"(LATCH_NOTIFY_MAX_TTL_S)")
+        nid, now = uuid.uuid4().hex, now_ms()
+        expires = now + body.ttl_s * 1000
+        actions = [a.model_dump() for a in body.actions]
+
+        def unit(s: Session) -> tuple[int, int]:
+            if body.audience.users is not None:
+                wanted = body.audience.users
+                found = set(s.exec(select(User.id).where(col(User.id).in_(wanted), User.role == RIDER,
+                                                         col(User.deleted_at).is_(None))).all())
+                missing = [u for u in wanted if u not in found]
+                if missing:
+                    raise Refused(400, f"audience.users: {missing[0][:32]!r} is not a rider"
+                                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+                audience: dict[str, Any] = {"users": list(wanted)}
+                size = len(wanted)
+            elif body.audience.riding:
+                riders = sorted(set(s.exec(select(Ride.user_id).where(col(Ride.status).in_(OPEN_RIDE))).all()))
+                audience, size = {"riding": riders}, len(riders)
+            else:
+                size = int(s.exec(select(func.count()).select_from(User).where(
+                    User.role == RIDER, col(User.deleted_at).is_(None))).one())
+                audience = {"all": True}
+            s.add(Notification(id=nid, created_at=now, expires_at=expires, created_by=who.name[:64],
+                               category=body.category.value, title=body.title, body=body.body, actions=actions,
+                               data=body.data, audience=audience, audience_size=size))
+            ev = self.events.append(s, ek.NOTIFICATION, {
+                "notification_id": nid, "category": body.category.value, "title": body.title, "body": body.body,
+                "actions": actions, "data": body.data, "silent": body.silent, "sent_at": now,
+                "expires_at": expires, "audience": audience}, ek.RIDERS, at=now)
+            s.commit()
+            assert ev.id is not None
+            s.exec(update(Notification).where(col(Notification.id) == nid).values(event_id=ev.id))  # type: ignore[call-overload]
+            s.commit()
+            return ev.id, size
+
+        event_id, size = await self.db.write(unit, Priority.ROUTINE)
+        return NotificationCreated(id=nid, event_id=event_id, audience_size=size, expires_at=expires,
+                                   silent=body.silent)
+
+    async def _write_release(self, nid: str) -> None:
+        """A new position for a held marketing notification: the same payload, later in the stream."""
+        item = self.fanout.items.get(nid)
+        if item is None or not item.positions:
+            return
+
+        def unit(s: Session) -> None:
+            first = s.get(LogEvent, item.positions[0][0])
+            if first is None:
+                return
+            self.events.append(s, ek.NOTIFICATION, {**first.data, "release": True}, ek.RIDERS)
+            s.commit()
+
+        await self.db.write(unit, Priority.ROUTINE)
+
+    # ---- fan-out: the event log's hook and the MQTT transport ---------------------------
+    def offer(self, ev: LiveEvent, user_id: str) -> LiveEvent | None:
+        if ev.kind != ek.NOTIFICATION:
+            return None
+        return self.fanout.offer(ev, user_id, DELIVERED)
+
+    def mqtt_sink(self, ev: LiveEvent) -> None:
+        """Only the process that wrote a position publishes it, so a rider's topic gets it once."""
+        if ev.kind == ek.NOTIFICATION and ev.audience == ek.RIDERS and ev.local:
+            t = asyncio.get_running_loop().create_task(self._to_topics(ev))
+            self._mqtt_tasks.add(t)
+            t.add_done_callback(self._mqtt_tasks.discard)
+
+    async def _to_topics(self, ev: LiveEvent) -> None:
+        found = self.fanout.observe(ev.id, ev.at, ev.data)
+        if found is None:
+            return
+        item = found[0]
+        members = item.members
+        if members is None:
+            members = frozenset(await self.db.read(lambda s: list(s.exec(select(User.id).where(
+                User.role == RIDER, col(User.deleted_at).is_(None))).all())))
+        for i, user_id in enumerate(sorted(members)):
+            if not self.link.is_connected:
+                return   # the app reads the rest over HTTP by cursor
+            mine = self.fanout.offer(ev, user_id, MQTT)
+            if mine is not None and topics.valid_device_id(user_id):
+                self.link.publish(topics.user_events_topic(user_id), mine.json, qos=1)
+            if i % 500 == 499:
+                await asyncio.sleep(0)   # let the loop breathe on a large audience
+
+    # ---- preferences ------------------------------------------------------------------
+    async def _load_prefs(self) -> None:
+        since = self._prefs_seen
+
+        def load(s: Session) -> list[NotificationPref]:
+            return list(s.exec(select(NotificationPref).where(NotificationPref.updated_at >= since)).all())
+
+        for row in await self.db.read(load):
+            self.fanout.set_prefs(row.user_id, RiderPrefs.from_row(row))
+            self._prefs_seen = max(self._prefs_seen, row.updated_at)
+
+    @staticmethod
+    def _mine(who: Principal) -> str:
+        if who.user_id is None:
+            raise Refused(403, "the admin token has no account: preferences and receipts belong to users")
+        return who.user_id
+
+    async def get_prefs(self, who: Principal) -> Prefs:
+        uid = self._mine(who)
+        row = await self.db.read(lambda s: s.get(NotificationPref, uid))
+        if row is None:
+            return Prefs()
+        quiet = None
+        if row.quiet_start_s is not None and row.quiet_end_s is not None:
+            quiet = QuietHours(start=format_clock(row.quiet_start_s), end=format_clock(row.quiet_end_s))
+        return Prefs(opt_out=[Category(c) for c in row.opt_out], quiet_hours=quiet, timezone=row.timezone)
+
+    async def put_prefs(self, who: Principal, prefs: Prefs) -> Prefs:
+        uid = self._mine(who)
+        qs = parse_clock(prefs.quiet_hours.start) if prefs.quiet_hours else None
+        qe = parse_clock(prefs.quiet_hours.end) if prefs.quiet_hours else None
+
+        def unit(s: Session) -> NotificationPref:
+            row = s.get(NotificationPref, uid) or NotificationPref(user_id=uid, updated_at=0)
+            row.opt_out = [c.value for c in prefs.opt_out]
+            row.quiet_start_s, row.quiet_end_s, row.timezone = qs, qe, prefs.timezone
+            row.updated_at = max(now_ms(), row.updated_at + 1)
+            s.add(row)
+            s.commit()
+            return row
+
+        row = await self.db.write(unit)
+        self.fanout.set_prefs(uid, RiderPrefs.from_row(row))   # here at once; other replicas at their next tick
+        return prefs
+
+    # ---- receipts and counts ----------------------------------------------------------
+    async def receipt(self, who: Principal, nid: str, body: ReceiptCreate) -> ReceiptPublic:
+        uid = self._mine(who)
+        row = await self.db.read(lambda s: s.get(Notification, nid))
+        if row is None or not _includes(row.audience, uid, who):
+            raise Refused(404, f"no notification {nid[:40]!r} for you")
+        if body.action is not None and body.action not in [a["id"] for a in row.actions]:
+            raise Refused(422, f"notification {nid} has no action {body.action[:32]!r}")
+        now = now_ms()
+
+        def unit(s: Session) -> NotificationReceipt:
+            r = s.get(NotificationReceipt, (nid, uid)) or NotificationReceipt(notification_id=nid, user_id=uid)
+            r.seen_at = r.seen_at or now   # pressing an action means it was seen
+            if body.action is not None:
+                if r.action is not None and r.action != body.action:
+                    raise Refused(409, f"you already answered {r.action!r} to notification {nid}")
+                if r.action is None:
+                    r.action, r.action_at = body.action, now
+            s.add(r)
+            s.commit()
+            return r
+
+        try:
+            r = await self.db.write(unit)
+        except IntegrityError:   # the same rider's two receipts raced: the second finds the first's row
+            r = await self.db.write(unit)
+        return ReceiptPublic(user_id=uid, seen_at=r.seen_at, action=r.action, action_at=r.action_at)
+
+    async def detail(self, nid: str, limit: int, offset: int) -> NotificationPublic:
+        def load(s: Session) -> tuple[Notification | None, int, dict[str, int], list[NotificationReceipt]]:
+            row = s.get(Notification, nid)
+            if row is None:
+                return None, 0, {}, []
+            seen = int(s.exec(select(func.count()).select_from(NotificationReceipt).where(
+                NotificationReceipt.notification_id == nid, col(NotificationReceipt.seen_at).is_not(None))).one())
+            pressed = {a: int(n) for a, n in s.exec(
+                select(NotificationReceipt.action, func.count()).where(
+                    NotificationReceipt.notification_id == nid, col(NotificationReceipt.action).is_not(None))
+                .group_by(col(NotificationReceipt.action))).all()}
+            receipts = list(s.exec(select(NotificationReceipt).where(NotificationReceipt.notification_id == nid)
+                                   .order_by(col(NotificationReceipt.user_id)).offset(offset).limit(limit)).all())
+            return row, seen, pressed, receipts
+
+        row, seen, pressed, receipts = await self.db.read(load)
+        if row is None:
+            raise Refused(404, f"no notification {nid[:40]!r}")
+        extra = self.fanout.unflushed(nid)   # this process's counts not flushed yet
+
+        def n(column: str) -> int:
+            return int(getattr(row, column)) + extra.get(column, 0)
+
+        counts = NotificationCounts(
+            audience=row.audience_size, delivered=n("delivered"), mqtt_published=n("mqtt_published"), seen=seen,
+            actions={a["id"]: pressed.get(a["id"], 0) for a in row.actions},
+            held=HeldCounts(opted_out=n("held_opted_out"), quiet_hours=n("held_quiet_hours"),
+                            capped=n("held_capped")),
+            expired=n("expired"))
+        return NotificationPublic(
+            id=row.id, created_at=row.created_at, expires_at=row.expires_at, created_by=row.created_by,
+            category=Category(row.category), title=row.title, body=row.body,
+            actions=[Action(**a) for a in row.actions], data=row.data, audience=row.audience,
+            silent=row.title is None, counts=counts,
+            receipts=[ReceiptPublic(user_id=r.user_id, seen_at=r.seen_at, action=r.action, action_at=r.action_at)
+                      for r in receipts])
+
+    async def flush(self) -> None:
+        pending = self.fanout.take_pending()
+        if not pending:
+            return
+
+        def unit(s: Session) -> None:
+            for nid, cols in pending.items():
+                values = {c: getattr(Notification, c) + k for c, k in cols.items()}
+                s.exec(update(Notification).where(col(Notification.id) == nid).values(**values))  # type: ignore[call-overload]
+            s.commit()
+
+        try:
+            await self.db.write(unit, Priority.BULK)
+        except Exception:
+            self.fanout.give_back(pending)
+            raise
+
+
+def _includes(audience: dict[str, Any], user_id: str, who: Principal) -> bool:
+    if audience.get("all"):
+        return not who.is_operator
+    members = audience.get("users") if "users" in audience else audience.get("riding")
+    return user_id in (members or ())
