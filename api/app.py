@@ -13,11 +13,13 @@ from fastapi.responses import JSONResponse
 from api import event_models as ek, openapi_doc, pg_bus, schema, security_headers
 from api.admission import Admission, Overloaded
 from api.boundary import BodyGuard, validation_error_handler
+from api.command_log import CommandLog
 from api.commands import CommandService, CommandTooLarge
 from api.db import Database
 from api.devices import REVOKED, ROTATED, DeviceRegistry
 from api.events import EventLog, LiveEvent, TooManyStreams
 from api.fleet import FleetService
+from api.hooks import AllHooks
 from api.ingest import Ingest
 from api.journal import Journal
 from api.lease import Lease
@@ -26,6 +28,7 @@ from api.metrics import HttpMetrics, Metrics
 from api.notifications import routes as notification_routes
 from api.notifications.service import NotificationService
 from api.pg_bus import PgListener
+from api.request_id import RequestId
 from api.rides import RideService
 from api.rights import Rights
 from api.routes import broker_auth, commands, devices, events, health, pages, rides, users, ws
@@ -73,7 +76,7 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     ingest = Ingest(registry, commands_, link, metrics, lease)
     holder.append(ingest)
     events_ = EventLog(db, settings, metrics)
-    commands_.hooks = registry.hooks = Journal(events_, settings)
+    commands_.hooks = registry.hooks = AllHooks(Journal(events_, settings), CommandLog())   # CommandLog: api/command_log.py
 
     def to_rider_topic(ev: LiveEvent) -> None:   # the MQTT transport: each rider's own topic
         # only the process that made the event sends it, so a rider gets it once however many replicas;
@@ -181,6 +184,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     app.add_middleware(BodyGuard, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(HttpMetrics, metrics=runtime.metrics)   # outside BodyGuard: its 413s are timed too
     security_headers.install(app)    # added last, so outermost: BodyGuard's 413/422 get the headers too
+    app.add_middleware(RequestId)    # outside that: every response carries X-Request-ID (api/request_id.py)
     return app
 
 

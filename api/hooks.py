@@ -32,3 +32,18 @@ class NoHooks:
 
 
 NO_HOOKS = NoHooks()
+
+
+class AllHooks:
+    """Several ChangeHooks called in turn, in the same transaction (api/app.py composes them)."""
+
+    def __init__(self, *hooks: ChangeHooks) -> None:
+        self.hooks = hooks
+
+    def command_changed(self, s: Session, cmd: Command, history: list[CommandEvent]) -> None:
+        for h in self.hooks:
+            h.command_changed(s, cmd, history)
+
+    def device_changed(self, s: Session, device: Device, was_online: bool, reported_before: dict[str, Any]) -> None:
+        for h in self.hooks:
+            h.device_changed(s, device, was_online, reported_before)

@@ -41,6 +41,7 @@ class BrokerLink:
         self.client.on_connect_callbacks.append(self._on_connect)
         self._host = ""
         self._port = 0
+        self._connected_before = False
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         """Connect (over TLS when `tls` is given: an mqtts:// broker) and subscribe to every uplink."""
@@ -53,9 +54,16 @@ class BrokerLink:
             cb(topic, payload)
 
     def _on_connect(self, session_present: bool) -> None:
-        if not session_present:
-            log.info("broker has no session for the API: subscribing again")
-            asyncio.get_running_loop().create_task(self._subscribe())
+        first, self._connected_before = not self._connected_before, True
+        if session_present or not self.ingest:   # a session kept (or none asked for: nothing to subscribe)
+            return
+        if first:   # start() subscribes next; an earlier session is not expected on a first start
+            log.info("subscribing to device topics")
+            return
+        # reconnected, and the persistent session it had is gone (the broker restarted without its store,
+        # or the session expired): the subscriptions are made again; device answers sent meanwhile were lost
+        log.warning("the broker lost the API's MQTT session: subscribing to device topics again")
+        asyncio.get_running_loop().create_task(self._subscribe())
 
     async def _subscribe(self) -> None:
         if not self.ingest:

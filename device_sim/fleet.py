@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,16 @@ class Fleet:
     def __len__(self) -> int:
         return len(self.locks)
 
-    async def start(self, host: str, port: int, concurrency: int = 50, tls: ssl.SSLContext | None = None) -> None:
+    async def start(self, host: str, port: int, concurrency: int = 50, tls: ssl.SSLContext | None = None,
+                    on_started: Callable[[], None] | None = None) -> None:
+        """Connect every lock, `concurrency` at a time; `on_started` after each (a progress bar)."""
         gate = asyncio.Semaphore(concurrency)
 
         async def one(lock: SimulatedLock) -> None:
             async with gate:
                 await lock.start(host, port, tls)
+            if on_started is not None:
+                on_started()
 
         await asyncio.gather(*(one(lock) for lock in self.locks.values()))
 

@@ -300,28 +300,7 @@ class MosquittoSync:
             return True
 
 
-# ---- `latch broker-config` ----------------------------------------------------------------
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """`latch broker-config mosquitto ...` (latch/cli.py adds it)."""
-    p = sub.add_parser("broker-config", help="write an external broker's configuration from Latch's registry",
-                       description="Write Mosquitto's password_file, acl_file and latch.conf from the device "
-                                   "registry (docs/external-brokers.md).")
-    p.add_argument("flavour", choices=["mosquitto"], help="the broker (only Mosquitto reads files; EMQX and "
-                                                          "VerneMQ call Latch's HTTP hooks instead)")
-    p.add_argument("--out", type=Path, required=True, help="directory for password_file, acl_file, latch.conf")
-    p.add_argument("--data-dir", type=Path, help="Latch's data dir: database and service secret (./latch-data)")
-    p.add_argument("--database-url", help="SQLAlchemy URL (default sqlite:///DATA_DIR/latch.db)")
-    p.add_argument("--port", type=int, default=1883, help="port of the listener in latch.conf (1883)")
-    p.add_argument("--bind", default="127.0.0.1", help="address of that listener ('' = every interface)")
-    p.add_argument("--service-port", type=int, default=1884,
-                   help="a second listener for the API replicas, whose client ids are their own (1884; 0 = none)")
-    p.add_argument("--service-bind", default="127.0.0.1", help="address of the service listener (127.0.0.1)")
-    p.add_argument("--reload-pid-file", type=Path, metavar="F",
-                   help="then SIGHUP the Mosquitto whose pid is in F (its pid_file), so it reloads the files")
-    p.add_argument("--log-level", default="INFO")
-    p.set_defaults(func=cli_main)
+# ---- `latch broker-config` (its options: latch/cli.py) -------------------------------------
 
 
 def cli_main(args: argparse.Namespace) -> int:

@@ -103,14 +103,18 @@ class Stack:
             await self.fleet.start(host, port, tls=s.broker_tls())   # mqtts:// brokers: TLS, as the API
 
     async def stop(self) -> None:
+        """In order: the demo fleet (its locks disconnect while the broker still answers), the API, the broker."""
         if self.fleet is not None:
+            log.info("stopping %d simulated locks", len(self.fleet))
             await self.fleet.stop()
         if self._server is not None and self._server_task is not None:
+            log.info("stopping the API")
             # end event streams and held polls now, or the server waits out its graceful-shutdown timeout
             self._server.config.app.state.runtime.events.close_all("server shutting down")
             self._server.should_exit = True
             await asyncio.gather(self._server_task, return_exceptions=True)
         if self.broker is not None:
+            log.info("stopping the broker")
             await self.broker.stop()
         await self.db.close()
 
