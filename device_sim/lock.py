@@ -43,7 +43,7 @@ from device_sim.outbox import Outbox
 from device_sim.store import LockState, state_path
 from device_sim import ticker
 from firmware.config import DEFAULTS as FIRMWARE_DEFAULTS
-from firmware.controller import LockController
+from device_sim.position import PositionedController, position_of
 from mqtt_client import MqttClient, MqttError, Will, drop_connection
 from protocol import messages, topics
 
@@ -92,10 +92,10 @@ class SimulatedLock:
         cfg = self.cfg = {**FIRMWARE_DEFAULTS, "keepalive_s": self.keepalive, **self.config}
         self.state = LockState(state_path(self.data_dir, self.device_id)) if self.data_dir is not None else None
         record = self.state.load() if self.state is not None else None   # once, like the firmware at boot
-        self.controller = LockController(
+        self.controller = PositionedController(   # the firmware's, reporting a position too (device_sim/position.py)
             self.device_id, binascii.unhexlify(self.creds.command_key), record=record, clock_offset_ms=0,
             actuation_timeout_ms=cfg["actuation_timeout_ms"], heartbeat_ms=int(cfg["heartbeat_s"] * 1000),
-            telemetry_ms=int(cfg["telemetry_s"] * 1000), max_records=cfg["max_records"])
+            telemetry_ms=int(cfg["telemetry_s"] * 1000), max_records=cfg["max_records"], pos=position_of(self.device_id))
         self.bolt_locked = True           # where the bolt really is (the firmware's hal.read_locked())
         self.controller.on_sensor(self.bolt_locked, local_ms(), battery=self.behaviour.battery)  # boot reading
         self.record = ActuationLog.for_dir(self.data_dir) if self.data_dir is not None else None

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     share_group: str | None = None         # subscribe to uplink as $share/<group>/... (brokers that support it)
 
     demo_fleet: int = 0
+    # the simulated city: locks report a position inside this disc, "lat,lon,radius_m" (latch/geo.py);
+    # the rider page centres its map here until the browser gives a location
+    sim_area: str = "52.5200,13.4050,2500"
 
     # riders: accounts, tokens, rights (see api/users.py, api/rides.py)
     jwt_secret: str | None = None          # HS256 signing key; generated into DATA_DIR/jwt.secret

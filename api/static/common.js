@@ -6,13 +6,15 @@ const api = {
   async call(method, path, body) {
     const headers = {"Content-Type": "application/json"};
     if (api.token) headers.Authorization = "Bearer " + api.token;
-    const r = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)});
+    let r;
+    try { r = await fetch(path, {method, headers, body: body === undefined ? undefined : JSON.stringify(body)}); }
+    catch (e) { const err = new Error("network: " + e.message); err.status = 0; err.network = true; throw err; }
     let data = null;
     try { data = await r.json(); } catch (e) { /* empty body */ }
     if (!r.ok) {
       const detail = data && data.detail;
       const msg = typeof detail === "string" ? detail : (detail ? JSON.stringify(detail) : r.statusText);
-      const err = new Error(msg); err.status = r.status; throw err;
+      const err = new Error(msg); err.status = r.status; err.detail = detail; throw err;
     }
     return data;
   },
@@ -64,3 +66,27 @@ function el(tag, attrs = {}, ...children) {
 }
 
 function fmtTime(ms) { return new Date(ms).toLocaleTimeString(); }
+
+// What a person reads for a failed call: no JSON, no internal ids, and what to do next.
+const FIELD_WORDS = {email: "email address", password: "password", new_password: "new password", name: "name"};
+function humanError(e) {
+  if (!e || e.network || e.status === 0) return "Can't reach Latch right now. Check your connection; this page keeps retrying.";
+  if (e.status === 422 && Array.isArray(e.detail)) {
+    return e.detail.map((d) => {
+      const field = FIELD_WORDS[(d.loc || []).slice(-1)[0]] || "input";
+      if (d.type === "string_too_short") {
+        const n = (d.msg.match(/\d+/) || ["8"])[0];
+        return `The ${field} needs at least ${n} characters.`;
+      }
+      if (d.type === "string_too_long") return `The ${field} is too long.`;
+      if (d.type === "missing") return `Please enter your ${field}.`;
+      if (/email/.test(d.msg)) return "That doesn't look like an email address.";
+      return `Check the ${field}: ${String(d.msg).replace(/^Value error, /, "")}.`;
+    }).join(" ");
+  }
+  if (e.status === 429) return "Too many tries in a row. Wait a few seconds and try again.";
+  if (e.status === 503) return "Latch is busy right now. Try again in a few seconds.";
+  if (e.status >= 500) return "Something went wrong on our side. Try again in a moment.";
+  const msg = String(e.message || "").replace(/\s*\([0-9a-f]{8,}[^)]*\)/gi, "").replace(/\b[0-9a-f]{16,}\b/gi, "");
+  return msg ? msg.charAt(0).toUpperCase() + msg.slice(1) + (/[.!?]$/.test(msg) ? "" : ".") : "That didn't work. Try again.";
+}
