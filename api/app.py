@@ -33,7 +33,7 @@ from api.rides import RideService
 from api.rights import Rights
 from api.routes import broker_auth, commands, devices, events, health, pages, rides, users, ws
 from api.routes import fleet as fleet_routes
-from api.routes import nearby, ride_cancel
+from api.routes import nearby
 from api.runtime import Runtime
 from api.sweeper import Sweeper
 from api.users import UserService
@@ -178,7 +178,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     _map_errors(app)
     app.state.mosquitto = mosquitto
     for r in (health.router, devices.router, commands.router, users.router, rides.router, events.router, ws.router,
-              pages.router, broker_auth.router, fleet_routes.router, nearby.router, ride_cancel.router,
+              pages.router, broker_auth.router, fleet_routes.router, nearby.router,
               notification_routes.router):
         app.include_router(r)
     pages.mount_static(app)

@@ -211,19 +211,6 @@ async function endRide() {
   } catch (e) { $("ride-error").textContent = humanError(e); $("end-btn").disabled = false; }
 }
 
-async function cancelUnlock() {
-  $("cmd-reason").textContent = "";
-  $("cancel-btn").disabled = true;
-  try {
-    const c = await api.call("POST", `/v1/rides/${state.ride.id}/cancel`);
-    if (state.cmd && state.cmd.id === c.id) applyStatus(c.status, c.reason);
-  } catch (e) {
-    $("cmd-reason").textContent = e.status === 409
-      ? "It's already on its way to the bike and can't be called back. The answer will show here in a moment."
-      : humanError(e);
-  }
-}
-
 function showRide(r) {
   const open = r && (r.status === "starting" || r.status === "active");
   const was = state.ride;
@@ -282,9 +269,12 @@ function applyStatus(status, reason) {
 function renderCountdown() {
   const cmd = state.cmd;
   const out = $("cmd-countdown");
-  if (!cmd || cmd.final) { out.textContent = ""; return; }
+  if (!cmd || cmd.final) { out.textContent = ""; $("cmd-hint").textContent = ""; return; }
   const left = Math.ceil((cmd.deadline - Date.now()) / 1000);
   out.textContent = left > 0 ? `${left} s left` : "Still waiting for the bike, a few more seconds…";
+  // an unlock goes out to the lock at once (it is never queued): nothing can call it back safely
+  $("cmd-hint").textContent = cmd.action === "unlock" && cmd.status !== "queued"
+    ? "The request is with the bike and can't be called back. If it doesn't answer in time, the ride won't start." : "";
 }
 
 function renderCommand() {
@@ -306,10 +296,6 @@ function renderCommand() {
   steps.append(el("li", {class: cmd.final ? (cmd.final === "succeeded" ? "done" : "failed") : "", "data-step": last},
                   Words.step(cmd.action, last)));
   $("cmd-reason").textContent = "";
-  const cancellable = cmd.action === "unlock" && cmd.status === "queued" && !cmd.final &&
-    state.ride && state.ride.status === "starting";
-  $("cancel-btn").classList.toggle("hidden", !cancellable);
-  $("cancel-btn").disabled = false;
   renderCountdown();
 }
 
@@ -363,7 +349,6 @@ $("signup-btn").addEventListener("click", () => login(true));
 $("lock-btn").addEventListener("click", () => command("lock"));
 $("locate-btn").addEventListener("click", () => command("locate"));
 $("end-btn").addEventListener("click", endRide);
-$("cancel-btn").addEventListener("click", cancelUnlock);
 $("logout-btn").addEventListener("click", logout);
 $("more-btn").addEventListener("click", () => { state.limit += PAGE; loadBikes(); });
 $("locate-me").addEventListener("click", locateMe);

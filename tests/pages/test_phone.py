@@ -10,7 +10,7 @@ import httpx
 from playwright.async_api import Page, expect
 
 from tests.pages.conftest import Served, TcpProxy, place_bikes, screenshot_path, sim_locks
-from tests.support import eventually
+from tests.support import eventually, require
 
 PHONE = {"width": 360, "height": 780}
 AXE_BAD = ("serious", "critical")
@@ -18,7 +18,11 @@ AXE_BAD = ("serious", "critical")
 
 async def axe_violations(page: Page) -> list[str]:
     """axe-core (the axe-playwright-python package ships axe.min.js) on the page as it is now."""
-    from axe_playwright_python.async_playwright import Axe
+    try:
+        from axe_playwright_python.async_playwright import Axe
+    except ImportError:
+        Axe = None
+    require(Axe is not None, "axe-core for Python (pip install axe-playwright-python)")
 
     results = await Axe().run(page)
     return [f"{v['id']} ({v['impact']}): {[n['target'] for n in v['nodes']][:3]}"
