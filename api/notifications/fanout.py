@@ -56,7 +56,7 @@ class Item:
     """One notification as the fan-out knows it (built from its event's data)."""
 
     __slots__ = ("id", "category", "sent_at", "expires_at", "members", "public", "positions", "views",
-                 "counted", "pending", "release_asked")
+                 "counted", "pending", "flushing", "release_asked")
 
     def __init__(self, data: dict[str, Any]) -> None:
         self.id: str = data["notification_id"]
@@ -72,6 +72,7 @@ class Item:
         self.views: dict[int, LiveEvent] = {}
         self.counted: dict[str, set[str]] = defaultdict(set)   # outcome -> riders counted by this process
         self.pending: dict[str, int] = defaultdict(int)        # counted since the last flush
+        self.flushing: dict[str, int] = {}                     # taken by a flush still being written
         self.release_asked = 0   # ticks since a release was asked for and not yet seen (0: none asked)
 
     def includes(self, user_id: str) -> bool:
@@ -122,7 +123,7 @@ class Fanout:
     def forget_before(self, at_ms: int) -> None:
         """Drop notifications sent before `at_ms` and expired (kept a day and more for the cap)."""
         old = [nid for nid, it in self.items.items() if it.sent_at < at_ms and it.expires_at < self.clock()
-               and not any(it.pending.values())]
+               and not any(it.pending.values()) and not it.flushing]
         for nid in old:
             ids = {eid for eid, _ in self.items.pop(nid).positions}
             for memo in self._memo.values():
@@ -218,13 +219,20 @@ class Fanout:
         return due
 
     def take_pending(self) -> dict[str, dict[str, int]]:
-        """Counts since the last call, per notification id and column; the caller flushes them."""
+        """Counts since the last call, per notification id and column; the caller writes them, then
+        calls flushed() (or give_back() when the write failed). Until then unflushed() still counts them."""
         out: dict[str, dict[str, int]] = {}
         for item in self.items.values():
             if any(item.pending.values()):
-                out[item.id] = {COLUMNS[k]: v for k, v in item.pending.items() if v}
+                out[item.id] = item.flushing = {COLUMNS[k]: v for k, v in item.pending.items() if v}
                 item.pending.clear()
         return out
+
+    def flushed(self, pending: dict[str, dict[str, int]]) -> None:
+        for nid in pending:
+            item = self.items.get(nid)
+            if item is not None:
+                item.flushing = {}
 
     def give_back(self, pending: dict[str, dict[str, int]]) -> None:
         """A flush failed: its counts wait for the next one."""
@@ -232,9 +240,17 @@ class Fanout:
         for nid, cols in pending.items():
             item = self.items.get(nid)
             if item is not None:
+                item.flushing = {}
                 for col, n in cols.items():
                     item.pending[by_column[col]] += n
 
     def unflushed(self, nid: str) -> dict[str, int]:
+        """This process's counts not yet in the notification's row (pending, or being written)."""
         item = self.items.get(nid)
-        return {} if item is None else {COLUMNS[k]: v for k, v in item.pending.items() if v}
+        if item is None:
+            return {}
+        out = dict(item.flushing)
+        for k, v in item.pending.items():
+            if v:
+                out[COLUMNS[k]] = out.get(COLUMNS[k], 0) + v
+        return out

@@ -318,9 +318,10 @@ class NotificationService:
 
         try:
             await self.db.write(unit, Priority.BULK)
-        except Exception:
+        except BaseException:
             self.fanout.give_back(pending)
             raise
+        self.fanout.flushed(pending)
 
 
 def _includes(audience: dict[str, Any], user_id: str, who: Principal) -> bool:

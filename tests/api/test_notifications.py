@@ -62,6 +62,9 @@ async def notes_after(user: User, after: int) -> list[dict[str, Any]]:
 
 
 async def detail(stack: LiveStack, nid: str) -> dict[str, Any]:
+    """GET /v1/notifications/{id} once this process has flushed its counts (tick: 0.1 s)."""
+    fanout = stack.runtime.notifications.fanout
+    await eventually(lambda: fanout.unflushed(nid) == {}, what="the counts to be flushed")
     r = await stack.http.get(f"/v1/notifications/{nid}")
     assert r.status_code == 200, r.text
     return r.json()
@@ -188,7 +191,6 @@ async def test_offline_rider_gets_it_on_reconnect_exactly_once_and_never_after_t
     got.clear()
     await asyncio.wait_for(reconnect(again, marker["id"]), 10)
     assert [m.json()["data"]["notification_id"] for m in got] == [marker["id"]]
-    await eventually(lambda: stack.runtime.notifications.fanout.unflushed(short["id"]) == {}, what="a flush")
     counts = (await detail(stack, short["id"]))["counts"]
     assert counts["expired"] == 1 and counts["delivered"] == 0
 
@@ -254,7 +256,6 @@ async def test_quiet_hours_hold_marketing_until_they_end_or_drop_it_when_the_ttl
     assert ids.count(promo["id"]) == 1
     await eventually(lambda: now_ms() > dropped["expires_at"], timeout=5, what="the short TTL to pass")
     assert all(e["data"]["category"] != "marketing" for e in await notes_after(late, start))
-    await eventually(lambda: stack.runtime.notifications.fanout.unflushed(promo["id"]) == {}, what="a flush")
     d = await detail(stack, promo["id"])
     assert d["counts"]["held"]["quiet_hours"] == 2 and d["counts"]["delivered"] == 1   # rider released; late held
     assert (await detail(stack, dropped["id"]))["counts"]["held"]["quiet_hours"] == 1
@@ -292,7 +293,6 @@ async def test_receipts_and_counts(stack: LiveStack, users) -> None:  # type: ig
     assert (await c.http.post(url, json={"action": "no"})).status_code == 200
     assert (await outsider.http.post(url, json={"seen": True})).status_code == 404   # not theirs
     assert (await a.http.post("/v1/notifications/nope/receipt", json={"seen": True})).status_code == 404
-    await eventually(lambda: stack.runtime.notifications.fanout.unflushed(nid) == {}, what="a flush")
     d = await detail(stack, nid)
     assert d["counts"] == {"audience": 3, "delivered": 2, "mqtt_published": 3, "seen": 3,
                            "actions": {"yes": 1, "no": 1}, "held": {"opted_out": 0, "quiet_hours": 0, "capped": 0},
