@@ -15,13 +15,12 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
-from sqlalchemy import bindparam, insert as sql_insert, select as sa_select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api import pg_bus
+from api import command_sql, pg_bus
 from api.clock import now_ms, to_datetime
 from api.command_states import Event, Status, advance, is_final
 from api.command_priority import action_priority
@@ -86,18 +85,6 @@ class IdempotencyConflict(Exception):
 class Outcome:
     command: Command
     applied: bool
-
-
-_COMMAND_COLUMNS = tuple(c.name for c in Command.__table__.columns)
-_SELECT_COMMAND = sa_select(Command.__table__).where(Command.__table__.c.id == bindparam("id"))
-_EVENT_COLUMNS = tuple(c.name for c in CommandEvent.__table__.columns if c.name != "id")
-
-
-def insert_events(conn: Any, events: list[CommandEvent]) -> None:
-    """A command's history rows in one Core executemany: the ORM's flush of them was a good part of every
-    state change's cost (docs/performance.md)."""
-    if events:
-        conn.execute(sql_insert(CommandEvent.__table__), [{c: getattr(e, c) for c in _EVENT_COLUMNS} for e in events])
 
 
 def public(cmd: Command, history: list[CommandEvent] | None = None) -> CommandPublic:
@@ -184,9 +171,8 @@ class CommandService:
                                                         Command.idempotency_key == idempotency_key)).first()
                 if existing is not None:
                     return existing
-            conn = s.connection()   # Core, not the ORM's unit of work (docs/performance.md)
-            conn.execute(sql_insert(Command.__table__), {c: getattr(cmd, c) for c in _COMMAND_COLUMNS})
-            insert_events(conn, events)
+            command_sql.insert_command(s, cmd)   # the driver's cursor, not the ORM's unit of work
+            command_sql.insert_history(s, events)
             self.hooks.command_changed(s, cmd, events)
             if cmd.deadline_ms is not None and not self.sweeps_here():
                 self.notify(s, pg_bus.DEADLINE, str(cmd.deadline_ms))
@@ -292,9 +278,9 @@ class CommandService:
         def unit(s: Session) -> Outcome | None:
             for _ in range(8):  # a lost race re-reads the row; bounded, each loss means another writer won
                 now = now_ms()
-                # Core: the row, as a detached Command changed in memory and written only by the conditional
-                # UPDATE below (the ORM's identity map and expunge cost more than the statement)
-                row = s.connection().execute(_SELECT_COMMAND, {"id": command_id}).mappings().first()
+                # the row, as a detached Command changed in memory and written only by the conditional
+                # UPDATE below (api/command_sql.py: the ORM's identity map cost more than the statement)
+                row = command_sql.select_command(s, command_id)
                 if row is None:
                     return None
                 cmd = Command(**row)
@@ -303,15 +289,10 @@ class CommandService:
                 old = Status(cmd.status)
                 events: list[CommandEvent] = []
                 applied = self._apply(cmd, event, reason, detail, now, events)
-                if applied:
-                    res = s.exec(  # type: ignore[call-overload]
-                        update(Command).where(Command.id == command_id, Command.status == old)
-                        .values(status=cmd.status, reason=cmd.reason, deadline_ms=cmd.deadline_ms,
-                                updated_at=now))
-                    if res.rowcount != 1:
-                        s.rollback()
-                        continue
-                insert_events(s.connection(), events)
+                if applied and not command_sql.update_status(s, cmd, old):
+                    s.rollback()   # another writer moved it first: read it again
+                    continue
+                command_sql.insert_history(s, events)
                 if applied:
                     self.hooks.command_changed(s, cmd, events)
                     self.metrics.command_changed(cmd, events, row["updated_at"])   # the stage it left: api/metrics.py

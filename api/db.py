@@ -193,6 +193,21 @@ def _sqlite_pragmas(engine: Engine) -> None:
         cur.close()
 
 
+def _plain_savepoints(engine: Engine) -> None:
+    """SAVEPOINT, RELEASE and ROLLBACK TO as plain strings on the driver's cursor: SQLAlchemy compiles
+    each of them anew (every savepoint has its own name, so none is cached), and the group commit
+    (api/group_commit.py) makes two per unit of work."""
+    def run(connection, sql: str) -> None:  # type: ignore[no-untyped-def]
+        connection.connection.dbapi_connection.execute(sql)
+
+    d = engine.dialect
+    d.do_savepoint = lambda connection, name: run(connection, f'SAVEPOINT "{name}"')  # type: ignore[method-assign]
+    d.do_release_savepoint = lambda connection, name: run(  # type: ignore[method-assign]
+        connection, f'RELEASE SAVEPOINT "{name}"')
+    d.do_rollback_to_savepoint = lambda connection, name: run(  # type: ignore[method-assign]
+        connection, f'ROLLBACK TO SAVEPOINT "{name}"')
+
+
 def make_engine(url: str) -> Engine:
     """A synchronous engine (the URL's synchronous twin driver)."""
     url = sync_url(url)
@@ -201,6 +216,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                pool_size=8, max_overflow=0)
         _sqlite_pragmas(engine)
+        _plain_savepoints(engine)
         return engine
     return create_engine(url, pool_size=12, max_overflow=4, pool_pre_ping=True)
 

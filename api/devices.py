@@ -15,12 +15,12 @@ from typing import Any
 
 from weakref import WeakKeyDictionary
 
-from sqlalchemy import Engine, bindparam, event, select as sa_select, text, update
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, delete, select
 
-from api import keyseal
+from api import command_sql, keyseal
 from api.clock import now_ms, to_datetime
 from api.db import Database, Priority
 from api.hooks import NO_HOOKS, ChangeHooks
@@ -67,7 +67,8 @@ def _open_key_again(device: Device, context, attrs) -> None:  # type: ignore[no-
 
 def _open_loaded(device: Device, session) -> None:  # type: ignore[no-untyped-def]
     stored = device.__dict__.get("command_key")
-    seal = _SEALS.get(session.get_bind()) if stored else None
+    # the engine, also for a Session bound to a connection (a unit of a group commit: api/group_commit.py)
+    seal = _SEALS.get(session.get_bind().engine) if stored else None
     if seal is not None:   # set as the loaded value: the row is not dirtied, nothing is written back
         set_committed_value(device, "command_key", seal.open(device.id, stored))
 
@@ -234,13 +235,6 @@ class DeviceRegistry:
 
 
 LAST_SEEN_RESOLUTION_MS = 5_000
-_DEVICE = Device.__table__
-_SELECT_REPORTED = sa_select(_DEVICE.c.online, _DEVICE.c.reported, _DEVICE.c.last_seen).where(
-    _DEVICE.c.id == bindparam("d_id"))
-_UPDATE_REPORTED = (update(_DEVICE).where(_DEVICE.c.id == bindparam("d_id"))
-                    .values(reported=bindparam("d_reported", type_=_DEVICE.c.reported.type),
-                            reported_at=bindparam("d_now"), last_seen=bindparam("d_now")))
-
 
 def merge_reported(s: Session, device_id: str, fields: dict[str, Any], now: int,
                    hooks: ChangeHooks = NO_HOOKS) -> bool:
@@ -248,8 +242,7 @@ def merge_reported(s: Session, device_id: str, fields: dict[str, Any], now: int,
 
     The row is locked (FOR UPDATE on PostgreSQL) so replicas that all hear the same report compare it
     against what the previous one wrote, and only one of them records the change."""
-    conn = s.connection()   # Core: a read and an UPDATE, not the ORM's load and flush (docs/performance.md)
-    row = conn.execute(_SELECT_REPORTED.with_for_update(), {"d_id": device_id}).first()
+    row = command_sql.select_reported(s, device_id)   # a read and an UPDATE, not the ORM's load and flush
     if row is None:
         s.commit()
         return False
@@ -260,7 +253,7 @@ def merge_reported(s: Session, device_id: str, fields: dict[str, Any], now: int,
         # after): not worth a write; last_seen is kept to this resolution
         s.commit()
         return True
-    conn.execute(_UPDATE_REPORTED, {"d_id": device_id, "d_reported": merged, "d_now": now})
+    command_sql.update_reported(s, device_id, merged, now)
     hooks.device_changed(s, Device(id=device_id, online=online, reported=merged, secret_hash="", command_key="",
                                    created_at=0), online, before)
     s.commit()

@@ -51,6 +51,7 @@ from typing import Any
 from sqlalchemy import event as sa_event, func, insert, text
 from sqlmodel import Session, col, select
 
+from api import command_sql
 from api.auth import AuthError, Principal
 from api.clock import now_ms
 from api.db import Database
@@ -277,10 +278,13 @@ class EventLog:
         if not rows:
             return
         if not self.shared:   # SQLite: one writer, ids are in commit order as they are drawn
-            table = LogEvent.__table__   # Core with RETURNING, not the ORM's flush (docs/performance.md)
-            ids = s.connection().execute(
-                insert(table).returning(table.c.id, sort_by_parameter_order=True),
-                [{"at": r.at, "kind": r.kind, "audience": r.audience, "data": r.data} for r in rows]).scalars().all()
+            ids = command_sql.append_log_events_sqlite(s, [(r.at, r.kind, r.audience, r.data) for r in rows])
+            if ids is None:   # one process on another database: ids in draw order, as on SQLite
+                table = LogEvent.__table__
+                ids = s.connection().execute(
+                    insert(table).returning(table.c.id, sort_by_parameter_order=True),
+                    [{"at": r.at, "kind": r.kind, "audience": r.audience, "data": r.data} for r in rows]
+                ).scalars().all()
             for row, event_id in zip(rows, ids, strict=True):
                 row.id = int(event_id)
             return

@@ -100,7 +100,7 @@ REPEAT_WINDOW_S = 5.0   # a state report this soon after an ack that carried the
 
 
 def _fields(state: dict) -> dict:
-    return {k: state[k] for k in ("locked", "battery") if k in state}
+    return {k: state[k] for k in ("locked", "battery", "pos") if k in state}
 
 
 class Ingest:
