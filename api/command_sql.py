@@ -64,14 +64,17 @@ _CURSOR = "latch_sqlite_cursor"
 
 
 def sqlite_cursor(s: Session) -> sqlite3.Cursor | None:
-    """A cursor on the sqlite3 connection of `s`'s transaction; None on any other database.
+    """A cursor on the sqlite3 connection of `s`'s transaction; None on any other database or driver.
     Kept for the transaction it was made in (`Session.connection()` costs more than the statements)."""
     tx = s.get_transaction()
     cached = s.info.get(_CURSOR)
     if cached is not None and tx is not None and cached[0] is tx:
         return cached[1]
     conn = s.connection()
-    cur = conn.connection.dbapi_connection.cursor() if conn.dialect.name == "sqlite" else None  # type: ignore[union-attr]
+    # only the synchronous sqlite3 driver: under aiosqlite the DBAPI connection is an adapter whose
+    # results must be awaited, so that driver takes the Core statements like PostgreSQL
+    sync_sqlite = conn.dialect.name == "sqlite" and conn.dialect.driver == "pysqlite"
+    cur = conn.connection.dbapi_connection.cursor() if sync_sqlite else None  # type: ignore[union-attr]
     s.info[_CURSOR] = (s.get_transaction(), cur)
     return cur
 
