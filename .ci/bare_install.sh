@@ -17,14 +17,21 @@ cleanup() {
 }
 trap cleanup EXIT
 fail() { echo "bare install: $*" >&2; [ -f "$TMP/serve.out" ] && sed 's/^/  serve| /' "$TMP/serve.out" >&2; exit 1; }
+# pip's output (this machine's pip configuration may warn about every package) is shown only when it fails
+pip_quiet() { "$@" >"$TMP/pip.log" 2>&1 || { sed 's/^/  pip| /' "$TMP/pip.log" >&2; fail "$* failed"; }; }
 
 echo "bare install: building the wheel" >&2
-"$PYTHON" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$TMP/dist" . >/dev/null
+# from a copy of the source files (tracked, and new ones git does not ignore): setuptools writes build/ and
+# *.egg-info where it builds, and a stale build/ in the tree could slip removed files into the wheel
+mkdir "$TMP/src"
+git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$TMP/src" 2>/dev/null || true
+[ -f "$TMP/src/pyproject.toml" ] || fail "could not copy the source tree"
+pip_quiet "$PYTHON" -m pip wheel --quiet --disable-pip-version-check --no-deps --wheel-dir "$TMP/dist" "$TMP/src"
 wheel=$(ls "$TMP"/dist/latch-*.whl)
 
 echo "bare install: $(basename "$wheel") into a fresh venv, no extras" >&2
 "$PYTHON" -m venv "$TMP/venv"
-"$TMP/venv/bin/python" -m pip install --quiet --disable-pip-version-check "$wheel"
+pip_quiet "$TMP/venv/bin/python" -m pip install --quiet --disable-pip-version-check "$wheel"
 if "$TMP/venv/bin/python" -c 'import pytest' 2>/dev/null; then fail "pytest is installed: not a bare install"; fi
 
 cd "$TMP"   # away from the source tree: only the installed package can be imported
