@@ -33,7 +33,7 @@ from api.rides import RideService
 from api.rights import Rights
 from api.routes import broker_auth, commands, devices, events, health, pages, rides, users, ws
 from api.routes import fleet as fleet_routes
-from api.routes import nearby
+from api.routes import nearby, stats
 from api.runtime import Runtime
 from api.sweeper import Sweeper
 from api.users import UserService
@@ -85,8 +85,9 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
         if ev.audience is not None and ev.local and link.is_connected and topics.valid_device_id(ev.audience):
             link.publish(topics.user_events_topic(ev.audience), ev.json, qos=1)
 
-    def wake_waiters(ev: LiveEvent) -> None:   # a command made final by any replica ends ?wait= here
-        if ev.kind == ek.COMMAND and ev.data.get("final"):
+    def wake_waiters(ev: LiveEvent) -> None:   # a command made final by another replica ends ?wait= here
+        # (this process's own changes wake their waiters with the command in hand: CommandService._after_change)
+        if ev.kind == ek.COMMAND and ev.data.get("final") and not ev.local:
             waiters.notify(ev.data["command_id"])
 
     fleet = FleetService(db, settings, commands_, lease, events_)   # shares the sweeper's lease
@@ -179,7 +180,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     app.state.mosquitto = mosquitto
     for r in (health.router, devices.router, commands.router, users.router, rides.router, events.router, ws.router,
               pages.router, broker_auth.router, fleet_routes.router, nearby.router,
-              notification_routes.router):
+              notification_routes.router, stats.router):
         app.include_router(r)
     pages.mount_static(app)
     openapi_doc.install(app)

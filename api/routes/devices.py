@@ -1,5 +1,9 @@
-from fastapi import APIRouter, HTTPException, Query, status
+from typing import Annotated
 
+from fastapi import APIRouter, HTTPException, Query, Response, status
+
+from api import ops_queries
+from api.ops_queries import DeviceFilter, DeviceSort
 from api.paging import OffsetQuery
 from api.devices import DeviceExists, public
 from api.deps import PrincipalDep, RuntimeDep
@@ -18,12 +22,32 @@ async def register_device(body: DeviceCreate, rt: RuntimeDep, _: PrincipalDep) -
                             f"device {body.id!r} already exists; POST /v1/devices/{body.id}/credentials to rotate its secrets")
 
 
-@router.get("", response_model=list[DevicePublic])
-async def list_devices(rt: RuntimeDep, _: PrincipalDep, limit: int = Query(100, ge=1, le=1000),
-                       offset: OffsetQuery = 0) -> list[DevicePublic]:
-    found = await rt.registry.list(limit, offset)
+class DeviceListed(DevicePublic):
+    in_ride: bool = False
+    jammed: bool = False
+
+
+@router.get("", response_model=list[DeviceListed],
+            responses={200: {"headers": {"X-Total-Count": {"description": "devices matching, all pages",
+                                                           "schema": {"type": "integer"}}}}})
+async def list_devices(rt: RuntimeDep, _: PrincipalDep, response: Response,
+                       limit: int = Query(100, ge=1, le=1000), offset: OffsetQuery = 0,
+                       q: Annotated[str | None, Query(max_length=64, description="part of the id or name "
+                                                                               "(any case)")] = None,
+                       filter_: Annotated[list[DeviceFilter], Query(
+                           alias="filter", max_length=6,
+                           description="repeatable, all must hold: online, offline (neither counts revoked "
+                                       "ones out), low_battery (below LATCH_LOW_BATTERY_PCT), in_ride (an open "
+                                       "ride), jammed (its latest unlock/lock failed jammed), revoked")] = [],
+                       sort: DeviceSort = DeviceSort.ID) -> list[DeviceListed]:
+    """The fleet, a page at a time (the count of all that match in `X-Total-Count`), with search, filters
+    and sort done in the database."""
+    pct = rt.settings.low_battery_pct
+    found, total, flags = await rt.db.read(
+        lambda s: ops_queries.search_devices(s, q, list(dict.fromkeys(filter_)), sort, limit, offset, pct))
     tags = await rt.registry.tags_of([d.id for d in found])
-    return [public(d, tags[d.id]) for d in found]
+    response.headers["X-Total-Count"] = str(total)
+    return [DeviceListed(**public(d, tags[d.id]).model_dump(), **flags[d.id]) for d in found]
 
 
 @router.get("/{device_id}", response_model=DevicePublic)
