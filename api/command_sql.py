@@ -26,6 +26,7 @@ from sqlalchemy import bindparam, insert as sql_insert, select as sa_select, upd
 from sqlmodel import Session
 
 from api.models import Command, CommandEvent, Device
+from api.rider_models import OPEN_RIDE, Ride
 
 _CMD = Command.__table__
 _DEV = Device.__table__
@@ -43,6 +44,8 @@ _Q_INSERT_EVENT = (f"INSERT INTO commandevent ({', '.join(_EVENT_COLUMNS)}) "
 _Q_SELECT_REPORTED = "SELECT online, reported, last_seen FROM device WHERE id = ?"
 _Q_UPDATE_REPORTED = "UPDATE device SET reported = ?, reported_at = ?, last_seen = ? WHERE id = ?"
 _Q_INSERT_LOG_EVENT = "INSERT INTO event (at, kind, audience, data) VALUES (?, ?, ?, ?)"
+_OPEN = tuple(str(s.value) for s in OPEN_RIDE)
+_Q_OPEN_RIDE_ID = f"SELECT id FROM ride WHERE device_id = ? AND status IN ({', '.join('?' * len(_OPEN))}) LIMIT 1"
 
 # ---- elsewhere: the same statements in Core, built once -----------------------------------------
 _C_SELECT_COMMAND = sa_select(_CMD).where(_CMD.c.id == bindparam("id"))
@@ -54,6 +57,9 @@ _C_SELECT_REPORTED = (sa_select(_DEV.c.online, _DEV.c.reported, _DEV.c.last_seen
 _C_UPDATE_REPORTED = (update(_DEV).where(_DEV.c.id == bindparam("d_id"))
                       .values(reported=bindparam("d_reported", type_=_DEV.c.reported.type),
                               reported_at=bindparam("d_now"), last_seen=bindparam("d_now")))
+_RIDE = Ride.__table__
+_C_OPEN_RIDE_ID = (sa_select(_RIDE.c.id).where(_RIDE.c.device_id == bindparam("r_device"),
+                                               _RIDE.c.status.in_(_OPEN)).limit(1))
 
 
 def _json(value: Any) -> str:
@@ -157,3 +163,14 @@ def append_log_events_sqlite(s: Session, rows: list[tuple[int, str, str | None, 
         cur.execute(_Q_INSERT_LOG_EVENT, (at, kind, audience, _json(data)))
         ids.append(int(cur.lastrowid))  # type: ignore[arg-type]
     return ids
+
+
+def open_ride_id(s: Session, device_id: str) -> str | None:
+    """The id of the bike's open (starting or active) ride, if any. Every lock-state change asks this (to tell
+    the rider holding the bike); most bikes have none, so the answer is a single indexed read, and the ORM
+    loads the ride only when there is one (profiled at 14 % of the API's samples as an ORM query)."""
+    cur = sqlite_cursor(s)
+    if cur is None:
+        return s.connection().execute(_C_OPEN_RIDE_ID, {"r_device": device_id}).scalar()
+    row = cur.execute(_Q_OPEN_RIDE_ID, (device_id, *_OPEN)).fetchone()
+    return row[0] if row is not None else None

@@ -85,6 +85,10 @@ class IdempotencyConflict(Exception):
 class Outcome:
     command: Command
     applied: bool
+    history: list[CommandEvent]   # the history rows this change wrote (applied or not)
+
+
+Answer = tuple[Command, list[CommandEvent]]   # a final command with its whole history, as `with_history` reads it
 
 
 def public(cmd: Command, history: list[CommandEvent] | None = None) -> CommandPublic:
@@ -135,6 +139,9 @@ class CommandService:
         # (deadline_changed), and a replica that takes the lease later sweeps from the table first
         self.notify: Callable[[Session, str, str], None] = pg_bus.notify if db.is_postgres else pg_bus.no_notify
         self.sweeps_here: Callable[[], bool] = lambda: False
+        # the history of each command a `?wait=` caller waits on in this process, as it is written: the
+        # answer once final, without reading the command and its history back (docs/performance.md)
+        self._trails: dict[str, list[CommandEvent]] = {}
 
     # ---- create -----------------------------------------------------------------
     async def create(self, device: Device, body: CommandCreate, owner: str,
@@ -191,6 +198,8 @@ class CommandService:
                 raise IdempotencyConflict(existing.id)
             return existing, False
         self.metrics.inc("commands_created")
+        if self.waiters.waiting(cmd.id):
+            self._trails[cmd.id] = list(events)
         self.metrics.command_changed(cmd, events, cmd.created_at)   # created (+ sent or failed): api/metrics.py
         if publish and not await self._publish(cmd, payload):
             return cmd, True   # failed: _publish recorded why and woke its waiters
@@ -262,7 +271,8 @@ class CommandService:
         status = Status(cmd.status)
         if is_final(status):
             self.metrics.inc(f"commands_{status}")
-            self.waiters.notify(cmd.id)
+            trail = self._trails.pop(cmd.id, None)
+            self.waiters.notify(cmd.id, (cmd, trail) if trail is not None else None)
         elif cmd.deadline_ms is not None:
             self.deadline_changed(cmd.deadline_ms)
 
@@ -302,16 +312,23 @@ class CommandService:
                     merge_reported(s, cmd.device_id, reported, now, self.hooks)   # commits
                 else:
                     s.commit()
-                return Outcome(cmd, applied)
+                return Outcome(cmd, applied, events)
             raise RuntimeError(f"command {command_id}: state change kept losing races")
 
         out = await self.db.write(unit, Priority.ANSWER)   # finishing accepted work goes before new work
         if out is not None:
+            trail = self._trails.get(command_id)
+            if trail is not None:
+                trail.extend(out.history)
             if out.applied:
                 self._after_change(out.command)
             else:
                 self.metrics.inc(f"events_ignored_{event}")
         return out
+
+    def forget(self, command_id: str) -> None:
+        """Nobody waits on this command here any more: drop the history kept for its answer."""
+        self._trails.pop(command_id, None)
 
     async def cancel(self, command_id: str) -> Outcome | None:
         return await self.transition(command_id, Event.CANCEL, reason="cancelled by the operator")

@@ -52,7 +52,7 @@ from sqlmodel import Session
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.admission import StandingDelay
-from api.group_commit import DURABLE, GroupCommitWriter, run_durable
+from api.group_commit import DURABLE, LOOP_DURABLE, GroupCommitWriter, run_durable
 
 T = TypeVar("T")
 
@@ -268,7 +268,7 @@ class Database:
             try:
                 return fn(session)
             finally:   # what it committed is committed: its after-durable callbacks (api/group_commit.py)
-                run_durable(session.info.pop(DURABLE, []))
+                run_durable(session.info.pop(DURABLE, []), session.info.pop(LOOP_DURABLE, []))
 
     async def _run_async(self, fn: Callable[[Session], T]) -> T:
         assert self.async_engine is not None
@@ -276,7 +276,8 @@ class Database:
             try:
                 return await session.run_sync(fn)
             finally:
-                run_durable(session.sync_session.info.pop(DURABLE, []))
+                info = session.sync_session.info
+                run_durable(info.pop(DURABLE, []), info.pop(LOOP_DURABLE, []))
 
     async def write(self, fn: Callable[[Session], T], priority: int = Priority.INTERACTIVE) -> T:
         """Run `fn` (which commits) as one of the writers, after every queued write of higher priority."""

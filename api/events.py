@@ -56,7 +56,7 @@ from api.auth import AuthError, Principal
 from api.clock import now_ms
 from api.db import Database
 from api.event_models import RIDERS, LogEvent
-from api.group_commit import after_durable
+from api.group_commit import after_durable_on_loop
 from api.metrics import Metrics
 from api.pg_bus import EVENTS as EVENTS_CHANNEL
 from latch.settings import Settings
@@ -306,17 +306,10 @@ class EventLog:
         if not rows or self._loop is None:
             return
         events = [LiveEvent.from_row(r) for r in rows]
-        loop, publish = self._loop, self._local_committed if self.shared else self._publish
-
-        def hand_over() -> None:
-            try:
-                loop.call_soon_threadsafe(publish, events)
-            except RuntimeError:   # the loop is closed: shutting down, the rows are in the table
-                pass
-
-        # published once durable: for a unit of a group commit that is the batch's COMMIT, not this
-        # savepoint's (api/group_commit.py)
-        after_durable(s, hand_over)
+        publish = self._local_committed if self.shared else self._publish
+        # published on the loop once durable: for a unit of a group commit that is the batch's COMMIT, not
+        # this savepoint's, in the same wake-up of the loop as the batch's answers (api/group_commit.py)
+        after_durable_on_loop(s, self._loop, lambda: publish(events))
 
     # ---- several processes (PostgreSQL): publish in id order up to what is known committed --------
     def _local_committed(self, events: list[LiveEvent]) -> None:

@@ -46,6 +46,7 @@ T = TypeVar("T")
 log = logging.getLogger("latch.db")
 
 DURABLE = "latch_after_durable"   # Session.info key: callbacks to run once the unit's writes are committed
+LOOP_DURABLE = "latch_after_durable_on_loop"   # Session.info key: (loop, callback) to run on a loop then
 MAX_BATCH = 64                    # units in one transaction: bounds how long the first of them waits
 
 
@@ -55,12 +56,34 @@ def after_durable(s: Session, fn: Callable[[], None]) -> None:
     s.info.setdefault(DURABLE, []).append(fn)
 
 
-def run_durable(callbacks: list[Callable[[], None]]) -> None:
+def after_durable_on_loop(s: Session, loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """Run `fn` on `loop` once what `s` has committed so far is durable. Under group commit these travel
+    with the batch's answers, in the same wake-up of the loop (profiled: a `call_soon_threadsafe` per
+    unit was a fifth of the API's samples at 40 commands/s), and run before the answers are handed out."""
+    s.info.setdefault(LOOP_DURABLE, []).append((loop, fn))
+
+
+LoopCallbacks = list[tuple[asyncio.AbstractEventLoop, Callable[[], None]]]
+
+
+def run_durable(callbacks: list[Callable[[], None]], on_loops: LoopCallbacks | None = None) -> None:
     for fn in callbacks:
         try:
             fn()
         except Exception:   # noqa: BLE001 — one listener's bug must not hold the other units' answers
             log.exception("a callback after commit failed")
+    for loop, fn in on_loops or ():
+        try:
+            loop.call_soon_threadsafe(_guarded, fn)
+        except RuntimeError:   # the loop is closed: shutting down, the rows are in the table
+            pass
+
+
+def _guarded(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:   # noqa: BLE001 — one listener's bug must not hold the others
+        log.exception("a callback after commit failed")
 
 
 class _Job:
@@ -124,31 +147,36 @@ class GroupCommitWriter:
 
     def _run(self, batch: list[_Job]) -> None:
         started = time.monotonic()
+        on_loops: LoopCallbacks = []
         try:
-            answers, callbacks = self._run_together(batch) if len(batch) > 1 else self._run_alone(batch[0])
+            answers, callbacks = (self._run_together(batch, on_loops) if len(batch) > 1
+                                  else self._run_alone(batch[0], on_loops))
         except _BatchBroken as e:
             log.warning("a batch of %d writes failed as one transaction (%s): running each alone", len(batch), e)
-            answers, callbacks = [], []
+            answers, callbacks, on_loops = [], [], []
             for job in batch:
-                a, c = self._run_alone(job)
+                a, c = self._run_alone(job, on_loops)
                 answers += a
                 callbacks += c
         self.batches += 1
         self.units += len(batch)
         self._on_batch(len(batch), time.monotonic() - started)
         run_durable(callbacks)
-        self._answer(answers)
+        self._answer(answers, on_loops)
 
-    def _run_alone(self, job: _Job) -> tuple[list[tuple[_Job, bool, Any]], list[Callable[[], None]]]:
+    def _run_alone(self, job: _Job, on_loops: LoopCallbacks) -> tuple[list[tuple[_Job, bool, Any]],
+                                                                      list[Callable[[], None]]]:
         """One unit in its own transaction, as api/db.py runs a unit on any other driver."""
         with Session(self._engine, expire_on_commit=False) as s:
             try:
                 answer = (job, True, job.fn(s))
             except BaseException as e:  # noqa: BLE001 — handed to the awaiting coroutine
                 answer = (job, False, e)
+            on_loops += s.info.pop(LOOP_DURABLE, [])
             return [answer], s.info.pop(DURABLE, [])
 
-    def _run_together(self, batch: list[_Job]) -> tuple[list[tuple[_Job, bool, Any]], list[Callable[[], None]]]:
+    def _run_together(self, batch: list[_Job], on_loops: LoopCallbacks) -> tuple[list[tuple[_Job, bool, Any]],
+                                                                                  list[Callable[[], None]]]:
         answers: list[tuple[_Job, bool, Any]] = []
         callbacks: list[Callable[[], None]] = []
         with self._engine.connect() as conn:
@@ -163,6 +191,7 @@ class GroupCommitWriter:
                             s.rollback()   # to the unit's savepoint: the batch's other units stand
                             answers.append((job, False, e))
                         callbacks += s.info.pop(DURABLE, [])
+                        on_loops += s.info.pop(LOOP_DURABLE, [])
                     if raw is None or not raw.in_transaction:   # SQLite rolled the whole batch back
                         raise _BatchBroken("the transaction was rolled back by SQLite")
                 conn.commit()
@@ -172,19 +201,23 @@ class GroupCommitWriter:
                 raise _BatchBroken(str(e)) from e
         return answers, callbacks
 
-    def _answer(self, answers: list[tuple[_Job, bool, Any]]) -> None:
-        """Hand every answer to its event loop in one wake-up per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Job, bool, Any]]] = {}
+    def _answer(self, answers: list[tuple[_Job, bool, Any]], on_loops: LoopCallbacks) -> None:
+        """Hand every answer, and the callbacks to run on its loop first, in one wake-up per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, tuple[list[Callable[[], None]], list[tuple[_Job, bool, Any]]]] = {}
+        for loop, fn in on_loops:
+            by_loop.setdefault(loop, ([], []))[0].append(fn)
         for a in answers:
-            by_loop.setdefault(a[0].loop, []).append(a)
-        for loop, items in by_loop.items():
+            by_loop.setdefault(a[0].loop, ([], []))[1].append(a)
+        for loop, (fns, items) in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(_deliver, fns, items)
             except RuntimeError:   # the loop is closed: nobody waits for these answers any more
                 pass
 
 
-def _deliver(items: list[tuple[_Job, bool, Any]]) -> None:
+def _deliver(fns: list[Callable[[], None]], items: list[tuple[_Job, bool, Any]]) -> None:
+    for fn in fns:   # the event log's publication first, as when each unit was a transaction of its own
+        _guarded(fn)
     for job, ok, value in items:
         if job.future.done():   # the caller gave up (cancelled): the write stands all the same
             continue

@@ -18,7 +18,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api import event_models as ek
+from api import command_sql, event_models as ek
 from api.auth import Principal
 from api.clock import now_ms, to_datetime
 from api.command_states import Status
@@ -47,7 +47,8 @@ def ride_data(r: Ride) -> dict:
 # ---- units of work on a session (the journal runs these inside other transactions) ----------
 
 def open_ride_for_device(s: Session, device_id: str) -> Ride | None:
-    return s.exec(select(Ride).where(Ride.device_id == device_id, col(Ride.status).in_(OPEN_RIDE))).first()
+    ride_id = command_sql.open_ride_id(s, device_id)   # one indexed read; the ORM only when there is a ride
+    return s.get(Ride, ride_id) if ride_id is not None else None
 
 
 def open_ride_for_user(s: Session, user_id: str) -> Ride | None:

@@ -272,6 +272,15 @@ async def broker_baseline(devices: int, rates: list[int], duration: float) -> di
     return out
 
 
+async def start_profile(bench: Bench, out: Path, duration: float) -> asyncio.subprocess.Process:
+    """py-spy (PyPI `py-spy`) on the first API process for `duration` seconds, sampling every thread at 200 Hz
+    without stopping it; collapsed stacks ("raw") to `out`."""
+    pid = bench.procs["api-1"].proc.pid
+    return await asyncio.create_subprocess_exec(
+        "py-spy", "record", "-p", str(pid), "-r", "200", "-f", "raw", "--nonblocking", "-d", str(int(duration)),
+        "-o", str(out), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=1000)
@@ -285,6 +294,8 @@ async def main() -> None:
     ap.add_argument("--replicas", type=int, default=1, help="API processes (more than 1 needs PostgreSQL)")
     ap.add_argument("--broker", choices=("latch", "mosquitto"), default="latch")
     ap.add_argument("--share-group", help="replicas take device answers as $share/GROUP/... (Mosquitto)")
+    ap.add_argument("--profile", type=Path, help="py-spy the first API process during the first rate; collapsed "
+                    "stacks to this file (bench/profile_summary.py summarises them)")
     ap.add_argument("--baseline-rates", default="1000,3000,6000,10000,15000",
                     help="command round-trip rates for the broker-alone baseline ('' to skip)")
     args = ap.parse_args()
@@ -303,9 +314,13 @@ async def main() -> None:
         print(f"ready in {time.monotonic() - t0:.1f}s", flush=True)
         runs: list[RunResult] = []
         try:
-            for rate in [float(x) for x in args.rates.split(",")]:
+            for i, rate in enumerate(float(x) for x in args.rates.split(",")):
+                spy = await start_profile(bench, args.profile, args.duration) if args.profile and i == 0 else None
                 runs.append(await bench.run(rate, args.duration))
                 show(runs[-1])
+                if spy is not None:
+                    await asyncio.wait_for(spy.wait(), 60)
+                    print(f"profile of api-1: {args.profile}", flush=True)
             best = None
             if args.search:
                 print(f"searching the highest rate with p99 < {args.target_p99_ms} ms:", flush=True)

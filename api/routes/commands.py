@@ -57,6 +57,11 @@ async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who:
             await wait_until(outcome, min(wait, rt.settings.max_wait_s), rt.metrics)
     finally:
         rt.waiters.unregister(command_id, outcome)
+        rt.commands.forget(command_id)
+    answer = outcome.result() if created and outcome.done() and not outcome.cancelled() else None
+    if answer is not None:
+        rt.metrics.inc("wait_answers_in_hand")
+        return public(*answer)   # made final by this process: the command and its whole history are in hand
     return await _with_history(rt, cmd.id)
 
 

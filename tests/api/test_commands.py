@@ -235,3 +235,20 @@ async def test_a_state_report_repeating_the_acks_state_costs_no_write(stack: Liv
     r = await stack.command("bike-rep", "lock")
     assert r.json()["status"] == "succeeded"
     assert (await stack.http.get("/v1/devices/bike-rep")).json()["reported"]["locked"] is True
+
+
+async def test_the_wait_answer_is_what_the_database_holds(stack: LiveStack) -> None:
+    """`?wait=` answers from the change that made the command final (no read back): the answer must equal
+    what a later read of the command returns, history and all, for a success, a device's failure and a
+    command failed at once."""
+    await stack.lock("bike-w1")
+    await stack.lock("bike-w2", Behaviour(actuation_delay_s=0.01, jam_rate=1.0))
+    await stack.lock("bike-w3", online=False)
+    before = (await stack.metrics()).get("wait_answers_in_hand", 0)
+    answers = [(await stack.command(d, "unlock")).json() for d in ("bike-w1", "bike-w2", "bike-w3")]
+    assert (await stack.metrics()).get("wait_answers_in_hand", 0) - before == 3   # none was read back
+    for answer in answers:
+        stored = (await stack.http.get(f"/v1/commands/{answer['id']}")).json()
+        assert answer == stored
+    assert [a["status"] for a in answers] == ["succeeded", "failed", "failed"]
+    assert len(answers[0]["history"]) == 4 and answers[0]["history"][-1]["to_status"] == "succeeded"
