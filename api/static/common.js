@@ -3,7 +3,9 @@
 
 const api = {
   token: null,
-  async call(method, path, body) {
+  async call(method, path, body) { return (await api.request(method, path, body)).data; },
+  // the same, with the response too (its headers: X-Total-Count)
+  async request(method, path, body) {
     const headers = {"Content-Type": "application/json"};
     if (api.token) headers.Authorization = "Bearer " + api.token;
     let r;
@@ -16,7 +18,7 @@ const api = {
       const msg = typeof detail === "string" ? detail : (detail ? JSON.stringify(detail) : r.statusText);
       const err = new Error(msg); err.status = r.status; err.detail = detail; throw err;
     }
-    return data;
+    return {data, response: r};
   },
 };
 
@@ -37,7 +39,7 @@ class LiveStream {
     if (this.lastId !== null) q.set("last_event_id", this.lastId);
     const es = this.es = new EventSource("/v1/events/stream?" + q);
     es.addEventListener("ready", (m) => { this.lastId = m.lastEventId; this.retries = 0; this.onState("live"); });
-    for (const kind of ["command", "presence", "lock_state", "low_battery", "ride"]) {
+    for (const kind of ["command", "presence", "lock_state", "low_battery", "ride", "fleet", "notification"]) {
       es.addEventListener(kind, (m) => { this.lastId = m.lastEventId; this.onEvent(JSON.parse(m.data)); });
     }
     es.addEventListener("error", (m) => {
