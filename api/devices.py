@@ -99,6 +99,14 @@ class DeviceRegistry:
         # REGISTERED / ROTATED / REVOKED (e.g. to rewrite an external Mosquitto's password file); a
         # failing callback is logged, never raised
         self.after_change: list[Callable[[str, str], Awaitable[None]]] = []
+        # What a command needs of its device (online, revoked, command key), kept in memory where this
+        # process is the registry's only writer (SQLite: one API process; `latch broker` only reads it).
+        # Profiled, the read per command was ~10 % of the API's samples: a trip to a database thread and
+        # back. Every write of those fields here drops the entry before and after it commits, and a read
+        # that overlapped a write is not kept (the generation moved), so a stale entry cannot outlive a
+        # change. PostgreSQL (several replicas write presence): always read.
+        self._for_command: dict[str, Device] | None = None if db.is_postgres else {}
+        self._generation = 0
 
     async def _changed(self, device_id: str, change: str) -> None:
         for callback in self.after_change:
@@ -120,7 +128,11 @@ class DeviceRegistry:
             except IntegrityError as e:
                 raise DeviceExists(body.id) from e
 
-        await self.db.write(insert)
+        self._forget(device.id)
+        try:
+            await self.db.write(insert)
+        finally:
+            self._forget(device.id)
         await self._changed(device.id, REGISTERED)
         return _credentials(device, secret, key, body.tags)
 
@@ -139,7 +151,11 @@ class DeviceRegistry:
             s.commit()
             return device
 
-        device = await self.db.write(rotate)
+        self._forget(device_id)
+        try:
+            device = await self.db.write(rotate)
+        finally:
+            self._forget(device_id)
         if device is None:
             return None
         await self._changed(device_id, ROTATED)
@@ -177,13 +193,41 @@ class DeviceRegistry:
             s.commit()
             return device
 
-        device = await self.db.write(revoke)
+        self._forget(device_id)
+        try:
+            device = await self.db.write(revoke)
+        finally:
+            self._forget(device_id)
         if device is not None:
             await self._changed(device_id, REVOKED)
         return device
 
     async def get(self, device_id: str) -> Device | None:
         return await self.db.read(lambda s: s.get(Device, device_id))
+
+    MAX_KEPT_FOR_COMMANDS = 50_000
+
+    async def get_for_command(self, device_id: str) -> Device | None:
+        """The device as a command needs it: `id`, `online`, `revoked`, `command_key` are current; its
+        other fields (reported state, last_seen) may be older. In memory where that is safe (see __init__)."""
+        kept = self._for_command
+        if kept is None:
+            return await self.get(device_id)
+        device = kept.get(device_id)
+        if device is not None:
+            return device
+        generation = self._generation
+        device = await self.get(device_id)
+        if device is not None and generation == self._generation:   # no write of a device meanwhile
+            if len(kept) >= self.MAX_KEPT_FOR_COMMANDS:
+                kept.pop(next(iter(kept)))
+            kept[device_id] = device
+        return device
+
+    def _forget(self, device_id: str) -> None:
+        self._generation += 1
+        if self._for_command is not None:
+            self._for_command.pop(device_id, None)
 
     async def tags_of(self, device_ids: list[str]) -> dict[str, list[str]]:
         return await self.db.read(lambda s: tags_of(s, device_ids))
@@ -227,7 +271,11 @@ class DeviceRegistry:
             s.commit()
             return device
 
-        return await self.db.write(mark, Priority.REPORT)
+        self._forget(device_id)
+        try:
+            return await self.db.write(mark, Priority.REPORT)
+        finally:
+            self._forget(device_id)
 
     async def merge_reported(self, device_id: str, fields: dict[str, Any]) -> bool:
         now = now_ms()

@@ -35,7 +35,7 @@ async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who:
         await rt.rights.check_command(who, device_id, body.action)
     except Refused as e:
         raise e.http()
-    device = await rt.registry.get(device_id)
+    device = await rt.registry.get_for_command(device_id)
     if device is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
     if device.revoked:

@@ -252,3 +252,23 @@ async def test_the_wait_answer_is_what_the_database_holds(stack: LiveStack) -> N
         assert answer == stored
     assert [a["status"] for a in answers] == ["succeeded", "failed", "failed"]
     assert len(answers[0]["history"]) == 4 and answers[0]["history"][-1]["to_status"] == "succeeded"
+
+
+async def test_the_command_path_sees_presence_revocation_and_rotation_at_once(stack: LiveStack) -> None:
+    """The command route keeps what a command needs of a device in memory (api/devices.py get_for_command):
+    each change of it must hold for the very next command."""
+    lock = await stack.lock("bike-c1")
+    assert (await stack.command("bike-c1", "unlock")).json()["status"] == "succeeded"   # now kept in memory
+    await lock.stop()
+    await stack.wait_presence("bike-c1", False)
+    r = await stack.command("bike-c1", "unlock", wait=0)
+    assert r.json()["status"] == "failed" and "device offline" in r.json()["reason"]
+    await stack.start_lock(lock)
+    assert (await stack.command("bike-c1", "lock")).json()["status"] == "succeeded"
+    assert (await stack.http.delete("/v1/devices/bike-c1")).status_code == 200
+    refused = await stack.command("bike-c1", "unlock", wait=0)
+    assert refused.status_code == 409 and "revoked" in refused.json()["detail"]
+    # rotating its credentials lets it back in: the next command is no longer refused as revoked
+    rotated = await stack.http.post("/v1/devices/bike-c1/credentials")
+    assert rotated.status_code == 200, rotated.text
+    assert (await stack.command("bike-c1", "unlock", wait=0)).status_code == 201
