@@ -535,7 +535,8 @@ function rolloutItem(f) {
   const counts = el("ul", {class: "counts"}, ...Object.entries(f.counts).filter(([, v]) => v).map(([k, v]) =>
     el("li", {"data-count": k}, el("span", {class: "pill " + (k === "pending" ? "" : pillFor(k))}, k.replace("_", " ")), ` ${v}`)));
   const li = el("li", {"data-fleet": f.id, "data-status": f.status},
-    el("div", {class: "row wrap"}, el("b", {}, `${f.action} → ${target}`), pill(f.status),
+    el("div", {class: "row wrap"}, el("b", {}, `${f.action} → ${target}`),
+      el("span", {class: "pill " + ({completed: "ok", running: ""}[f.status] ?? "bad"), "data-status": f.status}, f.status),
       el("span", {class: "muted grow"}, ` ${f.rate_per_min}/min, started ${new Date(f.created_at).toLocaleTimeString()}`),
       f.final ? null : el("button", {type: "button", class: "danger", onclick: () => cancelRollout(f.id)}, "Cancel rollout")),
     el("div", {class: "row"}, bar, el("span", {class: "muted"}, `${done} / ${f.total} done, ${f.issued} issued` +

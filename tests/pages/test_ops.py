@@ -112,3 +112,270 @@ async def test_a_rider_cannot_use_the_console(served: Served, browser) -> None: 
         await page.screenshot(path=str(screenshot_path("ops-login")), full_page=True)
     finally:
         await context.close()
+
+
+def add_devices(served: Served, n: int, prefix: str = "load-") -> None:
+    """`n` offline devices straight into the registry's table (registering 10,000 through the API would
+    hash 10,000 secrets): the list's queries are what is measured, not registration. Every tenth has a
+    low battery. Their command key is plain hex, which api/keyseal.py takes as it is."""
+    assert served.data_dir is not None
+    db = sqlite3.connect(served.data_dir / "latch.db", timeout=10)
+    try:
+        now = int(time.time() * 1000)
+        db.executemany(
+            "INSERT INTO device (id, name, secret_hash, command_key, revoked, created_at, online, last_seen, reported,"
+            " reported_at) VALUES (?, '', 'x', ?, 0, ?, 0, ?, ?, ?)",
+            [(f"{prefix}{i:05d}", "0" * 64, now, now - i * 1000, f'{{"battery": {5 if i % 10 == 0 else 60}, "locked": true}}', now)
+             for i in range(n)])
+        db.commit()
+    finally:
+        db.close()
+
+
+async def test_device_list_search_filters_sort_and_pages_at_10000(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    add_devices(served, 10_000)
+    async with operator(served) as h:   # the API's own time for the heaviest pages, measured from outside
+        for params in ({"limit": 50}, {"filter": "low_battery", "sort": "battery", "limit": 50},
+                       {"q": "load-09", "sort": "-last_seen", "limit": 200}, {"filter": "offline", "sort": "offline",
+                                                                                 "offset": 9_000, "limit": 200}):
+            started = time.perf_counter()
+            r = await h.get("/v1/devices", params=params)
+            took = time.perf_counter() - started
+            assert r.status_code == 200 and took < 1.0, (params, took)
+    context, page, errors = await console(browser, served, "#/devices")
+    try:
+        count = page.locator("#devices-count")
+        await expect(count).to_contain_text("1–50 of 10,005 devices")
+        await expect(page.locator("#devices tr")).to_have_count(50)
+        # paging
+        await page.click("#next-page")
+        await expect(count).to_contain_text("51–100 of 10,005")
+        await expect(page.locator("#page-info")).to_have_text("page 2 of 201")
+        await page.click("#prev-page")
+        await expect(count).to_contain_text("1–50 of 10,005")
+        await expect(page.locator("#prev-page")).to_be_disabled()
+        # filters: the online ones, from a list of 10,005
+        await page.select_option("#dfilter", "online")
+        await expect(count).to_contain_text("1–5 of 5 devices")
+        await expect(page.locator("#devices tr").first).to_have_attribute("data-device", "bike-0001")
+        assert "filter=online" in page.url
+        await page.select_option("#dfilter", "low_battery")
+        await expect(count).to_contain_text("of 1,000 devices")
+        await page.select_option("#dsort", "offline")
+        await expect(page.locator("#devices tr").first.locator(".pill.bad").first).to_have_text("offline")
+        # search (typed, so with the keyboard): part of an id, any case
+        await page.select_option("#dfilter", "")
+        await page.select_option("#dsort", "id")
+        await page.fill("#dq", "BIKE-000")
+        await expect(count).to_contain_text("1–5 of 5 devices")
+        await page.fill("#dq", "no-such-device")
+        await expect(count).to_have_text("No device matches.")
+        await page.fill("#dq", "bike")
+        await expect(count).to_contain_text("of 5 devices")
+        await not_clipped(page, "table.devs")
+        assert await axe_violations(page) == []
+        await page.screenshot(path=str(screenshot_path("ops-devices")), full_page=True)
+        # a link from the list (keyboard: focus, Enter) opens the device's page
+        await page.locator('#devices tr[data-device="bike-0004"] a').focus()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#dev-id")).to_have_text("bike-0004")
+        # a bookmarked list opens with its filter
+        await page.goto(served.url + "/ops#/devices?filter=offline&sort=-id&limit=25")
+        await expect(count).to_contain_text("1–25 of 10,000 devices", timeout=10_000)
+        await expect(page.locator("#devices tr").first).to_have_attribute("data-device", "load-09999")
+        assert errors == []
+    finally:
+        await context.close()
+
+
+async def test_device_page_actions_presence_and_a_command_timeline(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    async with sim_locks(served, "jam-", 1, jam_rate=1.0) as (jammed,):
+        context, page, errors = await console(browser, served, "#/device/bike-0002")
+        try:
+            await expect(page.locator("#dev-id")).to_have_text("bike-0002")
+            await expect(page.locator("#dev-pill")).to_have_text("online")
+            await expect(page.locator('#dev-fields dd[data-field="locked"]')).to_have_text("locked")
+            await expect(page.locator('#dev-fields dd[data-field="battery"]')).to_contain_text("%")
+            await expect(page.locator("#dev-presence li").first).to_contain_text("online")
+            # last seen advances while you look
+            seen = page.locator('#dev-fields dd[data-field="last_seen"] .ago')
+            before = await seen.text_content()
+            await page.wait_for_timeout(2100)
+            assert await seen.text_content() != before
+            # an action: its progress live, then its timeline
+            await page.click('#dev-actions button[data-action="locate"]')
+            await expect(page.locator("#dev-msg b")).to_have_attribute("data-status", "succeeded", timeout=10_000)
+            await expect(page.locator("#dev-msg")).to_contain_text("confirmed it from its own sensor")
+            await expect(page.locator("#dev-commands tr").first).to_contain_text("locate")
+            assert await axe_violations(page) == []
+            await page.screenshot(path=str(screenshot_path("ops-device")), full_page=True)
+            await page.click("#dev-msg a")
+            await expect(page.locator("#cmd-pill")).to_have_text("succeeded")
+            await expect(page.locator('#cmd-fields dd[data-field="issued_by"]')).to_have_text("the operator token")
+            steps = page.locator("#timeline li")
+            await expect(steps).to_have_count(4)   # created, sent, got it, done
+            await expect(steps.nth(1)).to_contain_text("Sent to the broker")
+            await expect(steps.nth(3)).to_contain_text("Lock: done")
+            await expect(steps.nth(3).locator(".dt")).to_have_text(re.compile(r"^\+\d+ ms$"))
+            await expect(page.locator("#cancel-btn")).to_be_hidden()   # sent: too late to cancel
+            # a jammed lock: the reason in words
+            await page.goto(served.url + f"/ops#/device/{jammed}")
+            await expect(page.locator("#dev-pill")).to_have_text("online", timeout=10_000)
+            await page.click('#dev-actions button[data-action="unlock"]')
+            await expect(page.locator("#dev-msg b")).to_have_attribute("data-status", "failed", timeout=10_000)
+            await expect(page.locator("#dev-msg")).to_contain_text("the bolt jammed")
+            await page.click("#dev-msg a")
+            await expect(page.locator("#cmd-words")).to_contain_text("the bolt jammed and did not move")
+            assert errors == []
+        finally:
+            await context.close()
+
+
+async def test_duplicate_and_late_answers_are_marked(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    async with operator(served) as h:
+        c = (await h.post("/v1/devices/bike-0001/commands", params={"wait": 5}, json={"action": "locate"})).json()
+        assert c["status"] == "succeeded"
+    # the history as the ingest records a lock's repeated "received" and a "failed" after it succeeded:
+    # not applied, nothing changed (api/command_states.py)
+    assert served.data_dir is not None
+    db = sqlite3.connect(served.data_dir / "latch.db", timeout=10)
+    now = int(time.time() * 1000)
+    db.executemany("INSERT INTO commandevent (command_id, at, event, from_status, to_status, applied, detail)"
+                   " VALUES (?, ?, ?, ?, NULL, 0, ?)",
+                   [(c["id"], now, "device_received", "succeeded", None),
+                    (c["id"], now + 1, "device_failed", "succeeded", "jammed")])
+    db.commit()
+    db.close()
+    context, page, errors = await console(browser, served, f"#/command/{c['id']}")
+    try:
+        steps = page.locator("#timeline li")
+        await expect(steps).to_have_count(6)
+        await expect(steps.nth(4).locator(".mark")).to_have_attribute("data-mark", "duplicate")
+        await expect(steps.nth(4)).to_contain_text("no change")
+        await expect(steps.nth(5).locator(".mark")).to_have_attribute("data-mark", "late")
+        await expect(steps.nth(5)).to_contain_text("already final")
+        await expect(page.locator("#cmd-pill")).to_have_text("succeeded")
+        assert await axe_violations(page) == []
+        await page.screenshot(path=str(screenshot_path("ops-command")), full_page=True)
+        # a command that does not exist: said in words
+        await page.goto(served.url + "/ops#/command/0123456789abcdef")
+        await expect(page.locator("#cmd-error")).to_have_text("There is no such command.", timeout=10_000)
+        assert errors == []
+    finally:
+        await context.close()
+
+
+async def test_cancel_a_stuck_command(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    async with operator(served) as h:
+        assert (await h.post("/v1/devices", json={"id": "asleep-1"})).status_code == 201
+        # a reboot to a lock that is offline waits queued until its TTL: stuck
+        c = (await h.post("/v1/devices/asleep-1/commands", json={"action": "reboot", "ttl_s": 600})).json()
+        assert c["status"] == "queued"
+        context, page, errors = await console(browser, served, f"#/command/{c['id']}")
+        try:
+            await expect(page.locator("#cmd-pill")).to_have_text("queued")
+            await expect(page.locator("#cmd-words")).to_contain_text("Waiting to be sent")
+            await page.click("#cancel-btn")
+            await expect(page.locator("#cancel-msg")).to_have_text("Cancelled: it will not be sent.")
+            await expect(page.locator("#cmd-pill")).to_have_text("cancelled")
+            await expect(page.locator("#cancel-btn")).to_be_hidden()
+            await expect(page.locator("#timeline li").last).to_contain_text("Cancelled")
+            assert (await h.get(f"/v1/commands/{c['id']}")).json()["status"] == "cancelled"
+            # cancelled elsewhere while this page still offers it: the 409 in words
+            c2 = (await h.post("/v1/devices/asleep-1/commands", json={"action": "reboot", "ttl_s": 600})).json()
+            await page.goto(served.url + f"/ops#/command/{c2['id']}")
+            await expect(page.locator("#cancel-btn")).to_be_visible()
+            await h.post(f"/v1/commands/{c2['id']}/cancel")
+            await page.evaluate("() => document.getElementById('cancel-btn').classList.remove('hidden')")
+            await page.click("#cancel-btn")
+            await expect(page.locator("#cancel-msg")).to_contain_text("Too late to cancel")
+            assert errors == []
+        finally:
+            await context.close()
+
+
+async def test_register_and_revoke_a_device(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    context, page, errors = await console(browser, served, "#/devices")
+    try:
+        await page.fill("#reg-id", "bad id!")
+        await page.click("#reg-btn")
+        await expect(page.locator("#reg-error")).to_contain_text("1–64 letters, digits")
+        await page.fill("#reg-id", "bike-0101")
+        await page.fill("#reg-name", "Blue one")
+        await page.press("#reg-name", "Enter")
+        await expect(page.locator("#reg-result")).to_contain_text("bike-0101 registered.")
+        password = await page.locator('#reg-result code[data-secret="password"]').text_content()
+        assert password and len(password) >= 16
+        await expect(page.locator("#devices-count")).to_contain_text("of 6 devices")
+        await page.fill("#reg-id", "bike-0101")
+        await page.click("#reg-btn")
+        await expect(page.locator("#reg-error")).to_contain_text("bike-0101 is already registered")
+        await page.screenshot(path=str(screenshot_path("ops-register")), full_page=True)
+        # revoke, from its page, after a confirmation
+        await page.goto(served.url + "/ops#/device/bike-0005")
+        await expect(page.locator("#dev-pill")).to_have_text("online", timeout=10_000)
+        await page.click("#revoke-btn")
+        await expect(page.locator("#revoke-confirm")).to_be_visible()
+        await page.click("#revoke-no")
+        await expect(page.locator("#revoke-confirm")).to_be_hidden()
+        await page.click("#revoke-btn")
+        await page.click("#revoke-yes")
+        await expect(page.locator("#dev-pill")).to_have_text("revoked")
+        await expect(page.locator('#dev-actions button[data-action="unlock"]')).to_be_disabled()
+        async with operator(served) as h:
+            assert (await h.get("/v1/devices/bike-0005")).json()["revoked"] is True
+        # an unknown device's page
+        await page.goto(served.url + "/ops#/device/nope-1")
+        await expect(page.locator("#dev-error")).to_have_text("There is no device nope-1.", timeout=10_000)
+        assert errors == []
+    finally:
+        await context.close()
+
+
+async def test_fleet_rollout_started_watched_and_cancelled(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    context, page, errors = await console(browser, served, "#/fleet")
+    try:
+        await expect(page.locator("#rollouts")).to_contain_text("No rollout yet.")
+        # a rollout that cannot start: an unknown device, said in words
+        await page.fill("#f-value", "bike-0001, nope-9")
+        await page.click("#f-start")
+        await expect(page.locator("#fleet-error")).to_contain_text("nope-9")
+        # to all five, fast: watched to the end, counts by outcome
+        await page.fill("#f-value", "bike-0001, bike-0002, bike-0003, bike-0004, bike-0005")
+        await page.click("#f-start")
+        first = page.locator("#rollouts li[data-fleet]").first
+        await expect(first).to_have_attribute("data-status", "completed", timeout=20_000)
+        await expect(first.locator('li[data-count="succeeded"]')).to_contain_text("5")
+        await expect(first.locator("progress")).to_have_attribute("value", "5")
+        await expect(first.locator("button")).to_have_count(0)
+        # one a device a minute: running, then cancelled from the page
+        await page.fill("#f-rate", "1")
+        await page.click("#f-start")
+        slow = page.locator("#rollouts li[data-fleet]").first
+        await expect(slow).to_have_attribute("data-status", "running", timeout=10_000)
+        await expect(slow.locator('li[data-count="pending"]')).to_be_visible(timeout=10_000)
+        assert await axe_violations(page) == []
+        await page.screenshot(path=str(screenshot_path("ops-fleet")), full_page=True)
+        await slow.get_by_role("button", name="Cancel rollout").click()
+        await expect(page.locator("#rollouts li[data-fleet]").first).to_have_attribute("data-status", "cancelled",
+                                                                                        timeout=10_000)
+        assert errors == []
+    finally:
+        await context.close()
+
+
+async def test_a_dropped_server_is_said_and_the_console_catches_up(proxied: tuple[Served, TcpProxy], browser) -> None:  # type: ignore[no-untyped-def]
+    served, proxy = proxied
+    context, page, errors = await console(browser, served)
+    try:
+        proxy.refusing = True
+        proxy.drop()
+        await expect(page.locator("#banner")).to_contain_text("Connection to Latch lost", timeout=10_000)
+        await expect(page.locator("#conn")).not_to_have_text("live")
+        await page.screenshot(path=str(screenshot_path("ops-server-down")), full_page=True)
+        proxy.refusing = False
+        await expect(page.locator("#conn")).to_have_text("live", timeout=20_000)
+        await expect(page.locator("#banner")).to_be_hidden()
+        assert errors == []
+    finally:
+        await context.close()
