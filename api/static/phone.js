@@ -308,6 +308,7 @@ function onEvent(ev) {
     else if (!state.ride && (d.status === "starting" || d.status === "active")) refreshRide();
     refreshBikesSoon();
   } else if (["presence", "lock_state", "low_battery"].includes(ev.kind)) refreshBikesSoon();
+  else if (ev.kind === "notification") Notices.show(d);   // phone_notify.js
 }
 
 async function refreshRide() {
