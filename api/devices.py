@@ -219,10 +219,16 @@ class DeviceRegistry:
         generation = self._generation
         device = await self.get(device_id)
         if device is not None and generation == self._generation:   # no write of a device meanwhile
-            if len(kept) >= self.MAX_KEPT_FOR_COMMANDS:
-                kept.pop(next(iter(kept)))
-            kept[device_id] = device
+            self._keep(device)
         return device
+
+    def _keep(self, device: Device) -> None:
+        kept = self._for_command
+        if kept is None:
+            return
+        if device.id not in kept and len(kept) >= self.MAX_KEPT_FOR_COMMANDS:
+            kept.pop(next(iter(kept)))
+        kept[device.id] = device
 
     def _forget(self, device_id: str) -> None:
         self._generation += 1
@@ -272,10 +278,14 @@ class DeviceRegistry:
             return device
 
         self._forget(device_id)
+        device: Device | None = None
         try:
-            return await self.db.write(mark, Priority.REPORT)
+            device = await self.db.write(mark, Priority.REPORT)
+            return device
         finally:
             self._forget(device_id)
+            if device is not None:   # as committed: kept for the commands that follow (every lock that
+                self._keep(device)   # comes online is, so the command path seldom reads)
 
     async def merge_reported(self, device_id: str, fields: dict[str, Any]) -> bool:
         now = now_ms()
