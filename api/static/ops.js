@@ -521,8 +521,8 @@ async function showFleet() { await loadRollouts(); }
 
 async function loadRollouts() {
   let fs;
-  try { fs = await api.call("GET", "/v1/fleet/commands?limit=20"); showError("fleet-error", null); }
-  catch (e) { showError("fleet-error", e); return; }
+  try { fs = await api.call("GET", "/v1/fleet/commands?limit=20"); }
+  catch (e) { $("fleet-error").textContent = "Could not read the rollouts: " + humanError(e); return; }
   $("rollouts").replaceChildren(...fs.map(rolloutItem));
   if (!fs.length) $("rollouts").append(el("li", {class: "muted"}, "No rollout yet."));
   if (fs.some((f) => !f.final) && state.view === "fleet") later("fleet-poll", 1500, loadRollouts);
