@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from api import event_models as ek, openapi_doc, pg_bus, schema, security_headers
+from api import event_models as ek, openapi_doc, pg_bus, schema, security_headers, wire
 from api.admission import Admission, Overloaded
 from api.boundary import BodyGuard, validation_error_handler
 from api.command_log import CommandLog
@@ -111,6 +111,7 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     events_.sinks.append(to_rider_topic)
     notifications = NotificationService(db, settings, events_, link, lambda: lease.held)   # api/notifications
     events_.personalize = notifications.offer
+    events_.plan = notifications.fanout.plan   # one decision for every rider with default preferences
     events_.sinks.append(notifications.mqtt_sink)
     return Runtime(settings=settings, db=db, registry=registry, commands=commands_, ingest=ingest, link=link,
                    sweeper=Sweeper(commands_, lease, acks_behind=ingest.ack_lag.behind), metrics=metrics, waiters=waiters, events=events_,
@@ -188,6 +189,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     app.add_middleware(HttpMetrics, metrics=runtime.metrics)   # outside BodyGuard: its 413s are timed too
     security_headers.install(app)    # added last, so outermost: BodyGuard's 413/422 get the headers too
     app.add_middleware(RequestId)    # outside that: every response carries X-Request-ID (api/request_id.py)
+    wire.install(app)   # outermost: event streams written straight to their sockets (api/wire.py)
     return app
 
 

@@ -40,19 +40,20 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import itertools
 import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 from sqlalchemy import event as sa_event, func, insert, text
 from sqlmodel import Session, col, select
 
 from api import command_sql
-from api.auth import AuthError, Principal
+from api.auth import Principal
 from api.clock import now_ms
 from api.db import Database
 from api.event_models import RIDERS, LogEvent
@@ -77,6 +78,7 @@ class CursorError(ValueError):
 
 SESSION_ENDED = "session ended: log in again"
 SESSION_RECHECK_S = 5.0
+OPEN_FILES_WANTED = 262_144   # file descriptors this process asks for (streams are sockets)
 
 
 class TooManyStreams(Exception):
@@ -106,7 +108,7 @@ def _dumps(value: Any) -> bytes:
 class LiveEvent:
     """A committed event, with its encodings made once and shared by every subscriber."""
 
-    __slots__ = ("id", "kind", "at", "audience", "data", "local", "_json", "_sse", "_ws")
+    __slots__ = ("id", "kind", "at", "audience", "data", "local", "_json", "_sse", "_ws", "_sse_chunk", "_ws_frame")
 
     def __init__(self, id: int, kind: str, at: int, audience: str | None, data: dict[str, Any],
                  local: bool = True) -> None:
@@ -115,6 +117,8 @@ class LiveEvent:
         self._json: bytes | None = None
         self._sse: bytes | None = None
         self._ws: str | None = None
+        self._sse_chunk: bytes | None = None
+        self._ws_frame: bytes | None = None
 
     @classmethod
     def from_row(cls, row: LogEvent, local: bool = True) -> "LiveEvent":
@@ -143,6 +147,33 @@ class LiveEvent:
             self._ws = '{"type":"event","event":' + self.json.decode() + "}"
         return self._ws
 
+    @property
+    def sse_chunk(self) -> bytes:
+        """The SSE message as one HTTP/1.1 chunk: what a stream written straight to its socket sends
+        (api/wire.py), the same bytes for every subscriber."""
+        if self._sse_chunk is None:
+            sse = self.sse
+            self._sse_chunk = b"%x\r\n%s\r\n" % (len(sse), sse)
+        return self._sse_chunk
+
+    @property
+    def ws_frame(self) -> bytes:
+        """The WebSocket text frame (server to client: unmasked, so the same bytes for every subscriber)."""
+        if self._ws_frame is None:
+            self._ws_frame = ws_text_frame(self.ws.encode())
+        return self._ws_frame
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x81, n))
+    elif n < 65536:
+        head = bytes((0x81, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x81, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
 
 def _release(fut: asyncio.Future[None]) -> None:
     if not fut.done():
@@ -150,10 +181,16 @@ def _release(fut: asyncio.Future[None]) -> None:
 
 
 class Subscription:
-    """One connection's view of the log: a bounded buffer of events it may see, after its cursor."""
+    """One connection's view of the log: a bounded buffer of events it may see, after its cursor.
+
+    Two ways out to the client. Buffered: the broadcaster appends to `_buf` and wakes the connection's
+    task, which writes the batch through the server (ASGI send). Direct (`wire`, api/wire.py): once the
+    backlog is written and the buffer drained, the broadcaster writes each event's bytes, encoded once per
+    event, straight to the socket; no task wakes per event. A direct subscriber whose socket stops
+    draining is cut off when `limit` events were written while the socket's own buffer was not empty."""
 
     __slots__ = ("user_id", "session_id", "who", "checked_at", "operator", "cursor", "sent", "live", "closed",
-                 "reason", "cut", "task", "_buf", "_limit", "_waiter", "_log")
+                 "reason", "cut", "task", "wire", "queued", "wrote", "on_close", "_buf", "_limit", "_waiter", "_log")
 
     def __init__(self, who: Principal, cursor: int, limit: int, log_: "EventLog") -> None:
         self.user_id = who.user_id
@@ -168,6 +205,10 @@ class Subscription:
         self.cut = False          # closed because the client fell too far behind
         self.reason: str | None = None
         self.task: asyncio.Task[Any] | None = None   # the writer; cancelled when cut off while blocked
+        self.wire: Any = None     # api/wire.py Wire: events written straight to the socket
+        self.queued = 0           # direct: events written while the socket's buffer was not empty
+        self.wrote = False        # direct: something was written since the last keep-alive check
+        self.on_close: Callable[[Subscription], None] | None = None   # direct: the transport ends the connection
         self._buf: list[LiveEvent] = []
         self._limit = limit
         self._waiter: asyncio.Future[None] | None = None
@@ -176,6 +217,20 @@ class Subscription:
     def push(self, ev: LiveEvent) -> None:
         """From the broadcaster: never blocks; a full buffer cuts the subscription off."""
         if self.closed or ev.id <= self.cursor:
+            return
+        wire = self.wire
+        if wire is not None:
+            self.cursor = self.sent = ev.id
+            if not wire.write(ev):
+                self.close("client disconnected")
+            elif wire.backed_up():
+                self.queued += 1
+                if self.queued > self._limit:
+                    self.cut_off(f"too far behind: {self._limit} events waiting to be sent; "
+                                 f"reconnect with the id of the last event you received")
+            else:
+                self.queued = 0
+            self.wrote = True
             return
         if len(self._buf) >= self._limit:
             self.cut_off(f"too far behind: {self._limit} events waiting to be sent; "
@@ -187,6 +242,15 @@ class Subscription:
         if w is not None and not w.done():
             w.set_result(None)
 
+    def go_direct(self, wire: Any) -> bool:
+        """Switch to writing straight to the socket: only live, with nothing buffered (so the order
+        holds: everything before was written by the task, everything after is written here)."""
+        if wire is None or self.closed or not self.live or self._buf:
+            return False
+        self.wire = wire
+        self._log.metrics.inc("subscribers_direct")
+        return True
+
     def cut_off(self, reason: str) -> None:
         if self.closed:
             return
@@ -194,7 +258,7 @@ class Subscription:
         self._log.metrics.inc("subscribers_cut_off")
         log.info("subscriber %s cut off: %s", self.user_id or "operator", reason)
         self.close(reason)
-        if self.task is not None and self.task is not asyncio.current_task():
+        if self.task is not None and self.task is not asyncio.current_task() and self.wire is None:
             self.task.cancel()   # it may be blocked writing to the slow client
 
     def close(self, reason: str) -> None:
@@ -207,9 +271,16 @@ class Subscription:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            try:
+                on_close(self)
+            except Exception:
+                log.exception("ending a closed subscription's connection failed")
 
     async def next(self, timeout: float) -> list[LiveEvent]:
-        """Everything buffered; waits up to `timeout` when there is nothing (then [])."""
+        """Everything buffered; waits up to `timeout` when there is nothing (then []). A direct
+        subscription has nothing buffered: this waits until it closes or the time is up."""
         if not self._buf and not self.closed:
             loop = asyncio.get_running_loop()
             w = self._waiter = loop.create_future()
@@ -221,6 +292,13 @@ class Subscription:
                 self._waiter = None
         out, self._buf = self._buf, []
         return out
+
+    def keepalive(self) -> None:
+        """Direct: after a quiet interval, the wire's keep-alive (SSE comment) unless something was written."""
+        if self.wire is not None and not self.closed:
+            if not self.wrote and not self.wire.keepalive():
+                self.close("client disconnected")
+            self.wrote = False
 
 
 class EventLog:
@@ -242,6 +320,12 @@ class EventLog:
         # an event for every rider (audience RIDERS: notifications) -> that rider's copy, or None when the
         # rider does not get this one (api/notifications/fanout.py): set by the app
         self.personalize: Callable[[LiveEvent, str], LiveEvent | None] | None = None
+        # the same decision for every connected rider at once, when it can be made once (fanout.py Fanout.plan):
+        # (the copy every rider gets, the riders who need personalize() instead, the audience or None for all,
+        # a callback with the riders it was handed to); None: ask personalize() for each rider
+        self.plan: Callable[[LiveEvent], tuple[LiveEvent, Container[str], Container[str] | None,
+                                               Callable[[list[str]], None]] | None] | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.shared = db.is_postgres          # other processes may append too (api/pg_bus.py)
         self._local: dict[int, LiveEvent] = {}   # committed events known here (ours, or from NOTIFY) not yet published
@@ -256,6 +340,14 @@ class EventLog:
         """With several processes, start listening (api/pg_bus.py) before this: nothing falls between."""
         self._loop = asyncio.get_running_loop()
         self.head = self.floor = self._want = max(self.head, await self._newest_id())
+        raise_open_files()
+        self._housekeeping = self._loop.create_task(self._recheck_sessions(), name="latch-events-sessions")
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
 
     def __len__(self) -> int:
         return len(self._operators) + sum(len(v) for v in self._riders.values())
@@ -414,11 +506,7 @@ class EventLog:
                 sub.push(ev)
             if ev.audience == RIDERS:
                 if self.personalize is not None:
-                    for user_id, subs in tuple(self._riders.items()):
-                        mine = self.personalize(ev, user_id)
-                        if mine is not None:
-                            for sub in tuple(subs):
-                                sub.push(mine)
+                    self._to_riders(ev, self.personalize)
             elif ev.audience is not None:
                 for sub in tuple(self._riders.get(ev.audience, ())):
                     sub.push(ev)
@@ -428,6 +516,37 @@ class EventLog:
                 except Exception:
                     log.exception("event sink failed for event %d", ev.id)
         self.metrics.inc("events_published", len(events))
+
+    def _to_riders(self, ev: LiveEvent, personalize: Callable[[LiveEvent, str], LiveEvent | None]) -> None:
+        """An event for every rider: decided once for all riders the plan covers (one shared copy, one
+        encoding), per rider for the others."""
+        plan = self.plan(ev) if self.plan is not None else None
+        if plan is None:
+            for user_id, subs in tuple(self._riders.items()):
+                mine = personalize(ev, user_id)
+                if mine is not None:
+                    for sub in tuple(subs):
+                        sub.push(mine)
+            return
+        view, special, members, handed = plan
+        given: list[str] = []
+        for user_id, subs in tuple(self._riders.items()):
+            if user_id in special:
+                mine = personalize(ev, user_id)
+                if mine is None:
+                    continue
+            elif members is None or user_id in members:
+                mine = view
+                given.append(user_id)
+            else:
+                continue
+            if len(subs) == 1:
+                for sub in subs:
+                    sub.push(mine)
+            else:
+                for sub in tuple(subs):
+                    sub.push(mine)
+        handed(given)
 
     def _add(self, sub: Subscription) -> None:
         if sub.operator:
@@ -447,6 +566,8 @@ class EventLog:
                     del self._riders[sub.user_id]
 
     def close_all(self, reason: str) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         for sub in list(self._operators) + [s for subs in self._riders.values() for s in subs]:
             sub.close(reason)
 
@@ -500,17 +621,37 @@ class EventLog:
         return len(ended)
 
     async def still_allowed(self, sub: Subscription) -> bool:
-        """Re-confirm the session behind an open stream at most every SESSION_RECHECK_S (a revocation
-        made on another replica); False (and the subscription closed) once it is revoked."""
-        if self.confirm is None or sub.user_id is None or time.monotonic() - sub.checked_at < SESSION_RECHECK_S:
-            return not sub.closed
-        sub.checked_at = time.monotonic()
-        try:
-            await self.confirm(sub.who)
-        except AuthError:
-            sub.close(SESSION_ENDED)
-            return False
+        """Whether the stream may go on: the sessions behind every open stream are re-read together every
+        SESSION_RECHECK_S (_recheck_sessions: a revocation made on another replica), and a revoked one's
+        streams closed; one query for all of them, not one per stream."""
         return not sub.closed
+
+    async def _recheck_sessions(self) -> None:
+        while True:
+            await asyncio.sleep(SESSION_RECHECK_S)
+            if self.confirm is None:
+                continue
+            try:
+                await self.recheck_sessions()
+            except Exception:
+                log.exception("re-reading the sessions of open streams failed; trying again")
+
+    async def recheck_sessions(self) -> int:
+        """Close every open stream whose session was revoked, ended or whose user was deleted; how many."""
+        subs = [sub for held in self._streams.values() for sub in held if sub.session_id is not None]
+        if not subs:
+            return 0
+        sids = sorted({sub.session_id for sub in subs if sub.session_id is not None})
+        good: dict[str, str] = {}
+        for i in range(0, len(sids), RECHECK_CHUNK):
+            chunk = sids[i:i + RECHECK_CHUNK]
+            good.update(await self.db.read(lambda s, chunk=chunk: _sessions_standing(s, chunk)))
+        ended = 0
+        for sub in subs:
+            if not sub.closed and good.get(sub.session_id or "") != sub.user_id:
+                sub.close(SESSION_ENDED)
+                ended += 1
+        return ended
 
     async def backlog(self, sub: Subscription, limit: int | None = None) -> list[LiveEvent]:
         """The next page of visible events after the subscription's cursor. When the page is the last
@@ -563,3 +704,48 @@ class EventLog:
 
 def _event_id(ev: LiveEvent) -> int:
     return ev.id
+
+
+RECHECK_CHUNK = 500
+
+
+def _sessions_standing(s: Session, sids: list[str]) -> dict[str, str]:
+    """Of these session ids, the ones still accepted (not revoked, their user not deleted): id -> user id."""
+    from api.rider_models import User, UserSession
+
+    rows = s.exec(select(UserSession.id, UserSession.user_id)
+                  .join(User, col(User.id) == col(UserSession.user_id))
+                  .where(col(UserSession.id).in_(sids), col(UserSession.revoked_at).is_(None),
+                         col(User.deleted_at).is_(None))).all()
+    return {sid: uid for sid, uid in rows}
+
+
+def raise_open_files(want: int = OPEN_FILES_WANTED) -> tuple[int, int]:
+    """Every stream is a socket, so a file: raise this process's soft RLIMIT_NOFILE to its hard limit and,
+    where the OS lets this process (root, CAP_SYS_RESOURCE), the hard limit to `want` (bounded by
+    fs.nr_open). Otherwise the limit stays, a warning says so: set `ulimit -n` (LimitNOFILE= in a systemd
+    unit, `nofile` in /etc/security/limits.conf, `--ulimit nofile=` for docker) before starting Latch."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        ceiling = int(open("/proc/sys/fs/nr_open").read())
+    except (OSError, ValueError):
+        ceiling = want
+    target = min(want, ceiling)
+    if hard != resource.RLIM_INFINITY and hard < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return target, target
+        except (ValueError, OSError):
+            pass
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < target:
+        log.warning("open files limited to %d (RLIMIT_NOFILE): each event stream holds one; raise it with "
+                    "`ulimit -n %d` (or LimitNOFILE=) before starting Latch", soft, target)
+    return soft, hard

@@ -25,6 +25,7 @@ from typing import Any
 from starlette.responses import Response
 
 from api.events import SESSION_ENDED, EventLog, LiveEvent, Subscription
+from api.wire import sse_wire
 
 HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
            (b"x-accel-buffering", b"no")]
@@ -45,9 +46,13 @@ class EventStream(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         sub = self.sub
         sub.task = asyncio.current_task()
-        watcher = asyncio.ensure_future(self._watch(receive))
+        wire = None
+        watcher = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            wire = sse_wire(scope)   # None: written through the server (api/wire.py)
+            if wire is None:
+                watcher = asyncio.ensure_future(self._watch(receive))
             hello = json.dumps({"cursor": sub.cursor, "head": self.log.head}).encode()
             await self._body(send, b"retry: %d\nid: %d\nevent: ready\ndata: %s\n\n" % (self.retry_ms, sub.cursor, hello))
             while not sub.live and not sub.closed:
@@ -55,6 +60,9 @@ class EventStream(Response):
                 if page:
                     await self._events(send, page)
             while not sub.closed:
+                if sub.go_direct(wire):   # from here on the broadcaster writes to the socket; this task
+                    await self._direct(sub, receive)   # waits for the end (disconnect, cut-off, revocation)
+                    break
                 batch = await sub.next(self.keepalive_s)
                 if not await self.log.still_allowed(sub):   # logged out, or the user deleted, meanwhile
                     break
@@ -69,9 +77,38 @@ class EventStream(Response):
         except OSError:
             pass
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             sub.close("stream ended")
         await self._finish(send)
+
+    async def _direct(self, sub: Subscription, receive: Any) -> None:
+        """While the broadcaster writes to the socket, this task only listens: for the client going away
+        (http.disconnect), for the subscription closing (cut off, session ended: it cancels this wait),
+        and for a keep-alive falling due. No second task, no wake-up per event."""
+        me = asyncio.current_task()
+        assert me is not None
+
+        def wake(_: Subscription) -> None:
+            if me is not asyncio.current_task():
+                me.cancel()
+
+        sub.on_close = wake
+        try:
+            while not sub.closed:
+                try:
+                    async with asyncio.timeout(self.keepalive_s):
+                        message = await receive()
+                except TimeoutError:
+                    sub.keepalive()
+                    continue
+                if message["type"] == "http.disconnect":
+                    sub.close("client disconnected")
+        except asyncio.CancelledError:
+            if not sub.closed or me.uncancel() > 0:
+                raise   # not ours: the server is stopping
+        finally:
+            sub.on_close = None
 
     async def _finish(self, send: Any) -> None:
         final = b""

@@ -1,4 +1,18 @@
-"""Push fan-out benchmark: N subscribers per transport (SSE, WebSocket, long polling) on one Latch.
+"""Push fan-out benchmark: N subscribers per transport on one Latch.
+
+Default (`--mode notify`, issue 14 section 2): N rider accounts, each holding one SSE or WebSocket stream,
+and notifications to all riders (POST /v1/notifications, audience all, transactional) at a fixed rate.
+Delivery latency runs from the notification's `at` to its arrival at each rider; "lost" counts
+(notification, rider) pairs that never arrived; memory per subscriber is the server's RSS growth / N;
+CPU per delivery is the server's CPU time in the window / deliveries. `--idle S` holds the subscribers idle
+S seconds and sends one notification (50,000 idle riders: `--sizes 50000 --idle 10`).
+
+    python -m bench.push                                      # 10,000 riders, SSE then WebSocket, 10/s for 10 s
+    python -m bench.push --transports sse --sizes 50000 --idle 10
+    python -m bench.push --profile                           # py-spy the server during the window
+
+`--mode commands` is the older run: N operator subscribers of one transport (SSE, WebSocket, long polling)
+and commands at a fixed rate:
 
 Starts `latch serve` (broker + API + a small simulated fleet) as a subprocess, connects N operator
 subscribers of one transport over loopback (lean asyncio clients, so the client is not the
@@ -8,8 +22,7 @@ runs from the event's append time (its `at`, stamped in the transaction) to its 
 subscriber: p50/p99 over all deliveries, and per event the time until the *last* subscriber had it.
 Also: the server's memory per subscriber (RSS growth / N) and its CPU during the publishing window.
 
-    python -m bench.push                                  # SSE, WebSocket, long polling at N = 1,000 and 10,000
-    python -m bench.push --transports sse --sizes 1000 --rate 2 --duration 10
+    python -m bench.push --mode commands --sizes 1000,10000 --rate 2   # SSE, WebSocket, long polling
 
 Figures are printed and written to bench/results/push-<time>.json.
 """
@@ -24,10 +37,12 @@ import os
 import re
 import resource
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -302,30 +317,395 @@ def show(r: Result) -> None:
           flush=True)
 
 
+# ---- notify mode: riders, one notification to all of them -----------------------------------------
+# Each subscriber is its own rider account (rows written straight into the bench's SQLite database, tokens
+# minted with the server's JWT secret: signing up 50,000 riders through the API would take argon2 hours).
+# The clients run in worker processes (at most WORKER_MAX connections each, each on its own 127.0.0.x
+# source address: one address has ~28,000 ephemeral ports, one process 20,000 files here).
+
+WORKER_MAX = 12_500
+JWT_SECRET = "bench-push-jwt-secret-0123456789abcdef"
+NOTIFY_BODY = {"title": "Service update", "body": "Downtown docks are open again", "category": "transactional",
+               "audience": {"all": True}, "ttl_s": 600}
+
+
+def make_riders(db_path: Path, n: int) -> list[str]:
+    """n rider accounts with one open session each, straight into the database; their access tokens."""
+    import sqlite3
+
+    from api import tokens
+
+    now = int(time.time() * 1000)
+    exp_s = int(time.time()) + 6 * 3600
+    db = sqlite3.connect(db_path, timeout=60)
+    users, sessions, out = [], [], []
+    for i in range(n):
+        uid, sid = f"bench{i:07d}", f"benchsession{i:07d}"
+        users.append((uid, f"{uid}@bench.invalid", "Bench", "x", "rider", now))
+        sessions.append((sid, uid, now, exp_s * 1000))
+        out.append(tokens.issue(JWT_SECRET, uid, "rider", tokens.ACCESS, 6 * 3600, session_id=sid)[0])
+    with db:
+        db.executemany('INSERT INTO "user" (id, email, name, password_hash, role, created_at) VALUES (?,?,?,?,?,?)',
+                       users)
+        db.executemany("INSERT INTO user_session (id, user_id, created_at, expires_at) VALUES (?,?,?,?)", sessions)
+    db.close()
+    return out
+
+
+class RiderClient(asyncio.Protocol):
+    """One rider's stream (SSE or WebSocket) read with as little work as the client can do: find each
+    event's id and `at` in what arrives (the tail of the last read is kept, so a message split between two
+    reads is found), count each id once (ids only grow on a connection)."""
+
+    __slots__ = ("w", "request", "ready", "ws", "tail", "last", "transport", "upgraded")
+
+    def __init__(self, w: "Worker", request: bytes, ready: asyncio.Future[None], ws: bool) -> None:
+        self.w, self.request, self.ready, self.ws = w, request, ready, ws
+        self.tail = b""
+        self.last = 0
+        self.upgraded = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(self.request)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        t = time.time() * 1000
+        if not self.ready.done():
+            if self.ws and not self.upgraded and b"\r\n\r\n" in data:
+                self.upgraded = True
+                sub = b'{"type":"subscribe","after":null}'
+                assert self.transport is not None
+                self.transport.write(bytes([0x81, 0x80 | len(sub)]) + b"\0\0\0\0" + sub)   # mask 0: payload as is
+            if (b'"subscribed"' if self.ws else b"event: ready") in data:
+                self.ready.set_result(None)
+        chunk = self.tail + data
+        w = self.w
+        for m in AT.finditer(chunk):
+            eid = int(m.group(1))
+            if eid > self.last:
+                self.last = eid
+                w.got(eid, t - int(m.group(2)))
+        self.tail = chunk[-300:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.w.lost += 1
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.lat: dict[int, list[float]] = {}
+        self.lost = 0
+
+    def got(self, eid: int, lat: float) -> None:
+        v = self.lat.get(eid)
+        if v is None:
+            v = self.lat[eid] = []
+        v.append(lat)
+
+
+def worker_main(conn: Any, transport: str, port: int, source: str, tokens_: list[str]) -> None:
+    """A client process: connect every rider's stream, then answer the parent's questions."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = len(tokens_) + 1000
+        if hard < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))   # root may raise its hard limit
+        else:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        pass
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_worker(conn, transport, port, source, tokens_))
+
+
+async def _worker(conn: Any, transport: str, port: int, source: str, tokens_: list[str]) -> None:
+    loop = asyncio.get_running_loop()
+    w = Worker()
+    host = f"127.0.0.1:{port}"
+    gate = asyncio.Semaphore(100)
+    transports: list[asyncio.BaseTransport] = []
+    key = base64.b64encode(os.urandom(16)).decode()
+
+    async def connect(token: str) -> None:
+        ready: asyncio.Future[None] = loop.create_future()
+        if transport == "ws":
+            req = (f"GET /v1/ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n")
+        else:
+            req = (f"GET /v1/events/stream HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+                   f"Accept: text/event-stream\r\n\r\n")
+        async with gate:
+            for attempt in range(3):   # bounded: a refused connect (accept backlog full) is tried again
+                try:
+                    t, _ = await loop.create_connection(lambda: RiderClient(w, req.encode(), ready, transport == "ws"),
+                                                        "127.0.0.1", port, local_addr=(source, 0))
+                    break
+                except OSError:
+                    if attempt == 2:
+                        raise
+                    await asyncio.sleep(0.5)
+            transports.append(t)
+            await asyncio.wait_for(ready, 120)
+
+    t0 = time.monotonic()
+    results = await asyncio.gather(*(connect(tok) for tok in tokens_), return_exceptions=True)
+    errors = [repr(r) for r in results if r is not None]
+    conn.send(("connected", len(tokens_) - len(errors), time.monotonic() - t0, errors[:3]))
+    while True:
+        msg = await loop.run_in_executor(None, conn.recv)
+        if msg[0] == "wait":   # until every connected stream has these ids, or the time is up
+            ids, deadline = msg[1], time.monotonic() + msg[2]
+            want = len(transports) - w.lost
+            while time.monotonic() < deadline and not all(len(w.lat.get(i, ())) >= want for i in ids):
+                await asyncio.sleep(0.05)
+            conn.send(("waited", {i: w.lat.get(i, []) for i in ids}, w.lost))
+        elif msg[0] == "close":
+            for t in transports:
+                t.abort()
+            conn.send(("closed",))
+            return
+
+
+@dataclass
+class NotifyResult:
+    transport: str
+    subscribers: int
+    connected: int
+    rate_per_s: float
+    duration_s: float
+    notifications: int
+    deliveries: int
+    expected_deliveries: int
+    lost: int
+    dropped_connections: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    to_all_p50_ms: float
+    to_all_p99_ms: float
+    server_rss_mib: float
+    rss_per_subscriber_kib: float
+    rss_per_subscriber_after_kib: float
+    server_fds: int
+    server_cpu_pct: float
+    server_cpu_us_per_delivery: float
+    machine_busy_cores: float
+    steal_cores: float
+    loadavg_before: str
+    connect_s: float
+    profile: list[tuple[str, float]] | None = None
+
+
+def _fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+async def _ask(conns: list[Any], msg: tuple[Any, ...], timeout: float) -> list[Any]:
+    loop = asyncio.get_running_loop()
+    for c in conns:
+        c.send(msg)
+    return [await asyncio.wait_for(loop.run_in_executor(None, c.recv), timeout) for c in conns]
+
+
+async def notify_run(transport: str, n: int, rate: float, duration: float, data_dir: Path,
+                     profile: bool = False, idle_s: float = 0.0) -> NotifyResult:
+    """n riders on `transport`; notifications to all at `rate` per second for `duration` seconds (with
+    `idle_s`: first hold them idle that long, and send just one)."""
+    import multiprocessing
+
+    from bench.procs import cpu_seconds as cpu_s, machine_busy_seconds, machine_steal_seconds
+
+    port = _free_port()
+    loadavg = Path("/proc/loadavg").read_text().strip()
+    serve = await Proc.start("serve", "serve", "--demo-fleet", "2", "--http-port", str(port), "--mqtt-port", "0",
+                             "--data-dir", str(data_dir), "--log-level", "WARNING",
+                             env={"LATCH_ADMIN_TOKEN": TOKEN, "LATCH_JWT_SECRET": JWT_SECRET})
+    ctx = multiprocessing.get_context("spawn")
+    procs: list[Any] = []
+    conns: list[Any] = []
+    try:
+        await serve.expect(r"Demo fleet:", timeout=120)
+        serve.drain(keep_tail=True)
+        pid = serve.proc.pid
+        tokens_ = make_riders(data_dir / "latch.db", n)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                                     headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            await http.get("/v1/metrics")
+            rss0 = rss_kib(pid)
+            workers = max(min(2, n), -(-n // WORKER_MAX))
+            share = -(-n // workers)
+            t0 = time.monotonic()
+            for i in range(workers):
+                parent, child = ctx.Pipe()
+                p = ctx.Process(target=worker_main, args=(child, transport, port, f"127.0.0.{2 + i}",
+                                                          tokens_[i * share:(i + 1) * share]), daemon=True)
+                p.start()
+                procs.append(p)
+                conns.append(parent)
+            loop = asyncio.get_running_loop()
+            answers = [await asyncio.wait_for(loop.run_in_executor(None, c.recv), 900) for c in conns]
+            connected = sum(a[1] for a in answers)
+            for a in answers:
+                if a[3]:
+                    print(f"  connect errors: {a[3]}", flush=True)
+            for _ in range(600):   # bounded: until the server holds them all
+                if (await http.get("/v1/metrics")).json()["event_subscribers"] >= connected:
+                    break
+                await asyncio.sleep(0.1)
+            connect_s = time.monotonic() - t0
+            rss1 = rss_kib(pid)
+            print(f"  {transport}: {connected}/{n} riders connected in {connect_s:.1f}s ({workers} client processes); "
+                  f"server RSS +{(rss1 - rss0) / 1024:.0f} MiB, {_fds(pid)} fds", flush=True)
+            if idle_s:
+                await asyncio.sleep(idle_s)
+            spy = None
+            if profile:
+                spy = await asyncio.create_subprocess_exec(
+                    str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-r", "200",
+                    "-d", str(int(duration) + 1), "-f", "raw", "-o", str(data_dir / "profile.txt"), "--nonblocking",
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            cpu0, busy0, steal0, w0 = cpu_s(pid), machine_busy_seconds(), machine_steal_seconds(), time.monotonic()
+            print(f"  window from {time.time():.1f}", flush=True)
+            ids: list[int] = []
+            count = 1 if idle_s else max(1, int(rate * duration))
+            start = loop.time() + 0.1
+            pending: list[asyncio.Task[httpx.Response]] = []
+            for k in range(count):
+                delay = start + k / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                pending.append(loop.create_task(http.post("/v1/notifications", json=NOTIFY_BODY)))
+            for r in await asyncio.gather(*pending):
+                assert r.status_code == 201, r.text
+                ids.append(r.json()["event_id"])
+            waited = await _ask(conns, ("wait", ids, 60.0), 120)
+            wall = time.monotonic() - w0
+            cpu = cpu_s(pid) - cpu0
+            busy, steal = machine_busy_seconds() - busy0, machine_steal_seconds() - steal0
+            rss2 = rss_kib(pid)
+            fds = _fds(pid)
+            if spy is not None:
+                await asyncio.wait_for(spy.wait(), 60)
+            await _ask(conns, ("close",), 60)
+        lats: list[float] = []
+        to_all: list[float] = []
+        per_id: dict[int, list[float]] = {i: [] for i in ids}
+        dropped = sum(a[2] for a in waited)
+        for a in waited:
+            for i, v in a[1].items():
+                per_id[i].extend(v)
+        for i, v in per_id.items():
+            lats.extend(v)
+            if len(v) >= connected:
+                to_all.append(max(v))
+        expected = len(ids) * connected
+        return NotifyResult(
+            transport=transport, subscribers=n, connected=connected, rate_per_s=rate, duration_s=round(wall, 1),
+            notifications=len(ids), deliveries=len(lats), expected_deliveries=expected, lost=expected - len(lats),
+            dropped_connections=dropped, p50_ms=pct(lats, 50), p99_ms=pct(lats, 99),
+            max_ms=round(max(lats, default=float("nan")), 1), to_all_p50_ms=pct(to_all, 50),
+            to_all_p99_ms=pct(to_all, 99), server_rss_mib=round(rss2 / 1024, 1),
+            rss_per_subscriber_kib=round((rss1 - rss0) / max(1, connected), 2),
+            rss_per_subscriber_after_kib=round((rss2 - rss0) / max(1, connected), 2), server_fds=fds,
+            server_cpu_pct=round(cpu / wall * 100, 1),
+            server_cpu_us_per_delivery=round(cpu / max(1, len(lats)) * 1e6, 2),
+            machine_busy_cores=round(busy / wall, 2), steal_cores=round(steal / wall, 2), loadavg_before=loadavg,
+            connect_s=round(connect_s, 1), profile=_top(data_dir / "profile.txt") if profile else None)
+    finally:
+        for c in conns:
+            c.close()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        await serve.stop()
+
+
+def _top(path: Path, n: int = 25) -> list[tuple[str, float]]:
+    """From py-spy's raw output: the functions where the samples were (self), then Latch's own functions
+    and the server's most often on the stack (inclusive), as shares of all samples."""
+    if not path.exists():
+        return []
+    total = 0
+    self_: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        stack, _, k = line.rpartition(" ")
+        if not k.isdigit():
+            continue
+        total += int(k)
+        frames = stack.split(";")
+        leaf = frames[-1] if frames else "?"
+        self_[leaf] = self_.get(leaf, 0) + int(k)
+        for frame in set(frames):
+            if "(api/" in frame or "(bench/" in frame or "uvicorn/" in frame or "idle" in frame:
+                incl[frame] = incl.get(frame, 0) + int(k)
+
+    def top(d: dict[str, int], tag: str) -> list[tuple[str, float]]:
+        return [(f"{tag} {f}", round(c / max(1, total) * 100, 1)) for f, c in sorted(d.items(), key=lambda x: -x[1])[:n]]
+
+    return top(self_, "self") + top(incl, "incl")
+
+
+def show_notify(r: NotifyResult) -> None:
+    print(f"  {r.transport:>4} N={r.connected:>6}: {r.notifications} notifications at {r.rate_per_s}/s, "
+          f"{r.deliveries}/{r.expected_deliveries} deliveries (lost {r.lost}) | latency p50 {r.p50_ms} ms "
+          f"p99 {r.p99_ms} ms max {r.max_ms} ms | to all p50 {r.to_all_p50_ms} p99 {r.to_all_p99_ms} ms | "
+          f"RSS {r.server_rss_mib} MiB, {r.rss_per_subscriber_kib} KiB/subscriber ({r.rss_per_subscriber_after_kib} "
+          f"after), {r.server_fds} fds | server CPU {r.server_cpu_pct}%, {r.server_cpu_us_per_delivery} us/delivery | "
+          f"machine {r.machine_busy_cores} cores busy, steal {r.steal_cores}; load before {r.loadavg_before}",
+          flush=True)
+    for f, share in r.profile or []:
+        print(f"      {share:5.1f}%  {f}")
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--transports", default="sse,ws,longpoll")
-    ap.add_argument("--sizes", default="1000,10000", help="subscriber counts")
-    ap.add_argument("--rate", type=float, default=1.0, help="commands per second (4 events each)")
+    ap.add_argument("--mode", choices=("notify", "commands"), default="notify")
+    ap.add_argument("--transports", default=None, help="notify: sse,ws; commands: sse,ws,longpoll")
+    ap.add_argument("--sizes", default="10000", help="subscriber counts")
+    ap.add_argument("--rate", type=float, default=None, help="notify: notifications/s (10); commands: commands/s (1)")
     ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--idle", type=float, default=0.0, help="notify: hold the subscribers idle this long, then "
+                                                            "send one notification (the 50,000 idle run)")
+    ap.add_argument("--profile", action="store_true", help="notify: py-spy the server during the window")
+    ap.add_argument("--label", default="", help="a word for the results file (before, after)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    runs: list[Result] = []
+    runs: list[Any] = []
+    notify = args.mode == "notify"
+    transports = (args.transports or ("sse,ws" if notify else "sse,ws,longpoll")).split(",")
+    rate = args.rate if args.rate is not None else (10.0 if notify else 1.0)
     for n in [int(x) for x in args.sizes.split(",")]:
-        for transport in args.transports.split(","):
+        for transport in transports:
             with tempfile.TemporaryDirectory(prefix="latch-push-") as tmp:
                 try:
-                    r = await run(transport, n, args.rate, args.duration, Path(tmp))
+                    if notify:
+                        r: Any = await notify_run(transport, n, rate, args.duration, Path(tmp), args.profile, args.idle)
+                        show_notify(r)
+                    else:
+                        r = await run(transport, n, rate, args.duration, Path(tmp))
+                        show(r)
                 except Exception as e:   # one size too big for the machine must not lose the others
                     print(f"  {transport} N={n}: failed: {e!r}", flush=True)
                     continue
-                show(r)
                 runs.append(r)
-    out = args.out or RESULTS / f"push-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    label = f"-{args.label}" if args.label else ""
+    out = args.out or RESULTS / f"push-{time.strftime('%Y%m%d-%H%M%S')}{label}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bench": "push", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(),
+    out.write_text(json.dumps({"bench": "push", "mode": args.mode, "label": args.label,
+                               "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(),
                                "runs": [asdict(r) for r in runs]}, indent=1))
     print(f"written: {out}")
 

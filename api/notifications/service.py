@@ -60,6 +60,7 @@ class NotificationService:
         self._prefs_seen = 0
         self._task: asyncio.Task[None] | None = None
         self._mqtt_tasks: set[asyncio.Task[None]] = set()
+        self._riders_cache: tuple[tuple[int, int], list[str]] | None = None   # (count, newest sign-up), ids
 
     # ---- life -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -182,18 +183,36 @@ class NotificationService:
         if found is None:
             return
         item = found[0]
-        members = item.members
-        if members is None:
-            members = frozenset(await self.db.read(lambda s: list(s.exec(select(User.id).where(
-                User.role == RIDER, col(User.deleted_at).is_(None))).all())))
-        for i, user_id in enumerate(sorted(members)):
+        riders = sorted(item.members) if item.members is not None else await self._all_riders()
+        for i in range(0, len(riders), 500):
             if not self.link.is_connected:
                 return   # the app reads the rest over HTTP by cursor
-            mine = self.fanout.offer(ev, user_id, MQTT)
-            if mine is not None and topics.valid_device_id(user_id):
-                self.link.publish(topics.user_events_topic(user_id), mine.json, qos=1)
-            if i % 500 == 499:
-                await asyncio.sleep(0)   # let the loop breathe on a large audience
+            for user_id, mine in self.fanout.for_riders(ev, riders[i:i + 500], MQTT):   # fanout.py: decided once
+                if topics.valid_device_id(user_id):
+                    self.link.publish(topics.user_events_topic(user_id), mine.json, qos=1)
+            await asyncio.sleep(0)   # let the loop breathe on a large audience
+
+    async def _all_riders(self) -> list[str]:
+        """Every rider account, sorted. The ids are read again only when the riders changed (their count
+        or newest sign-up moved: one aggregate, not the whole table, for each notification to all)."""
+        table = User.__table__   # type: ignore[attr-defined]
+        riders = (table.c.role == RIDER) & table.c.deleted_at.is_(None)
+        shape_q = select(func.count(), func.max(table.c.created_at)).where(riders)
+        ids_q = select(table.c.id).where(riders).order_by(table.c.id)
+        cached = self._riders_cache
+
+        def load(s: Session) -> tuple[tuple[int, int], list[str] | None]:
+            n, newest = s.connection().execute(shape_q).one()
+            shape = (int(n or 0), int(newest or 0))
+            if cached is not None and cached[0] == shape:
+                return shape, None
+            return shape, list(s.connection().execute(ids_q).scalars().all())
+
+        shape, ids = await self.db.read(load)
+        if ids is None and cached is not None:
+            return cached[1]
+        self._riders_cache = (shape, ids or [])
+        return self._riders_cache[1]
 
     # ---- preferences ------------------------------------------------------------------
     async def _load_prefs(self) -> None:

@@ -37,6 +37,7 @@ from api.events import SESSION_ENDED, CursorError, Subscription, TooManyStreams
 from api.models import CommandCreate
 from api.rights import Refused
 from api.runtime import Runtime
+from api.wire import ws_wire
 
 log = logging.getLogger("latch.ws")
 router = APIRouter(tags=["events"])
@@ -61,6 +62,7 @@ class Connection:
         self.who = who
         self.sub: Subscription | None = None
         self.writer: asyncio.Task[None] | None = None
+        self.closing: asyncio.Task[None] | None = None
         self.send_lock = asyncio.Lock()
 
     async def send(self, text: str) -> None:
@@ -128,6 +130,7 @@ class Connection:
 
     async def write_events(self, sub: Subscription) -> None:
         sub.task = asyncio.current_task()
+        wire = ws_wire(self.ws.scope)   # None: frames go through the server (api/wire.py)
         try:
             while not sub.live and not sub.closed:
                 page = await self.rt.events.backlog(sub)
@@ -136,6 +139,11 @@ class Connection:
                 if page:
                     sub.sent = page[-1].id
             while not sub.closed:
+                if sub.go_direct(wire):
+                    # the broadcaster writes the frames from here on; this task ends, and the socket is
+                    # closed with the reason when the subscription is (cut off, session ended)
+                    sub.on_close = self._ended
+                    return
                 batch = await sub.next(self.rt.settings.sse_keepalive_s)
                 if not await self.rt.events.still_allowed(sub):   # logged out, or the user deleted, meanwhile
                     break
@@ -155,6 +163,21 @@ class Connection:
         elif sub.reason == SESSION_ENDED:
             with contextlib.suppress(Exception):
                 await self.ws.close(CLOSE_UNAUTHORIZED, SESSION_ENDED)
+
+    def _ended(self, sub: Subscription) -> None:
+        """A direct subscription closed: say why on the socket, as the writer task would have."""
+        if sub.cut:
+            code, reason = CLOSE_TOO_SLOW, (sub.reason or "too far behind")[:120]
+        elif sub.reason == SESSION_ENDED:
+            code, reason = CLOSE_UNAUTHORIZED, SESSION_ENDED
+        else:
+            return
+
+        async def close() -> None:
+            with contextlib.suppress(Exception):
+                await self.ws.close(code, reason)
+
+        self.closing = asyncio.get_running_loop().create_task(close())
 
     async def command(self, msg: dict[str, Any], request_id: Any) -> None:
         device_id = msg.get("device_id")

@@ -1,0 +1,136 @@
+"""Event streams written straight to their sockets: one encoding per event, no task woken per delivery.
+
+An SSE or WebSocket subscriber starts as any ASGI response does: headers, the `ready` message or the
+`subscribed` reply and the backlog go through the server's `send`. Once it is live and has nothing
+buffered, the event log's broadcaster writes each new event to its socket itself (api/events.py
+Subscription.push): the bytes are made once per event and transport (an HTTP/1.1 chunk holding the SSE
+message; an unmasked WebSocket text frame) and are the same for every subscriber, so a delivery is a
+`transport.write` and a look at the socket's write buffer. The connection's task sleeps until the
+subscription closes (or a keep-alive is due) and then ends the response through the server as before
+(`event: error`, the terminating chunk; the close frame).
+
+Reaching the socket: `TransportTap`, outside every ASGI middleware (`install`), records in the scope the object
+behind the server's own `send` (uvicorn's HTTP cycle, or its WebSocket protocol). Direct writing is used
+only with the servers whose framing it knows: uvicorn's httptools HTTP/1.1 with chunked encoding (the
+default), uvicorn's websockets (sans-I/O or legacy) and wsproto WebSocket protocols. Anything else (h11,
+HTTP/1.0, another server, a test client without a socket) falls back to the buffered path.
+
+Slow clients: the kernel's socket buffer takes what it can; what it cannot stays in the transport's
+buffer. A subscriber that got LATCH_SUBSCRIBER_BUFFER events while that buffer was not empty is cut off
+(api/events.py), as a buffered one is when that many events wait for it.
+
+A WebSocket that negotiated permessage-deflate still gets these frames uncompressed (RSV1 clear), which
+RFC 7692 allows message by message; the server's own replies may be compressed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from api.events import LiveEvent
+
+SCOPE_KEY = "latch.server_connection"
+KEEPALIVE_CHUNK = b"%x\r\n%s\r\n" % (len(b": keep-alive\n\n"), b": keep-alive\n\n")
+_HTTP = {"uvicorn.protocols.http.httptools_impl"}
+_WS = {"uvicorn.protocols.websockets.websockets_sansio_impl", "uvicorn.protocols.websockets.websockets_impl",
+       "uvicorn.protocols.websockets.wsproto_impl"}
+
+
+def install(app: Any) -> None:
+    """Put TransportTap outside everything, Starlette's own ServerErrorMiddleware included (whose `send`
+    wrapper hides the server's): it wraps the stack Starlette builds."""
+    build = app.build_middleware_stack
+    app.build_middleware_stack = lambda: TransportTap(build())
+
+
+class TransportTap:
+    """ASGI middleware (outermost): keeps the server's connection object in the scope for api/wire.py."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket"):
+            owner = getattr(send, "__self__", None)
+            if owner is not None:
+                scope[SCOPE_KEY] = owner
+        await self.app(scope, receive, send)
+
+
+class SseWire:
+    """An SSE response's socket, after its headers (chunked) went through the server."""
+
+    __slots__ = ("transport", "owner")
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.transport = owner.transport
+
+    def write(self, ev: LiveEvent) -> bool:
+        t = self.transport
+        if t.is_closing() or self.owner.disconnected:
+            return False
+        t.write(ev.sse_chunk)
+        return True
+
+    def backed_up(self) -> bool:
+        return self.transport.get_write_buffer_size() > 0
+
+    def keepalive(self) -> bool:
+        t = self.transport
+        if t.is_closing() or self.owner.disconnected:
+            return False
+        t.write(KEEPALIVE_CHUNK)
+        return True
+
+
+class WsWire:
+    """An accepted WebSocket's socket."""
+
+    __slots__ = ("transport", "owner")
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.transport = owner.transport
+
+    def write(self, ev: LiveEvent) -> bool:
+        t = self.transport
+        o = self.owner
+        if t.is_closing() or getattr(o, "close_sent", False) or getattr(o, "closed", False) \
+                or getattr(o, "disconnected", False) or not _ws_open(o):
+            return False
+        t.write(ev.ws_frame)
+        return True
+
+    def backed_up(self) -> bool:
+        return self.transport.get_write_buffer_size() > 0
+
+    def keepalive(self) -> bool:   # the server pings WebSockets itself
+        return not self.transport.is_closing()
+
+
+def _ws_open(owner: Any) -> bool:
+    conn = getattr(owner, "conn", None)
+    state = getattr(conn, "state", None)
+    if state is None:
+        return True
+    name = getattr(state, "name", "")
+    return name in ("OPEN", "")
+
+
+def sse_wire(scope: Any) -> SseWire | None:
+    """After http.response.start went out: the wire for this response, or None (write through the server)."""
+    owner = scope.get(SCOPE_KEY)
+    if owner is None or type(owner).__module__ not in _HTTP or getattr(owner, "chunked_encoding", None) is not True:
+        return None
+    if getattr(owner, "transport", None) is None or getattr(owner, "response_complete", True):
+        return None
+    return SseWire(owner)
+
+
+def ws_wire(scope: Any) -> WsWire | None:
+    """After the WebSocket was accepted: its wire, or None."""
+    owner = scope.get(SCOPE_KEY)
+    if owner is None or type(owner).__module__ not in _WS or getattr(owner, "transport", None) is None:
+        return None
+    return WsWire(owner)
