@@ -326,13 +326,8 @@ $("register-form").addEventListener("submit", async (e) => {
   try {
     const c = await api.call("POST", "/v1/devices", {id, name: $("reg-name").value.trim()});
     const box = $("reg-result");
-    box.replaceChildren(el("p", {}, el("b", {}, `${c.id} registered.`), " Copy these now: they are not shown again."));
-    const dl = el("dl", {class: "fields"});
-    field(dl, "MQTT username / client id", el("code", {}, c.mqtt_username));
-    field(dl, "MQTT password", el("code", {"data-secret": "password"}, c.mqtt_password));
-    field(dl, "Command key", el("code", {"data-secret": "key"}, c.command_key));
-    box.append(dl, el("a", {href: `#/device/${encodeURIComponent(c.id)}`}, `Open ${c.id}`));
-    box.classList.remove("hidden");
+    showCredentials(box, c, `${c.id} registered.`);
+    box.append(el("a", {href: `#/device/${encodeURIComponent(c.id)}`}, `Open ${c.id}`));
     $("reg-id").value = ""; $("reg-name").value = "";
     loadDevices();
   } catch (err) {
@@ -340,6 +335,16 @@ $("register-form").addEventListener("submit", async (e) => {
       : humanError(err);
   } finally { $("reg-btn").disabled = false; }
 });
+
+function showCredentials(box, c, title) {
+  box.replaceChildren(el("p", {}, el("b", {}, title), " Copy these now: they are not shown again."));
+  const dl = el("dl", {class: "fields"});
+  field(dl, "MQTT username / client id", el("code", {}, c.mqtt_username));
+  field(dl, "MQTT password", el("code", {"data-secret": "password"}, c.mqtt_password));
+  field(dl, "Command key", el("code", {"data-secret": "key"}, c.command_key));
+  box.append(dl);
+  box.classList.remove("hidden");
+}
 
 // ---- one device -------------------------------------------------------------------------------------
 
@@ -349,6 +354,7 @@ async function showDevice(id) {
   $("dev-id").textContent = id;
   $("dev-msg").textContent = ""; $("dev-msg").className = "msg";
   $("revoke-confirm").classList.add("hidden");
+  $("dev-creds").classList.add("hidden");
   $("dev-fields").replaceChildren();
   $("dev-commands").replaceChildren(); $("dev-presence").replaceChildren();
   await loadDevice(id);
@@ -384,7 +390,9 @@ async function loadDevice(id, quiet) {
   field(dl, "Name", d.name || "—"); field(dl, "Zone", d.zone || "—");
   field(dl, "Tags", d.tags.length ? d.tags.join(", ") : "—");
   field(dl, "Registered", new Date(d.created_at).toLocaleString());
-  for (const b of document.querySelectorAll("#dev-actions button")) b.disabled = d.revoked;
+  for (const b of document.querySelectorAll("#dev-actions button[data-action]")) b.disabled = d.revoked;
+  $("revoke-btn").disabled = d.revoked;
+  $("rotate-btn").disabled = false;
   $("revoke-name").textContent = d.id;
   if (!quiet) await Promise.all([loadDeviceCommands(id), loadPresence(id)]);
   else loadPresence(id);
@@ -437,6 +445,17 @@ for (const b of document.querySelectorAll("#dev-actions button[data-action]")) {
   });
 }
 
+$("rotate-btn").addEventListener("click", async () => {
+  const d = state.device;
+  $("rotate-btn").disabled = true;
+  try {
+    const c = await api.call("POST", `/v1/devices/${encodeURIComponent(d.id)}/credentials`);
+    showCredentials($("dev-creds"), c, `New credentials for ${d.id}: the old ones stopped working.` +
+      (d.revoked ? " It is no longer revoked." : ""));
+    await loadDevice(d.id, true);
+  } catch (e) { $("dev-msg").textContent = "New credentials failed: " + humanError(e); $("dev-msg").className = "msg bad"; }
+  finally { $("rotate-btn").disabled = false; }
+});
 $("revoke-btn").addEventListener("click", () => { $("revoke-confirm").classList.remove("hidden"); $("revoke-no").focus(); });
 $("revoke-no").addEventListener("click", () => { $("revoke-confirm").classList.add("hidden"); $("revoke-btn").focus(); });
 $("revoke-yes").addEventListener("click", async () => {

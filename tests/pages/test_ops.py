@@ -324,6 +324,12 @@ async def test_register_and_revoke_a_device(served: Served, browser) -> None:  #
         await expect(page.locator('#dev-actions button[data-action="unlock"]')).to_be_disabled()
         async with operator(served) as h:
             assert (await h.get("/v1/devices/bike-0005")).json()["revoked"] is True
+        # new credentials let it back in (shown once)
+        await page.click("#rotate-btn")
+        await expect(page.locator("#dev-creds")).to_contain_text("It is no longer revoked.")
+        await expect(page.locator('#dev-creds code[data-secret="key"]')).to_have_text(re.compile(r"^[0-9a-f]{64}$"))
+        await expect(page.locator("#dev-pill")).not_to_have_text("revoked")
+        await expect(page.locator('#dev-actions button[data-action="unlock"]')).to_be_enabled()
         # an unknown device's page
         await page.goto(served.url + "/ops#/device/nope-1")
         await expect(page.locator("#dev-error")).to_have_text("There is no device nope-1.", timeout=10_000)
