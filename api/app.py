@@ -126,7 +126,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     """The API. `db` may be shared with an embedded broker; otherwise one is made from the settings."""
     settings.ensure_secrets()
     own_db = db is None
-    database = db or Database(settings.resolved_database_url())
+    database = db or Database(settings.resolved_database_url(), sqlite_writer=settings.sqlite_writer)
     runtime = build_runtime(settings, database)
     runtime.metrics.watch(runtime)   # GET /metrics: queue depths, transaction times (api/metrics.py)
     mosquitto = None

@@ -4,7 +4,9 @@ Every unit of work is a plain function of a Session that runs a whole transactio
 api/devices.py, ...). The URL's driver decides how it is driven from asyncio:
 
     URL scheme                         driver       how a unit of work runs
-    sqlite://  (the default)           sqlite3      on a database thread: one loop hop per transaction
+    sqlite://  (the default)           sqlite3      writes: on the event loop, group-committed once per
+                                                    loop iteration (api/loop_commit.py; bulk ones on a
+                                                    thread); reads: on database threads
     postgresql+psycopg://              psycopg 3    on a database thread (8 writers)
     sqlite+aiosqlite://                aiosqlite    on the event loop: AsyncSession.run_sync, each
     postgresql+asyncpg:// (postgresql://)  asyncpg  statement awaited through the driver (greenlets)
@@ -20,7 +22,10 @@ Either way the event loop never blocks on I/O.
 
 SQLite: one writer at a time (SQLite has one writer; more would nap in its busy handler) and a
 few readers (WAL lets them read while it writes). The writer commits in groups: every unit of work
-waiting when it is free runs in one transaction, each in its own savepoint (api/group_commit.py). PostgreSQL: eight writers; correctness comes from
+waiting when it is free runs in one transaction, each in its own savepoint (api/group_commit.py),
+on the event loop by default (api/loop_commit.py: a commit is a write() into the page cache, the
+checkpoints that fsync run on their own thread) or on a thread of its own with
+LATCH_SQLITE_WRITER=thread. PostgreSQL: eight writers; correctness comes from
 conditional updates and row locks, not from a single writer (several API processes may share the
 database).
 
@@ -53,6 +58,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from api.admission import StandingDelay
 from api.group_commit import DURABLE, LOOP_DURABLE, GroupCommitWriter, run_durable
+from api.loop_commit import LoopGroupCommitWriter
 
 T = TypeVar("T")
 
@@ -177,19 +183,26 @@ def sync_url(url: str) -> str:
     return _with_driver(url, _SYNC_TWIN.get(driver, driver))
 
 
-def _sqlite_file(url: str) -> None:
+def _sqlite_path(url: str) -> str | None:
     path = url.split("///", 1)[-1]
-    if path and path != ":memory:":
+    return path if path and path != ":memory:" else None
+
+
+def _sqlite_file(url: str) -> None:
+    path = _sqlite_path(url)
+    if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sqlite_pragmas(engine: Engine) -> None:
+def _sqlite_pragmas(engine: Engine, autocheckpoint: bool = True) -> None:
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")   # durable at checkpoints; no fsync per commit
+        cur.execute("PRAGMA synchronous=NORMAL")   # a commit survives kill -9 once written; fsync at checkpoints
         cur.execute("PRAGMA busy_timeout=30000")
+        if not autocheckpoint:   # the writer on the event loop: checkpoints (fsync) on their own thread
+            cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
 
 
@@ -208,14 +221,14 @@ def _plain_savepoints(engine: Engine) -> None:
         connection, f'ROLLBACK TO SAVEPOINT "{name}"')
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, autocheckpoint: bool = True) -> Engine:
     """A synchronous engine (the URL's synchronous twin driver)."""
     url = sync_url(url)
     if url.startswith("sqlite"):
         _sqlite_file(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
                                pool_size=8, max_overflow=0)
-        _sqlite_pragmas(engine)
+        _sqlite_pragmas(engine, autocheckpoint)
         _plain_savepoints(engine)
         return engine
     return create_engine(url, pool_size=12, max_overflow=4, pool_pre_ping=True)
@@ -235,24 +248,34 @@ def make_async_engine(url: str) -> AsyncEngine:
 class Database:
     """Runs units of work — functions of a Session that run one transaction — for the event loop."""
 
-    def __init__(self, url: str, max_batch: int = 64) -> None:
+    def __init__(self, url: str, max_batch: int = 64, sqlite_writer: str = "loop") -> None:
+        """`sqlite_writer`: where SQLite's group-committing writer runs with the sqlite3 driver, "loop"
+        (api/loop_commit.py) or "thread" (api/group_commit.py); other drivers ignore it."""
         self.url = url
         self.driver, self.is_async = driver_of(url)
         self.is_postgres = self.driver.startswith("postgresql")
+        if sqlite_writer not in ("loop", "thread"):
+            raise ValueError(f"sqlite_writer must be 'loop' or 'thread', not {sqlite_writer!r}")
         writers = 8 if self.is_postgres else 1
+        on_loop = writers == 1 and not self.is_async and sqlite_writer == "loop"
         # how long a person's writes stand in the queue (api/admission.py): answers and interactive commands
         # only — a backlog of reports or a rollout behind them is not a reason to refuse an unlock
         self.write_delay = StandingDelay()
         # the synchronous engine: every unit of work with a sync driver; schema work with either
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, autocheckpoint=not on_loop)
         self._schema = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latch-db-schema")
         self.async_engine: AsyncEngine | None = None
-        self._writer: GroupCommitWriter | _PriorityPool | None = None
+        self._writer: GroupCommitWriter | LoopGroupCommitWriter | _PriorityPool | None = None
         if self.is_async:
             self.async_engine = make_async_engine(url)
             self._write_gate = PriorityGate(writers, self._observe_wait)
             self._read_gate = asyncio.Semaphore(4)
-        elif writers == 1:   # SQLite: group commit (api/group_commit.py)
+        elif on_loop:   # SQLite: group commit on the event loop (api/loop_commit.py)
+            self._writer = LoopGroupCommitWriter(self.engine, self._observe_wait, max_batch=max_batch,
+                                                 database_file=_sqlite_path(sync_url(url)),
+                                                 off_loop_priority=Priority.BULK)
+            self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="latch-db-read")
+        elif writers == 1:   # SQLite: group commit on a thread (api/group_commit.py)
             self._writer = GroupCommitWriter(self.engine, self._observe_wait, max_batch=max_batch)
             self._readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="latch-db-read")
         else:
@@ -281,7 +304,7 @@ class Database:
 
     async def write(self, fn: Callable[[Session], T], priority: int = Priority.INTERACTIVE) -> T:
         """Run `fn` (which commits) as one of the writers, after every queued write of higher priority."""
-        if isinstance(self._writer, GroupCommitWriter):
+        if isinstance(self._writer, (GroupCommitWriter, LoopGroupCommitWriter)):
             return await self._writer.submit(priority, fn)
         if isinstance(self._writer, _PriorityPool):
             return await asyncio.wrap_future(self._writer.submit(priority, self._run, fn))
@@ -306,6 +329,8 @@ class Database:
         if self.async_engine is not None:
             await self.async_engine.dispose()
         elif self._writer is not None:
+            if isinstance(self._writer, LoopGroupCommitWriter):
+                await self._writer.drain()
             await loop.run_in_executor(None, self._writer.shutdown)
             await loop.run_in_executor(None, self._readers.shutdown)
         await loop.run_in_executor(None, self._schema.shutdown)

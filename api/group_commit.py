@@ -99,8 +99,12 @@ class _BatchBroken(Exception):
     """The batch's transaction cannot go on: its units are run again, each alone."""
 
 
-class GroupCommitWriter:
-    """One writer thread running queued units of work in batches, one transaction per batch."""
+Answers = list[tuple[_Job, bool, Any]]
+
+
+class BatchRunner:
+    """What every group-commit writer shares: a batch of units run in one transaction, each in its own
+    savepoint, their answers and after-commit callbacks collected (see the module's docstring)."""
 
     def __init__(self, engine: Engine, on_wait: Callable[[int, float], None] = lambda p, s: None,
                  on_batch: Callable[[int, float], None] = lambda n, s: None, max_batch: int = MAX_BATCH) -> None:
@@ -109,6 +113,73 @@ class GroupCommitWriter:
         self._on_batch = on_batch   # each batch's size and transaction time, seconds (metrics)
         self.max_batch = max(1, max_batch)
         self.batches = self.units = 0   # read by metrics: units / batches is the mean batch size
+
+    def _execute(self, batch: list[_Job]) -> tuple[Answers, list[Callable[[], None]], LoopCallbacks]:
+        """Run `batch` (one transaction, or each unit alone if that breaks); its callbacks after commit
+        have run; the answers and the loop callbacks are returned for the caller to hand over."""
+        now = time.monotonic()
+        for job in batch:
+            self._on_wait(job.priority, now - job.queued_at)
+        started = now
+        on_loops: LoopCallbacks = []
+        try:
+            answers, callbacks = (self._run_together(batch, on_loops) if len(batch) > 1
+                                  else self._run_alone(batch[0], on_loops))
+        except _BatchBroken as e:
+            log.warning("a batch of %d writes failed as one transaction (%s): running each alone", len(batch), e)
+            answers, callbacks, on_loops = [], [], []
+            for job in batch:
+                a, c = self._run_alone(job, on_loops)
+                answers += a
+                callbacks += c
+        self.batches += 1
+        self.units += len(batch)
+        self._on_batch(len(batch), time.monotonic() - started)
+        run_durable(callbacks)
+        return answers, callbacks, on_loops
+
+    def _run_alone(self, job: _Job, on_loops: LoopCallbacks) -> tuple[Answers, list[Callable[[], None]]]:
+        """One unit in its own transaction, as api/db.py runs a unit on any other driver."""
+        with Session(self._engine, expire_on_commit=False) as s:
+            try:
+                answer = (job, True, job.fn(s))
+            except BaseException as e:  # noqa: BLE001 — handed to the awaiting coroutine
+                answer = (job, False, e)
+            on_loops += s.info.pop(LOOP_DURABLE, [])
+            return [answer], s.info.pop(DURABLE, [])
+
+    def _run_together(self, batch: list[_Job], on_loops: LoopCallbacks) -> tuple[Answers, list[Callable[[], None]]]:
+        answers: Answers = []
+        callbacks: list[Callable[[], None]] = []
+        with self._engine.connect() as conn:
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")   # the write lock for the whole batch, taken once
+                raw = conn.connection.dbapi_connection
+                for job in batch:
+                    with Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False) as s:
+                        try:
+                            answers.append((job, True, job.fn(s)))
+                        except BaseException as e:  # noqa: BLE001 — handed to the awaiting coroutine
+                            s.rollback()   # to the unit's savepoint: the batch's other units stand
+                            answers.append((job, False, e))
+                        callbacks += s.info.pop(DURABLE, [])
+                        on_loops += s.info.pop(LOOP_DURABLE, [])
+                    if raw is None or not raw.in_transaction:   # SQLite rolled the whole batch back
+                        raise _BatchBroken("the transaction was rolled back by SQLite")
+                conn.commit()
+            except _BatchBroken:
+                raise
+            except Exception as e:   # the COMMIT, BEGIN, or a savepoint could not be made: nothing was published
+                raise _BatchBroken(str(e)) from e
+        return answers, callbacks
+
+
+class GroupCommitWriter(BatchRunner):
+    """One writer thread running queued units of work in batches, one transaction per batch."""
+
+    def __init__(self, engine: Engine, on_wait: Callable[[int, float], None] = lambda p, s: None,
+                 on_batch: Callable[[int, float], None] = lambda n, s: None, max_batch: int = MAX_BATCH) -> None:
+        super().__init__(engine, on_wait, on_batch, max_batch)
         self._q: queue.PriorityQueue[tuple[int, int, _Job | None]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._work, name="latch-db-write", daemon=True)
@@ -140,79 +211,31 @@ class GroupCommitWriter:
                     self._q.put(item)
                     break
                 batch.append(item[2])
-            now = time.monotonic()
-            for job in batch:
-                self._on_wait(job.priority, now - job.queued_at)
-            self._run(batch)
+            answers, _, on_loops = self._execute(batch)
+            hand_over(answers, on_loops)
 
-    def _run(self, batch: list[_Job]) -> None:
-        started = time.monotonic()
-        on_loops: LoopCallbacks = []
+
+
+def hand_over(answers: Answers, on_loops: LoopCallbacks) -> None:
+    """Hand every answer, and the callbacks to run on its loop first, to that loop: at once when it is
+    this thread's running loop, else in one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, tuple[list[Callable[[], None]], Answers]] = {}
+    for loop, fn in on_loops:
+        by_loop.setdefault(loop, ([], []))[0].append(fn)
+    for a in answers:
+        by_loop.setdefault(a[0].loop, ([], []))[1].append(a)
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for loop, (fns, items) in by_loop.items():
+        if loop is running:
+            _deliver(fns, items)
+            continue
         try:
-            answers, callbacks = (self._run_together(batch, on_loops) if len(batch) > 1
-                                  else self._run_alone(batch[0], on_loops))
-        except _BatchBroken as e:
-            log.warning("a batch of %d writes failed as one transaction (%s): running each alone", len(batch), e)
-            answers, callbacks, on_loops = [], [], []
-            for job in batch:
-                a, c = self._run_alone(job, on_loops)
-                answers += a
-                callbacks += c
-        self.batches += 1
-        self.units += len(batch)
-        self._on_batch(len(batch), time.monotonic() - started)
-        run_durable(callbacks)
-        self._answer(answers, on_loops)
-
-    def _run_alone(self, job: _Job, on_loops: LoopCallbacks) -> tuple[list[tuple[_Job, bool, Any]],
-                                                                      list[Callable[[], None]]]:
-        """One unit in its own transaction, as api/db.py runs a unit on any other driver."""
-        with Session(self._engine, expire_on_commit=False) as s:
-            try:
-                answer = (job, True, job.fn(s))
-            except BaseException as e:  # noqa: BLE001 — handed to the awaiting coroutine
-                answer = (job, False, e)
-            on_loops += s.info.pop(LOOP_DURABLE, [])
-            return [answer], s.info.pop(DURABLE, [])
-
-    def _run_together(self, batch: list[_Job], on_loops: LoopCallbacks) -> tuple[list[tuple[_Job, bool, Any]],
-                                                                                  list[Callable[[], None]]]:
-        answers: list[tuple[_Job, bool, Any]] = []
-        callbacks: list[Callable[[], None]] = []
-        with self._engine.connect() as conn:
-            try:
-                conn.exec_driver_sql("BEGIN IMMEDIATE")   # the write lock for the whole batch, taken once
-                raw = conn.connection.dbapi_connection
-                for job in batch:
-                    with Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False) as s:
-                        try:
-                            answers.append((job, True, job.fn(s)))
-                        except BaseException as e:  # noqa: BLE001 — handed to the awaiting coroutine
-                            s.rollback()   # to the unit's savepoint: the batch's other units stand
-                            answers.append((job, False, e))
-                        callbacks += s.info.pop(DURABLE, [])
-                        on_loops += s.info.pop(LOOP_DURABLE, [])
-                    if raw is None or not raw.in_transaction:   # SQLite rolled the whole batch back
-                        raise _BatchBroken("the transaction was rolled back by SQLite")
-                conn.commit()
-            except _BatchBroken:
-                raise
-            except Exception as e:   # the COMMIT, BEGIN, or a savepoint could not be made: nothing was published
-                raise _BatchBroken(str(e)) from e
-        return answers, callbacks
-
-    def _answer(self, answers: list[tuple[_Job, bool, Any]], on_loops: LoopCallbacks) -> None:
-        """Hand every answer, and the callbacks to run on its loop first, in one wake-up per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, tuple[list[Callable[[], None]], list[tuple[_Job, bool, Any]]]] = {}
-        for loop, fn in on_loops:
-            by_loop.setdefault(loop, ([], []))[0].append(fn)
-        for a in answers:
-            by_loop.setdefault(a[0].loop, ([], []))[1].append(a)
-        for loop, (fns, items) in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, fns, items)
-            except RuntimeError:   # the loop is closed: nobody waits for these answers any more
-                pass
+            loop.call_soon_threadsafe(_deliver, fns, items)
+        except RuntimeError:   # the loop is closed: nobody waits for these answers any more
+            pass
 
 
 def _deliver(fns: list[Callable[[], None]], items: list[tuple[_Job, bool, Any]]) -> None:

@@ -231,7 +231,8 @@ class RuntimeCollector(Collector):
 def _write_queue(db: Any) -> int:
     pool = getattr(db, "_writer", None)
     if pool is not None:
-        return pool._q.qsize()
+        q = getattr(pool, "_q", None)   # a thread's queue, or the loop writer's own length
+        return q.qsize() if q is not None else len(pool)
     gate = getattr(db, "_write_gate", None)
     return len(gate._waiters) if gate is not None else 0
 

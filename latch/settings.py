@@ -6,7 +6,7 @@ import os
 import secrets
 import ssl
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from pydantic import Field, PrivateAttr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     ws_port: int | None = None
     data_dir: Path = Path("latch-data")
     database_url: str | None = None
+    # where SQLite's one writer runs (api/db.py): "loop" (api/loop_commit.py, the default: no thread hop per
+    # transaction) or "thread" (api/group_commit.py); other databases ignore it
+    sqlite_writer: Literal["loop", "thread"] = "loop"
     # where the API and simulator find the broker; default: the embedded one on host:mqtt_port
     broker: str | None = None
     admin_token: str | None = None

@@ -52,7 +52,7 @@ class Stack:
         self.migrate = migrate
         self.demo_fleet = demo_fleet
         self.fleet_behaviour = fleet_behaviour
-        self.db = Database(settings.resolved_database_url())
+        self.db = Database(settings.resolved_database_url(), sqlite_writer=settings.sqlite_writer)
         self.broker: EmbeddedBroker | None = None
         self.fleet: Fleet | None = None
         self._server: uvicorn.Server | None = None

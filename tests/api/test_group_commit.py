@@ -1,4 +1,5 @@
-"""Group commit (api/group_commit.py): SQLite's writer runs every waiting unit of work in one transaction.
+"""Group commit (api/group_commit.py, api/loop_commit.py): SQLite's writer runs every waiting unit of work in
+one transaction, on a thread of its own or (the default) on the event loop.
 
 What it must keep: each unit answers for itself (its error undoes only its own work), nothing is
 published before the batch's COMMIT, a broken batch is re-run unit by unit without doing anything
@@ -19,8 +20,9 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import Session
 
-from api.db import Database
-from api.group_commit import GroupCommitWriter, after_durable
+from api.db import Database, Priority
+from api.group_commit import BatchRunner, after_durable
+from api.loop_commit import LoopGroupCommitWriter
 from tests.dbs import run_database_url
 from tests.procs import drain, read_until, running
 
@@ -28,9 +30,9 @@ from tests.procs import drain, read_until, running
 # the kill -9 test runs on the pass's database (SQLite, or a fresh PostgreSQL one).
 
 
-@pytest.fixture
-async def db(tmp_path: Path):  # type: ignore[no-untyped-def]
-    d = Database(f"sqlite:///{tmp_path / 'g.db'}")
+@pytest.fixture(params=["loop", "thread"])
+async def db(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    d = Database(f"sqlite:///{tmp_path / 'g.db'}", sqlite_writer=request.param)
     def create(engine) -> None:  # type: ignore[no-untyped-def]
         with engine.begin() as conn:
             conn.execute(text("create table t (k text primary key, v int)"))
@@ -54,7 +56,8 @@ def rows(tmp_path: Path) -> dict[str, int]:
 
 
 async def hold_writer(db: Database) -> tuple[asyncio.Future, threading.Event]:
-    """A first unit that keeps the writer busy until released, so the next ones queue behind it."""
+    """A first unit that keeps the writer busy until released, so the next ones queue behind it. A bulk one:
+    the loop writer runs those on a thread and starts no batch meanwhile (it must not block the loop)."""
     entered, release = threading.Event(), threading.Event()
 
     def blocker(s: Session) -> None:
@@ -63,14 +66,14 @@ async def hold_writer(db: Database) -> tuple[asyncio.Future, threading.Event]:
         s.execute(text("insert into t (k, v) values ('first', 0)"))
         s.commit()
 
-    fut = asyncio.ensure_future(db.write(blocker))
+    fut = asyncio.ensure_future(db.write(blocker, Priority.BULK))
     assert await asyncio.to_thread(entered.wait, 10)
     return fut, release
 
 
-def writer(db: Database) -> GroupCommitWriter:
+def writer(db: Database) -> BatchRunner:
     w = db._writer   # the Database's own writer: these tests look at how it batched
-    assert isinstance(w, GroupCommitWriter)
+    assert isinstance(w, BatchRunner)
     return w
 
 
@@ -170,6 +173,75 @@ async def test_a_broken_batch_is_rerun_unit_by_unit_without_doing_anything_twice
     assert sizes[-1] == 3
     assert rows(tmp_path) == {"first": 2, "p": 0, "q": 0}   # each unit's update applied once
     assert published == ["p", "q"]                          # each published once, after its real commit
+
+
+@pytest.fixture
+async def loop_db(tmp_path: Path):  # type: ignore[no-untyped-def]
+    d = Database(f"sqlite:///{tmp_path / 'g.db'}")   # the default writer: on the loop
+    assert isinstance(d._writer, LoopGroupCommitWriter)
+
+    def create(engine) -> None:  # type: ignore[no-untyped-def]
+        with engine.begin() as conn:
+            conn.execute(text("create table t (k text primary key, v int)"))
+
+    await d.run_sync(create)
+    yield d
+    await d.close()
+
+
+async def test_on_the_loop_writes_of_one_loop_iteration_share_one_transaction(loop_db: Database,
+                                                                               tmp_path: Path) -> None:
+    sizes: list[int] = []
+    writer(loop_db)._on_batch = lambda n, secs: sizes.append(n)
+    assert await asyncio.gather(*(loop_db.write(insert(f"k{i}", i)) for i in range(30))) == [f"k{i}" for i in range(30)]
+    assert sizes == [30]
+    assert len(rows(tmp_path)) == 30
+    # no writer thread: the batch ran on this (the loop's) thread
+    ran_on: list[str] = []
+
+    def where(s: Session) -> None:
+        ran_on.append(threading.current_thread().name)
+        s.commit()
+
+    await loop_db.write(where)
+    assert ran_on == [threading.current_thread().name]
+
+
+async def test_on_the_loop_a_bulk_unit_runs_on_a_thread_and_the_loop_keeps_serving(loop_db: Database,
+                                                                                   tmp_path: Path) -> None:
+    first, release = await hold_writer(loop_db)   # a bulk unit, blocked on its thread
+    ticks = 0
+    for _ in range(20):   # the loop runs meanwhile: timers fire, reads answer
+        await asyncio.sleep(0.001)
+        ticks += 1
+    assert await loop_db.read(lambda s: s.execute(text("select count(*) from t")).scalar()) == 0
+    queued = [asyncio.ensure_future(loop_db.write(insert(f"w{i}"))) for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert not any(f.done() for f in queued)   # no batch starts while the bulk unit holds the writer
+    sizes: list[int] = []
+    writer(loop_db)._on_batch = lambda n, secs: sizes.append(n)
+    release.set()
+    assert await asyncio.wait_for(asyncio.gather(*queued), 10) == [f"w{i}" for i in range(5)]
+    await first
+    assert ticks == 20 and sizes[-1] == 5
+    assert set(rows(tmp_path)) == {"first", *(f"w{i}" for i in range(5))}
+
+
+async def test_on_the_loop_the_wal_is_checkpointed_by_its_own_thread(loop_db: Database, tmp_path: Path) -> None:
+    checkpoints = writer(loop_db)._checkpoints   # type: ignore[attr-defined]
+    assert checkpoints is not None
+    def autocheckpoint(s: Session) -> int:
+        value = s.connection().exec_driver_sql("pragma wal_autocheckpoint").scalar()
+        s.commit()
+        return int(value)
+
+    assert await loop_db.write(autocheckpoint) == 0   # the writer's connections never checkpoint themselves
+    for round_ in range(3):
+        await asyncio.gather(*(loop_db.write(insert(f"c{round_}-{i}", i)) for i in range(50)))
+    assert await asyncio.to_thread(checkpoints.done.wait, 10), "no checkpoint within 10 s of the writes"
+    assert checkpoints.checkpoints > 0
+    wal_pages = await loop_db.read(lambda s: s.connection().exec_driver_sql("pragma wal_checkpoint(PASSIVE)").one())
+    assert wal_pages[0] == 0   # not busy: the checkpointer's connection is not in the way
 
 
 async def test_an_acknowledged_command_survives_kill_9_right_after_the_answer(tmp_path: Path) -> None:
