@@ -58,6 +58,7 @@ from api.clock import now_ms
 from api.db import Database
 from api.event_models import RIDERS, LogEvent
 from api.group_commit import after_durable_on_loop
+from api.heap import HeapKeeper
 from api.metrics import Metrics
 from api.pg_bus import EVENTS as EVENTS_CHANNEL
 from latch.settings import Settings
@@ -78,6 +79,7 @@ class CursorError(ValueError):
 
 SESSION_ENDED = "session ended: log in again"
 SESSION_RECHECK_S = 5.0
+HOUSEKEEPING_S = 1.0
 OPEN_FILES_WANTED = 262_144   # file descriptors this process asks for (streams are sockets)
 
 
@@ -190,7 +192,8 @@ class Subscription:
     draining is cut off when `limit` events were written while the socket's own buffer was not empty."""
 
     __slots__ = ("user_id", "session_id", "who", "checked_at", "operator", "cursor", "sent", "live", "closed",
-                 "reason", "cut", "task", "wire", "queued", "wrote", "on_close", "_buf", "_limit", "_waiter", "_log")
+                 "reason", "cut", "task", "wire", "queued", "wrote", "on_close", "epoch", "_buf", "_limit", "_waiter",
+                 "_log")
 
     def __init__(self, who: Principal, cursor: int, limit: int, log_: "EventLog") -> None:
         self.user_id = who.user_id
@@ -209,6 +212,7 @@ class Subscription:
         self.queued = 0           # direct: events written while the socket's buffer was not empty
         self.wrote = False        # direct: something was written since the last keep-alive check
         self.on_close: Callable[[Subscription], None] | None = None   # direct: the transport ends the connection
+        self.epoch = log_.heap.epoch   # api/heap.py: which freeze it came after
         self._buf: list[LiveEvent] = []
         self._limit = limit
         self._waiter: asyncio.Future[None] | None = None
@@ -326,6 +330,7 @@ class EventLog:
         self.plan: Callable[[LiveEvent], tuple[LiveEvent, Container[str], Container[str] | None,
                                                Callable[[list[str]], None]] | None] | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self.heap = HeapKeeper()   # the cyclic collector kept off the push path (api/heap.py)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.shared = db.is_postgres          # other processes may append too (api/pg_bus.py)
         self._local: dict[int, LiveEvent] = {}   # committed events known here (ours, or from NOTIFY) not yet published
@@ -556,6 +561,8 @@ class EventLog:
         sub.live = True
 
     def _remove(self, sub: Subscription) -> None:
+        if sub.epoch < self.heap.epoch:   # frozen with it: its cycles wait for the next full collection
+            self.heap.stream_closed()
         if sub.operator:
             self._operators.discard(sub)
         elif sub.user_id is not None:
@@ -627,10 +634,18 @@ class EventLog:
         return not sub.closed
 
     async def _recheck_sessions(self) -> None:
+        """Housekeeping, once a second: the collector's freezes (api/heap.py); every SESSION_RECHECK_S
+        the sessions of every open stream."""
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(SESSION_RECHECK_S)
-            if self.confirm is None:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            try:
+                self.heap.tick(len(self))
+            except Exception:
+                log.exception("heap housekeeping failed")
+            if self.confirm is None or time.monotonic() - last < SESSION_RECHECK_S:
                 continue
+            last = time.monotonic()
             try:
                 await self.recheck_sessions()
             except Exception:
