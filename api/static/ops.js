@@ -8,6 +8,7 @@ const $ = (id) => document.getElementById(id);
 const COLORS = {succeeded: "#11632a", failed: "#a61b1b", rejected: "#c2410c", timed_out: "#7c3aed",
                 expired: "#596072", cancelled: "#9aa1ad", queued: "#2457d6", sent: "#0e7490", received: "#0891b2"};
 const STAGE_COLORS = {dispatch: "#2457d6", delivery: "#0e7490", actuation: "#c2410c", total: "#1d2330"};
+const STATUS_ORDER = ["queued", "sent", "received", ...FINAL_STATUSES];
 const state = {
   view: null, params: new URLSearchParams(), commands: new Map(), stream: null, timers: new Map(),
   devicePage: {offset: 0, rows: [], total: 0}, device: null, command: null, charts: null, lastMsg: null,
@@ -211,6 +212,7 @@ function onEvent(ev) {
       created_at: new Date(d.created_at || ev.at).toISOString(), params: {}};
     Object.assign(c, {status: d.status, final: d.final, reason: d.reason || c.reason, updated_at: new Date(ev.at).toISOString()});
     state.commands.set(c.id, c);
+    if (state.commands.size > 1000) state.commands.delete(state.commands.keys().next().value);   // the oldest seen
     if (state.view === "overview") later("commands", 200, renderCommands);
     if (state.view === "device" && state.device && d.device_id === state.device.id) later("dev-cmds", 300, () => loadDeviceCommands(d.device_id));
     if (state.view === "command" && state.command && d.command_id === state.command.id) later("cmd", 150, () => loadCommand(d.command_id));
@@ -436,7 +438,15 @@ for (const b of document.querySelectorAll("#dev-actions button[data-action]")) {
     try {
       const c = await api.call("POST", `/v1/devices/${encodeURIComponent(d.id)}/commands`, {action});
       state.lastMsg = {id: c.id, action};
-      showActionStatus(c.status, c.reason);
+      // its events may have come in before this answer: the newest of the two is shown
+      const seen = state.commands.get(c.id);
+      const newer = seen && STATUS_ORDER.indexOf(seen.status) > STATUS_ORDER.indexOf(c.status) ? seen : c;
+      showActionStatus(newer.status, newer.reason);
+      if (!FINAL_STATUSES.includes(newer.status)) {   // and if the stream is away, the final state still comes
+        api.call("GET", `/v1/commands/${encodeURIComponent(c.id)}?wait=60`).then((f) => {
+          if (state.lastMsg && state.lastMsg.id === f.id && f.final) showActionStatus(f.status, f.reason);
+        }).catch(() => {});
+      }
     } catch (e) {
       $("dev-msg").textContent = `${action} refused: ${humanError(e)}`; $("dev-msg").className = "msg bad";
     } finally {
