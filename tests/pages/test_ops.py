@@ -385,3 +385,38 @@ async def test_a_dropped_server_is_said_and_the_console_catches_up(proxied: tupl
         assert errors == []
     finally:
         await context.close()
+
+
+def view_id(hash_: str) -> str:
+    name = hash_.strip("#/").split("/")[0] or "overview"
+    return "#view-" + name
+
+
+async def test_the_console_on_a_narrow_screen(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    """An operator on a phone (390 px): every view fits the screen's width; tables wrap, nothing is cut."""
+    context = await browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        async with operator(served) as h:
+            await h.post("/v1/devices/bike-0001/commands", params={"wait": 5}, json={"action": "locate"})
+        await page.goto(served.url + "/ops")
+        await page.fill("#token", served.admin_token)
+        await page.click("#token-btn")
+        await expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+        for view, ready in (("#/", "#commands tr"), ("#/devices", "#devices tr"), ("#/device/bike-0001", "#dev-commands tr"),
+                            ("#/fleet", "#rollouts li")):
+            await page.goto(served.url + "/ops" + view)
+            await expect(page.locator(ready).first).to_be_visible(timeout=10_000)
+            wide = await page.evaluate("() => document.scrollingElement.scrollWidth - window.innerWidth")
+            assert wide <= 0, (view, wide)
+            for table in ("table.cmds", "table.devs"):
+                if await page.locator(f"#view {table}:visible").count():
+                    await not_clipped(page, f"{view_id(view)} {table}")
+        await page.goto(served.url + "/ops#/")
+        await expect(page.locator("#commands tr").first).to_be_visible()
+        await page.screenshot(path=str(screenshot_path("ops-overview-390")), full_page=True)
+        assert errors == []
+    finally:
+        await context.close()
