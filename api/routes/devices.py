@@ -32,8 +32,8 @@ class DeviceListed(DevicePublic):
                                                            "schema": {"type": "integer"}}}}})
 async def list_devices(rt: RuntimeDep, _: PrincipalDep, response: Response,
                        limit: int = Query(100, ge=1, le=1000), offset: OffsetQuery = 0,
-                       q: Annotated[str | None, Query(max_length=64, description="part of the id or name "
-                                                                               "(any case)")] = None,
+                       q: Annotated[str | None, Query(max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$",
+                                                     description="part of the id or name (any case)")] = None,
                        filter_: Annotated[list[DeviceFilter], Query(
                            alias="filter", max_length=6,
                            description="repeatable, all must hold: online, offline (neither counts revoked "

@@ -83,7 +83,7 @@ async def recent_events(rt: RuntimeDep, _: PrincipalDep,
 
 @router.get("/devices/{device_id}/presence", response_model=list[PresenceChange],
             responses={404: {"description": "no such device"}})
-async def presence(rt: RuntimeDep, _: PrincipalDep, device_id: str = Path(min_length=1, max_length=64),
+async def presence(rt: RuntimeDep, _: PrincipalDep, device_id: str = Path(pattern=r"^[A-Za-z0-9_-]{1,64}$"),
                    hours: int = Query(24, ge=1, le=168), limit: int = Query(50, ge=1, le=500)) -> list[PresenceChange]:
     """The device's online/offline changes over the last `hours`, newest first."""
     if await rt.registry.get(device_id) is None:
@@ -96,7 +96,7 @@ async def presence(rt: RuntimeDep, _: PrincipalDep, device_id: str = Path(min_le
 @router.get("/commands/{command_id}", response_model=CommandDetail,
             responses={404: {"description": "no such command"}})
 async def command(rt: RuntimeDep, _: PrincipalDep,
-                  command_id: str = Path(min_length=1, max_length=64)) -> CommandDetail:
+                  command_id: str = Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")) -> CommandDetail:
     """One command with its history and who issued it."""
     found = await rt.commands.with_history(command_id)
     if found is None:

@@ -67,7 +67,8 @@ async def test_device_list_search_filters_sort_and_paging(stack: LiveStack) -> N
 
     # bad values: 422 naming the parameter
     for params, name in (({"filter": "broken"}, "filter"), ({"sort": "colour"}, "sort"), ({"limit": 0}, "limit"),
-                         ({"limit": 1001}, "limit"), ({"offset": -1}, "offset"), ({"q": "x" * 65}, "q")):
+                         ({"limit": 1001}, "limit"), ({"offset": -1}, "offset"), ({"q": "x" * 65}, "q"),
+                         ({"q": "a\x00b"}, "q")):   # PostgreSQL text holds no NUL: refused before any query
         r = await h.get("/v1/devices", params=params)
         assert r.status_code == 422, params
         assert name in r.json()["detail"][0]["loc"]
@@ -102,6 +103,7 @@ async def test_series_backfill_presence_and_command_detail(stack: LiveStack) -> 
     changes = (await h.get("/v1/ops/devices/bike-1/presence")).json()
     assert [c["online"] for c in changes] == [False, True]
     assert (await h.get("/v1/ops/devices/nope/presence")).status_code == 404
+    assert (await h.get("/v1/ops/devices/a%00b/presence")).status_code == 422
 
     detail = (await h.get(f"/v1/ops/commands/{ok['id']}")).json()
     assert detail["owner"] == "admin" and detail["issued_by"]["label"] == "the operator token"
