@@ -420,3 +420,35 @@ async def test_the_console_on_a_narrow_screen(served: Served, browser) -> None: 
         assert errors == []
     finally:
         await context.close()
+
+
+async def test_an_operator_account_logs_in_and_is_named_as_the_issuer(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    async with operator(served) as h:
+        r = await h.post("/v1/users", json={"email": "ops@example.org", "password": "long password", "role": "operator"})
+        assert r.status_code == 201, r.text
+    context = await browser.new_context(viewport=DESKTOP)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        await page.goto(served.url + "/ops#/device/bike-0003")
+        await page.fill("#email", "ops@example.org")
+        await page.fill("#password", "wrong password")
+        await page.press("#password", "Enter")
+        await expect(page.locator("#login-error")).to_have_text("Wrong email, password or token.")
+        await page.fill("#password", "long password")
+        await page.press("#password", "Enter")
+        await expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+        await expect(page.locator("#dev-pill")).to_have_text("online")
+        await page.click('#dev-actions button[data-action="lock"]')
+        await expect(page.locator("#dev-msg b")).to_have_attribute("data-status", "succeeded", timeout=10_000)
+        await page.click("#dev-msg a")
+        await expect(page.locator('#cmd-fields dd[data-field="issued_by"]')).to_have_text("ops@example.org (operator)")
+        await expect(page.locator("#timeline li").first).to_contain_text("by ops@example.org (operator)")
+        # a reload keeps the session (this tab only)
+        await page.reload()
+        await expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
+        await expect(page.locator('#cmd-fields dd[data-field="issued_by"]')).to_have_text("ops@example.org (operator)")
+        assert errors == []
+    finally:
+        await context.close()

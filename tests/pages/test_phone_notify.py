@@ -99,6 +99,21 @@ async def test_an_action_pressed_while_the_server_is_away_is_reported_later(
         async def answered() -> bool:
             return (await counts(served, nid))["actions"] == {"ok": 1}
         await eventually(answered, timeout=20, interval=0.3, what="the action reported once the server is back")
+        # one sent while the page cannot reach Latch arrives when it reconnects (its stream resumes from its
+        # cursor), once
+        proxy.refusing = True
+        proxy.drop()
+        await expect(page.locator("#offline-banner")).to_be_visible(timeout=10_000)
+        missed = await notify(served, title="Back online", body="Sent while you were away.")
+        await page.wait_for_timeout(500)
+        await expect(page.locator(f'#notices article[data-notification="{missed}"]')).to_have_count(0)
+        proxy.refusing = False
+        await expect(page.locator(f'#notices article[data-notification="{missed}"]')).to_be_visible(timeout=20_000)
+        await expect(page.locator("#notices article")).to_have_count(1)
+        # one past its TTL is never shown, whatever brings it
+        await page.evaluate("""() => Notices.show({notification_id: "old", title: "Old", body: "gone",
+                                                   expires_at: Date.now() - 1000, silent: false})""")
+        await expect(page.locator('#notices article[data-notification="old"]')).to_have_count(0)
         assert [e for e in errors if "Failed to fetch" not in e] == []
     finally:
         await context.close()
