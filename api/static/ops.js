@@ -290,7 +290,7 @@ function renderDevices() {
     el("td", {}, el("span", {class: "pill " + (d.online ? "ok" : "bad")}, d.online ? "online" : "offline")),
     el("td", {class: low ? "warn-ink" : ""}, b === undefined ? "unknown" : b + "%"),
     el("td", {}, d.reported.locked === undefined ? "unknown" : (d.reported.locked ? "locked" : "open")),
-    el("td", {}, agoEl(d.last_seen)), el("td", {}, ...flags));
+    el("td", {}, d.online && !d.revoked ? "now" : agoEl(d.last_seen)), el("td", {}, ...flags));
   }));
   const first = total ? offset + 1 : 0;
   const last = Math.min(total, offset + rows.length);
@@ -380,8 +380,11 @@ async function loadDevice(id, quiet) {
   dl.replaceChildren();
   const r = d.reported || {};
   field(dl, "Presence", d.online ? "online" : "offline", "online");
-  field(dl, "Last seen", d.last_seen ? el("span", {}, agoEl(d.last_seen), el("span", {class: "muted"},
-    ` (${new Date(d.last_seen).toLocaleString()})`)) : "never", "last_seen");
+  // an online lock is connected now (the broker holds its session); its last message is when it last spoke
+  field(dl, "Last seen", !d.last_seen ? "never" : d.online && !d.revoked
+    ? el("span", {}, "now (connected); last message ", agoEl(d.last_seen))
+    : el("span", {}, agoEl(d.last_seen), el("span", {class: "muted"}, ` (${new Date(d.last_seen).toLocaleString()})`)),
+    "last_seen");
   field(dl, "Lock", r.locked === undefined ? "unknown" : r.locked ? "locked" : "open", "locked");
   field(dl, "Battery", r.battery === undefined ? "unknown" : `${r.battery}%` + (r.battery < 20 ? " (low)" : ""), "battery");
   if (r.pos) field(dl, "Position", `${Number(r.pos[0]).toFixed(5)}, ${Number(r.pos[1]).toFixed(5)}`, "pos");

@@ -197,7 +197,8 @@ async def test_device_page_actions_presence_and_a_command_timeline(served: Serve
             await expect(page.locator('#dev-fields dd[data-field="locked"]')).to_have_text("locked")
             await expect(page.locator('#dev-fields dd[data-field="battery"]')).to_contain_text("%")
             await expect(page.locator("#dev-presence li").first).to_contain_text("online")
-            # last seen advances while you look
+            # last seen: now, while it is connected; its last message's age advances while you look
+            await expect(page.locator('#dev-fields dd[data-field="last_seen"]')).to_contain_text("now (connected)")
             seen = page.locator('#dev-fields dd[data-field="last_seen"] .ago')
             before = await seen.text_content()
             await page.wait_for_timeout(2100)
