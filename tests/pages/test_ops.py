@@ -453,3 +453,30 @@ async def test_an_operator_account_logs_in_and_is_named_as_the_issuer(served: Se
         assert errors == []
     finally:
         await context.close()
+
+
+async def test_a_lock_that_drops_off_is_shown_live(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    async with sim_locks(served, "drop-", 1) as (lock,):
+        context, page, errors = await console(browser, served, f"#/device/{lock}")
+        try:
+            await expect(page.locator("#dev-pill")).to_have_text("online")
+            await expect(page.locator("#dev-presence li").first).to_have_attribute("data-online", "true")
+            offline_list = await browser.new_page()
+            await offline_list.goto(served.url + "/ops")
+            await offline_list.fill("#token", served.admin_token)
+            await offline_list.click("#token-btn")
+            await expect(offline_list.locator("#stat-offline")).to_have_text("0", timeout=10_000)
+        except BaseException:
+            await context.close()
+            raise
+    # the simulator stopped: the lock's will says offline; both pages follow without a reload
+    try:
+        await expect(page.locator("#dev-pill")).to_have_text("offline", timeout=15_000)
+        await expect(page.locator("#dev-presence li").first).to_have_attribute("data-online", "false")
+        await expect(page.locator('#dev-fields dd[data-field="last_seen"]')).to_contain_text("ago")
+        await expect(offline_list.locator("#stat-offline")).to_have_text("1", timeout=10_000)
+        await expect(offline_list.locator("#feed li[data-kind=presence]").first).to_contain_text(f"{lock} offline")
+        assert errors == []
+    finally:
+        await offline_list.close()
+        await context.close()
