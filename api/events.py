@@ -192,8 +192,8 @@ class Subscription:
     draining is cut off when `limit` events were written while the socket's own buffer was not empty."""
 
     __slots__ = ("user_id", "session_id", "who", "checked_at", "operator", "cursor", "sent", "live", "closed",
-                 "reason", "cut", "task", "wire", "queued", "wrote", "on_close", "epoch", "_buf", "_limit", "_waiter",
-                 "_log")
+                 "reason", "cut", "task", "wire", "queued", "wrote", "on_close", "epoch", "keepalive_s", "due", "_buf",
+                 "_limit", "_waiter", "_log")
 
     def __init__(self, who: Principal, cursor: int, limit: int, log_: "EventLog") -> None:
         self.user_id = who.user_id
@@ -213,6 +213,8 @@ class Subscription:
         self.wrote = False        # direct: something was written since the last keep-alive check
         self.on_close: Callable[[Subscription], None] | None = None   # direct: the transport ends the connection
         self.epoch = log_.heap.epoch   # api/heap.py: which freeze it came after
+        self.keepalive_s: float | None = None   # detached: the keep-alive interval, and when the next is due
+        self.due: float | None = None
         self._buf: list[LiveEvent] = []
         self._limit = limit
         self._waiter: asyncio.Future[None] | None = None
@@ -331,6 +333,8 @@ class EventLog:
                                                Callable[[list[str]], None]] | None] | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self.heap = HeapKeeper()   # the cyclic collector kept off the push path (api/heap.py)
+        self._detached: set[Subscription] = set()   # SSE streams whose ASGI call ended (detach)
+        self.settings = settings
         self._loop: asyncio.AbstractEventLoop | None = None
         self.shared = db.is_postgres          # other processes may append too (api/pg_bus.py)
         self._local: dict[int, LiveEvent] = {}   # committed events known here (ours, or from NOTIFY) not yet published
@@ -572,6 +576,43 @@ class EventLog:
                 if not subs:
                     del self._riders[sub.user_id]
 
+    # ---- detached SSE streams: the ASGI call ended, the event log writes and ends the connection ------
+    def detach(self, sub: Subscription, keepalive_s: float) -> bool:
+        """A direct SSE subscription whose connection this log now owns (api/wire.py SseWire.detach):
+        keep-alives and noticing a closed connection are this log's housekeeping (one pass over the
+        detached streams), ending the body its on_close. False: the caller keeps the connection."""
+        wire = sub.wire
+        if wire is None or not hasattr(wire, "detach") or sub.closed \
+                or not wire.detach(lambda: sub.close("client disconnected")):
+            return False
+        sub.task = None
+        sub.keepalive_s = keepalive_s
+        sub.due = time.monotonic() + keepalive_s
+        sub.on_close = self._end_detached
+        self._detached.add(sub)
+        self.metrics.inc("subscribers_detached")
+        return True
+
+    def _end_detached(self, sub: Subscription) -> None:
+        self._detached.discard(sub)
+        last = b""
+        if sub.cut or sub.reason == SESSION_ENDED:
+            last = b"event: error\ndata: %s\n\n" % json.dumps({"reason": sub.reason}).encode()
+        sub.wire.finish(last)
+
+    def _tend_detached(self) -> None:
+        now = time.monotonic()
+        for sub in tuple(self._detached):
+            wire = sub.wire
+            if wire.gone():
+                sub.close("client disconnected")
+                continue
+            if not wire.released:
+                wire.release_scope()   # the ASGI call has ended by now
+            if sub.due is not None and sub.due <= now:
+                sub.keepalive()
+                sub.due = now + (sub.keepalive_s or 15.0)
+
     def close_all(self, reason: str) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
@@ -637,12 +678,19 @@ class EventLog:
         """Housekeeping, once a second: the collector's freezes (api/heap.py); every SESSION_RECHECK_S
         the sessions of every open stream."""
         last = time.monotonic()
+        heap_at = last
         while True:
-            await asyncio.sleep(HOUSEKEEPING_S)
+            await asyncio.sleep(min(HOUSEKEEPING_S, max(0.05, self.settings.sse_keepalive_s)))
             try:
-                self.heap.tick(len(self))
+                self._tend_detached()
             except Exception:
-                log.exception("heap housekeeping failed")
+                log.exception("tending detached streams failed")
+            if time.monotonic() - heap_at >= HOUSEKEEPING_S:
+                heap_at = time.monotonic()
+                try:
+                    self.heap.tick(len(self))
+                except Exception:
+                    log.exception("heap housekeeping failed")
             if self.confirm is None or time.monotonic() - last < SESSION_RECHECK_S:
                 continue
             last = time.monotonic()

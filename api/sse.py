@@ -48,6 +48,7 @@ class EventStream(Response):
         sub.task = asyncio.current_task()
         wire = None
         watcher = None
+        detached = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             wire = sse_wire(scope)   # None: written through the server (api/wire.py)
@@ -60,8 +61,11 @@ class EventStream(Response):
                 if page:
                     await self._events(send, page)
             while not sub.closed:
-                if sub.go_direct(wire):   # from here on the broadcaster writes to the socket; this task
-                    await self._direct(sub, receive)   # waits for the end (disconnect, cut-off, revocation)
+                if sub.go_direct(wire):   # from here on the broadcaster writes to the socket
+                    if self.log.detach(sub, self.keepalive_s):
+                        detached = True   # and this call ends: the connection is the event log's now
+                        return
+                    await self._direct(sub, receive)   # or this task waits for the end
                     break
                 batch = await sub.next(self.keepalive_s)
                 if not await self.log.still_allowed(sub):   # logged out, or the user deleted, meanwhile
@@ -79,7 +83,8 @@ class EventStream(Response):
         finally:
             if watcher is not None:
                 watcher.cancel()
-            sub.close("stream ended")
+            if not detached:
+                sub.close("stream ended")
         await self._finish(send)
 
     async def _direct(self, sub: Subscription, receive: Any) -> None:

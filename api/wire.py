@@ -25,6 +25,7 @@ RFC 7692 allows message by message; the server's own replies may be compressed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from api.events import LiveEvent
@@ -57,14 +58,51 @@ class TransportTap:
         await self.app(scope, receive, send)
 
 
-class SseWire:
-    """An SSE response's socket, after its headers (chunked) went through the server."""
+FINAL_CHUNK = b"0\r\n\r\n"
+SPENT_SCOPE: dict[str, Any] = {"type": "http", "method": "GET", "http_version": "1.1"}
 
-    __slots__ = ("transport", "owner")
+
+class SseWire:
+    """An SSE response's socket, after its headers (chunked) went through the server.
+
+    `detach()`: the ASGI call may end while the stream goes on. uvicorn is told the response is complete
+    (it then ignores the call's end and, on shutdown, closes the connection); from then on only the event
+    log writes to the socket, and `finish()` ends the chunked body and closes the connection. What stays
+    per stream is the server's protocol, its request cycle and the transport: no task, no coroutine frames
+    of the middleware stack, no exit stacks (~25 KiB of a ~31 KiB stream, measured)."""
+
+    __slots__ = ("transport", "owner", "released")
 
     def __init__(self, owner: Any) -> None:
         self.owner = owner
         self.transport = owner.transport
+        self.released = False
+
+    def detach(self, on_lost: Callable[[], None]) -> bool:
+        """`on_lost` is called when the connection is lost (from the protocol's connection_lost)."""
+        o = self.owner
+        if o.response_complete or o.disconnected or self.transport.is_closing():
+            return False
+        proto = self.transport.get_protocol()
+        if getattr(proto, "cycle", None) is not o:
+            return False
+        o.response_complete = True
+        proto.connection_lost = _Lost(proto.connection_lost, on_lost)
+        return True
+
+    def release_scope(self) -> None:
+        """Once the ASGI call has ended: the request's scope (headers, the framework's exit stacks) goes."""
+        self.owner.scope = SPENT_SCOPE
+        self.released = True
+
+    def gone(self) -> bool:
+        return self.transport.is_closing()
+
+    def finish(self, last: bytes = b"") -> None:
+        t = self.transport
+        if not t.is_closing():
+            t.write((b"%x\r\n%s\r\n" % (len(last), last) if last else b"") + FINAL_CHUNK)
+            t.close()   # after what is buffered went out (a client that reads nothing: until TCP gives up)
 
     def write(self, ev: LiveEvent) -> bool:
         t = self.transport
@@ -82,6 +120,21 @@ class SseWire:
             return False
         t.write(KEEPALIVE_CHUNK)
         return True
+
+
+class _Lost:
+    """The server protocol's connection_lost, then ours."""
+
+    __slots__ = ("server", "ours")
+
+    def __init__(self, server: Callable[[Exception | None], None], ours: Callable[[], None]) -> None:
+        self.server, self.ours = server, ours
+
+    def __call__(self, exc: Exception | None) -> None:
+        try:
+            self.server(exc)
+        finally:
+            self.ours()
 
 
 class WsWire:

@@ -357,13 +357,14 @@ class RiderClient(asyncio.Protocol):
     event's id and `at` in what arrives (the tail of the last read is kept, so a message split between two
     reads is found), count each id once (ids only grow on a connection)."""
 
-    __slots__ = ("w", "request", "ready", "ws", "tail", "last", "transport", "upgraded")
+    __slots__ = ("w", "request", "ready", "ws", "tail", "last", "transport", "upgraded", "pending")
 
     def __init__(self, w: "Worker", request: bytes, ready: asyncio.Future[None], ws: bool) -> None:
         self.w, self.request, self.ready, self.ws = w, request, ready, ws
         self.tail = b""
         self.last = 0
         self.upgraded = False
+        self.pending = b""
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -380,6 +381,8 @@ class RiderClient(asyncio.Protocol):
                 self.transport.write(bytes([0x81, 0x80 | len(sub)]) + b"\0\0\0\0" + sub)   # mask 0: payload as is
             if (b'"subscribed"' if self.ws else b"event: ready") in data:
                 self.ready.set_result(None)
+        if self.ws and self.upgraded:
+            data = self._frames(data)   # answers the server's pings (it closes a socket that does not)
         chunk = self.tail + data
         w = self.w
         for m in AT.finditer(chunk):
@@ -388,6 +391,35 @@ class RiderClient(asyncio.Protocol):
                 self.last = eid
                 w.got(eid, t - int(m.group(2)))
         self.tail = chunk[-300:]
+
+    def _frames(self, data: bytes) -> bytes:
+        """The text of the complete frames in what arrived (server frames are unmasked); a ping is answered."""
+        buf = self.pending + data if self.pending else data
+        if not self.ready.done():   # the handshake answer precedes the first frame
+            head, sep, rest = buf.partition(b"\r\n\r\n")
+            if sep and head.startswith(b"HTTP/"):
+                buf = rest
+        out: list[bytes] = []
+        i, n = 0, len(buf)
+        while i + 2 <= n:
+            op, ln, j = buf[i] & 0x0F, buf[i + 1] & 0x7F, i + 2
+            if ln == 126:
+                if j + 2 > n:
+                    break
+                ln, j = int.from_bytes(buf[j:j + 2], "big"), j + 2
+            elif ln == 127:
+                if j + 8 > n:
+                    break
+                ln, j = int.from_bytes(buf[j:j + 8], "big"), j + 8
+            if j + ln > n:
+                break
+            if op == 0x9 and self.transport is not None:   # ping -> pong, masked with 0 (payload as is)
+                self.transport.write(bytes([0x8A, 0x80 | ln]) + b"\0\0\0\0" + buf[j:j + ln])
+            elif op in (0x1, 0x0):
+                out.append(buf[j:j + ln])
+            i = j + ln
+        self.pending = buf[i:]
+        return b"\n".join(out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.w.lost += 1
