@@ -25,6 +25,7 @@ RFC 7692 allows message by message; the server's own replies may be compressed.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -59,7 +60,8 @@ class TransportTap:
 
 
 FINAL_CHUNK = b"0\r\n\r\n"
-SPENT_SCOPE: dict[str, Any] = {"type": "http", "method": "GET", "http_version": "1.1"}
+SPENT_SCOPE: dict[str, Any] = {"type": "http", "method": "GET", "http_version": "1.1", "headers": []}
+SPENT_EVENT = asyncio.Event()   # set() by the server when the connection goes; no one waits on it
 
 
 class SseWire:
@@ -91,8 +93,15 @@ class SseWire:
         return True
 
     def release_scope(self) -> None:
-        """Once the ASGI call has ended: the request's scope (headers, the framework's exit stacks) goes."""
-        self.owner.scope = SPENT_SCOPE
+        """Once the ASGI call has ended: what only the call needed goes (the request's scope with its
+        headers and the framework's exit stacks, held by the cycle and the protocol; the cycle's wake-up
+        event, which nothing waits on any more)."""
+        o = self.owner
+        o.scope = SPENT_SCOPE
+        o.message_event = SPENT_EVENT
+        proto = self.transport.get_protocol()
+        if getattr(proto, "cycle", None) is o and isinstance(getattr(proto, "scope", None), dict):
+            proto.scope = SPENT_SCOPE
         self.released = True
 
     def gone(self) -> bool:
