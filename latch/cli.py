@@ -464,13 +464,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "db":
             asyncio.run(_db(settings, args.db_command))
         elif args.command == "serve":
+            from broker.server import run as run_fast   # uvloop when installed: broker, API, demo locks
             demo = args.demo_fleet if args.demo_fleet is not None else settings.demo_fleet
-            asyncio.run(_serve(settings, demo, embedded_broker=settings.broker is None, migrate=args.migrate))
+            run_fast(lambda: _serve(settings, demo, embedded_broker=settings.broker is None, migrate=args.migrate))
         elif args.command == "broker":
             from broker.server import run as run_broker   # with uvloop when installed
             run_broker(lambda: _broker(settings))
         else:
-            asyncio.run(_serve(settings, 0, embedded_broker=False, migrate=False))
+            from broker.server import run as run_fast   # uvloop when installed (docs/performance.md)
+            run_fast(lambda: _serve(settings, 0, embedded_broker=False, migrate=False))
     except SchemaNotReady as e:
         raise SystemExit(f"latch {args.command}: {e}") from None
     except OSError as e:
