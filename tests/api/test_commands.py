@@ -211,6 +211,7 @@ async def test_many_commands_in_parallel_all_reach_a_final_state(stack: LiveStac
     locks = [await stack.lock(f"bike-p{i}", Behaviour(actuation_delay_s=0.01)) for i in range(5)]
     rs = await asyncio.gather(*(stack.command(f"bike-p{i % 5}", "locate" if i % 2 else "report")
                                 for i in range(40)))
+    assert all(r.status_code in (200, 201) for r in rs), [(r.status_code, r.text) for r in rs]
     bodies = [r.json() for r in rs]
     assert all(b["final"] for b in bodies), [b["status"] for b in bodies]
     locates = [b for b in bodies if b["action"] == "locate"]

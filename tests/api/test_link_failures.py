@@ -73,7 +73,7 @@ async def test_healthz_is_503_while_the_broker_link_is_down_and_unlocks_resume_q
             return r.status_code == 503 and r.json()["status"] == "degraded"
         await eventually(degraded, timeout=10, what="healthz 503")
         r = await live.command("bike-h", "unlock")
-        assert r.json()["status"] == "failed" and "broker" in r.json()["reason"]
+        assert r.status_code == 201 and r.json()["status"] == "failed" and "broker" in r.json()["reason"], r.text
 
         broker.options = dataclasses.replace(broker.options, port=port)
         await broker.start()

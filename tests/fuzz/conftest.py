@@ -12,6 +12,7 @@ database, with no deadline (a busy 2-core machine), and a bounded number of exam
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,12 @@ def build_world(ts: ThreadedStack) -> World:
         fleet = http.post("/v1/fleet/commands", json={"action": "locate", "target": {"devices": [BIKE]},
                                                       "rate_per_min": 600}, headers=op)
         assert fleet.status_code == 201, fleet.text
+        # the rollout issues its command to the bike in the background: wait until it is done, or on a busy
+        # machine that command is written during the first cases (and a refused case seems to write one)
+        deadline = time.monotonic() + 60
+        while http.get(f"/v1/fleet/commands/{fleet.json()['id']}", headers=op).json()["status"] == "running":
+            assert time.monotonic() < deadline, "the world's fleet command still running after 60 s"
+            time.sleep(0.05)
     known = {"device_id": [BIKE], "command_id": [ride["unlock_command_id"], locate.json()["id"]],
              "ride_id": [ride["id"]], "fleet_id": [fleet.json()["id"]], "user_id": [rider_id]}
     return World(ts, admin, token, rider_id, ride["id"], lock, known)
