@@ -466,6 +466,7 @@ async def test_a_lock_that_drops_off_is_shown_live(served: Served, browser) -> N
             await offline_list.fill("#token", served.admin_token)
             await offline_list.click("#token-btn")
             await expect(offline_list.locator("#stat-offline")).to_have_text("0", timeout=10_000)
+            await expect(offline_list.locator("#conn")).to_have_text("live", timeout=10_000)
         except BaseException:
             await context.close()
             raise
@@ -474,6 +475,8 @@ async def test_a_lock_that_drops_off_is_shown_live(served: Served, browser) -> N
         await expect(page.locator("#dev-pill")).to_have_text("offline", timeout=15_000)
         await expect(page.locator("#dev-presence li").first).to_have_attribute("data-online", "false")
         await expect(page.locator('#dev-fields dd[data-field="last_seen"]')).to_contain_text("ago")
+        await expect(offline_list.locator("#feed li[data-kind=presence]").first).to_contain_text(f"{lock} offline",
+                                                                                          timeout=15_000)
         await expect(offline_list.locator("#stat-offline")).to_have_text("1", timeout=10_000)
         await expect(offline_list.locator("#feed li[data-kind=presence]").first).to_contain_text(f"{lock} offline")
         assert errors == []
