@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_
+from sqlalchemy import exists, func, or_
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
@@ -119,14 +119,10 @@ def search_devices(s: Session, q: str | None, filters: list[DeviceFilter], sort:
     flags = {i: {"in_ride": False, "jammed": False} for i in ids}
     if ids:
         for device_id in s.exec(select(Device.id).where(col(Device.id).in_(ids), _in_ride())).all():
-            flags[_first(device_id)]["in_ride"] = True
+            flags[device_id]["in_ride"] = True
         for device_id in s.exec(select(Device.id).where(col(Device.id).in_(ids), _jammed())).all():
-            flags[_first(device_id)]["jammed"] = True
+            flags[device_id]["jammed"] = True
     return rows, int(total), flags
-
-
-def _first(v: Any) -> Any:
-    return v[0] if isinstance(v, tuple) else v
 
 
 def fleet_summary(s: Session, low_pct: int) -> dict[str, int]:
