@@ -156,6 +156,7 @@ function renderCommands() {
   const cs = [...state.commands.values()].sort((a, b) => ms(b.created_at) - ms(a.created_at)).slice(0, 100);
   for (const id of [...state.commands.keys()]) if (!cs.find((c) => c.id === id)) state.commands.delete(id);
   $("commands").replaceChildren(...cs.map((c) => commandRow(c, true)));
+  if (!cs.length) $("commands").append(el("tr", {}, el("td", {colspan: 6, class: "muted"}, "No command yet.")));
 }
 
 async function loadCharts() {
