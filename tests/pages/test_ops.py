@@ -227,6 +227,12 @@ async def test_device_page_actions_presence_and_a_command_timeline(served: Serve
             await expect(page.locator("#dev-msg")).to_contain_text("the bolt jammed")
             await page.click("#dev-msg a")
             await expect(page.locator("#cmd-words")).to_contain_text("the bolt jammed and did not move")
+            # the list's jammed filter finds it, flagged; the overview counts it
+            await page.goto(served.url + "/ops#/devices?filter=jammed")
+            await expect(page.locator("#devices tr")).to_have_count(1, timeout=10_000)
+            await expect(page.locator(f'#devices tr[data-device="{jammed}"] .pill.bad').last).to_have_text("jammed")
+            await page.goto(served.url + "/ops#/")
+            await expect(page.locator("#stat-jammed")).to_have_text("1", timeout=10_000)
             assert errors == []
         finally:
             await context.close()
