@@ -783,6 +783,9 @@ def _sessions_standing(s: Session, sids: list[str]) -> dict[str, str]:
     return {sid: uid for sid, uid in rows}
 
 
+OPEN_FILES_WARN_BELOW = 8192   # fewer open files than this: a WARNING at start (else INFO)
+
+
 def raise_open_files(want: int = OPEN_FILES_WANTED) -> tuple[int, int]:
     """Every stream is a socket, so a file: raise this process's soft RLIMIT_NOFILE to its hard limit and,
     where the OS lets this process (root, CAP_SYS_RESOURCE), the hard limit to `want` (bounded by
@@ -809,6 +812,9 @@ def raise_open_files(want: int = OPEN_FILES_WANTED) -> tuple[int, int]:
         except (ValueError, OSError):
             pass
     if soft != resource.RLIM_INFINITY and soft < target:
-        log.warning("open files limited to %d (RLIMIT_NOFILE): each event stream holds one; raise it with "
-                    "`ulimit -n %d` (or LimitNOFILE=) before starting Latch", soft, target)
+        # a warning only where it bites a small deployment (a few thousand streams); a limit in the tens of
+        # thousands is a normal machine's, and a normal start stays free of warnings (issue 17)
+        level = logging.WARNING if soft < OPEN_FILES_WARN_BELOW else logging.INFO
+        log.log(level, "open files limited to %d (RLIMIT_NOFILE): each event stream holds one; for more "
+                "streams raise it with `ulimit -n %d` (or LimitNOFILE=) before starting Latch", soft, target)
     return soft, hard
