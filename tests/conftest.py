@@ -11,6 +11,7 @@ own PostgreSQL database (tests/dbs.py).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,13 +19,14 @@ from pathlib import Path
 import pytest
 
 from tests.dbs import TEST_DATABASE, drop_created, drop_template
-from tests.support import REQUIRE_ALL, LiveStack, live_stack
+from tests.support import REQUIRE_ALL, SECRETS, LiveStack, live_stack
 
 
-# nodeid prefix -> xdist group. "cpu": tests that keep both cores busy for seconds (fuzzing, a thousand
-# connections, argon2 floods, kill -9 mid-stream) or that measure latency; "browser": Chromium + `latch serve`.
+# nodeid prefix -> xdist group: the tests of a group run one at a time, on one worker. "fuzz" and "cpu": tests
+# that keep both cores busy for seconds (fuzzing; a thousand connections, argon2 floods, kill -9 mid-stream) or
+# that measure latency; two groups, so that neither chain of tests is longer than a worker's share of the rest.
 GROUPS: dict[str, str] = {
-    "tests/fuzz/": "cpu",
+    "tests/fuzz/": "fuzz",
     "tests/bench/test_chaos.py::test_a_short_chaos_run_keeps_every_promise": "cpu",
     "tests/device_sim/test_fleet.py::test_a_thousand_locks_come_online_and_answer": "cpu",
     "tests/api/test_longpoll.py::test_a_thousand_held_polls": "cpu",
@@ -32,11 +34,12 @@ GROUPS: dict[str, str] = {
     "tests/api/test_fleet.py::test_ten_thousand_devices_rollout": "cpu",
     "tests/broker/test_durability.py::test_kill_9_mid_stream": "cpu",
     "tests/firmware/test_fw_process.py::test_round_trip_latency": "cpu",
-    "tests/pages/": "browser",
 }
-# Handed out after the groups and before everything else: modules whose tests take seconds each.
-SLOW_FIRST = ("tests/firmware/", "tests/latch/", "tests/ops/", "tests/external/", "tests/broker/test_durability.py",
-              "tests/api/test_group_commit.py", "tests/api/test_secrets.py", "tests/scale/", "tests/device_sim/")
+# Handed out after the groups and before everything else: modules whose tests take seconds each (the browser
+# tests first: Chromium and `latch serve` each, 5-45 s).
+SLOW_FIRST = ("tests/pages/", "tests/firmware/", "tests/latch/", "tests/ops/", "tests/external/",
+              "tests/broker/test_durability.py", "tests/api/test_group_commit.py", "tests/api/test_secrets.py",
+              "tests/scale/", "tests/device_sim/")
 
 
 def _xdist(config: pytest.Config) -> bool:
@@ -67,16 +70,53 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
 
     def rank(item: pytest.Item) -> int:
-        group = _group(item.nodeid)
-        if group is not None:
-            return 0 if group == "cpu" else 1
-        return 2 if item.nodeid.startswith(SLOW_FIRST) else 3
+        if _group(item.nodeid) is not None:
+            return 0
+        return 1 if item.nodeid.startswith(SLOW_FIRST) else 2
 
     items.sort(key=rank)   # stable: each rank keeps the collection order
 
 
 def pytest_report_header(config: pytest.Config) -> str:
     return f"Latch state store for this run: {TEST_DATABASE} (LATCH_TEST_DATABASE)"
+
+
+class _Records(logging.Handler):
+    """Keeps the text of every log record (message and traceback) while a test runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except Exception:   # a record whose arguments do not format: its parts, then
+            text = f"{record.msg} {record.args}"
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.texts.append(text)
+
+
+@pytest.fixture(autouse=True)
+def _no_secret_in_logs() -> Iterator[None]:
+    """No log record of a test (Latch's loggers from INFO, every other from its level in force) holds a secret
+    the test's stacks were given or handed out (tests/support.py SECRETS): tokens, device passwords, keys."""
+    records, root, latch = _Records(), logging.getLogger(), logging.getLogger("latch")
+    level = latch.level
+    if latch.getEffectiveLevel() > logging.INFO:
+        latch.setLevel(logging.INFO)
+    root.addHandler(records)
+    SECRETS.clear()
+    try:
+        yield
+    finally:
+        root.removeHandler(records)
+        latch.setLevel(level)
+    leaked = sorted({(secret[:6] + "...", text[:300]) for text in records.texts for secret in SECRETS
+                     if secret in text})
+    SECRETS.clear()
+    assert not leaked, f"a secret in the log: {leaked}"
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,7 @@
-"""Latch commands as real processes: start one, read its output until it says something, stop it."""
+"""Latch commands as real processes: start one, read its output until it says something, stop it.
+
+The deadlines are generous (a process starting on a machine whose two cores other tests share can take
+ten times what it takes alone); they bound a failing test, they do not measure anything."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ async def running(*args: str, env: dict[str, str] | None = None) -> AsyncIterato
         await stop_process(proc)
 
 
-async def read_until(proc: asyncio.subprocess.Process, pattern: str, timeout: float = 30) -> tuple[re.Match, str]:
+async def read_until(proc: asyncio.subprocess.Process, pattern: str, timeout: float = 90) -> tuple[re.Match, str]:
     seen = ""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

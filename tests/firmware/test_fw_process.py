@@ -169,7 +169,12 @@ async def test_runs_in_64k_heap(stack, micropython, mpy_cross, tmp_path):
         assert r.json()["status"] == "succeeded", r.text + "\n" + fw.output(2000)
     assert fw.motor_runs() == n
     assert fw.running
-    free = [int(x) for x in re.findall(r"actuated .* free=(\d+)", "\n".join(fw.lines))]
+
+    def frees() -> list[int]:
+        return [int(x) for x in re.findall(r"actuated .* free=(\d+)", "\n".join(fw.lines))]
+    # the lock prints its free heap after it answered: the last line may still be on its way to the reader
+    await eventually(lambda: len(frees()) >= n, timeout=10, what=f"{n} 'actuated ... free=' lines")
+    free = frees()
     print("\n64 KiB heap, free bytes after each command:", free)
     assert len(free) == n and min(free[-records:]) > 6000, free  # and steady once the id list is full
     print("\n64k heap: free after each command:", free)
