@@ -24,10 +24,19 @@ const api = {
 
 // An EventSource that survives drops: the browser reconnects by itself with Last-Event-ID; when the
 // server refuses the reconnect (say the stream token expired) this opens a new one from the last id seen.
+// With `storeKey` the last id seen is also kept in sessionStorage, so a reload of the page resumes where it
+// was (what came meanwhile, a notification say, arrives once: the cursor decides); a stored cursor the
+// server refuses (a database started anew) is dropped and the stream starts from now.
 class LiveStream {
-  constructor(onEvent, onState) {
-    this.onEvent = onEvent; this.onState = onState; this.lastId = null; this.es = null; this.stopped = false;
-    this.retries = 0;
+  constructor(onEvent, onState, storeKey = null) {
+    this.onEvent = onEvent; this.onState = onState; this.es = null; this.stopped = false;
+    this.retries = 0; this.storeKey = storeKey; this.stored = false;
+    this.lastId = storeKey ? sessionStorage.getItem(storeKey) : null;
+    if (this.lastId !== null) this.stored = true;
+  }
+  seen(id) {
+    this.lastId = id;
+    if (this.storeKey && id) sessionStorage.setItem(this.storeKey, id);
   }
   async open() {
     if (this.stopped) return;
@@ -38,14 +47,24 @@ class LiveStream {
     const q = new URLSearchParams({token});
     if (this.lastId !== null) q.set("last_event_id", this.lastId);
     const es = this.es = new EventSource("/v1/events/stream?" + q);
-    es.addEventListener("ready", (m) => { this.lastId = m.lastEventId; this.retries = 0; this.onState("live"); });
+    let ready = false;
+    es.addEventListener("ready", (m) => {
+      ready = true; this.stored = false; this.seen(m.lastEventId); this.retries = 0; this.onState("live");
+    });
     for (const kind of ["command", "presence", "lock_state", "low_battery", "ride", "fleet", "notification"]) {
-      es.addEventListener(kind, (m) => { this.lastId = m.lastEventId; this.onEvent(JSON.parse(m.data)); });
+      es.addEventListener(kind, (m) => { this.seen(m.lastEventId); this.onEvent(JSON.parse(m.data)); });
     }
     es.addEventListener("error", (m) => {
       if (m.data) console.warn("stream:", m.data);     // the server's reason (e.g. too far behind)
       this.onState("reconnecting");
-      if (es.readyState === EventSource.CLOSED) { es.close(); this.later(); }
+      if (es.readyState === EventSource.CLOSED) {
+        es.close();
+        if (!ready && this.stored) {   // the stored cursor was refused: from now on instead
+          this.stored = false; this.lastId = null;
+          if (this.storeKey) sessionStorage.removeItem(this.storeKey);
+        }
+        this.later();
+      }
     });
   }
   later() {

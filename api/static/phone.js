@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const STEPS = ["queued", "sent", "received"];
 const PAGE = 10;             // bikes per "show more"
+const CURSOR_KEY = "latch-cursor";   // the event stream's last id, so a reload resumes (common.js LiveStream)
 const POLL_MS = 5000;        // the list is re-read this often: riders' streams carry only their own events
 const DOWN_GRACE_MS = 1500;  // a stream that stays down this long marks the server unreachable
 const AVOID_MS = 120000;     // a bike that failed to open for you is not offered again for this long
@@ -26,6 +27,7 @@ async function login(signup) {
     const r = await api.call("POST", signup ? "/v1/auth/signup" : "/v1/auth/login", {email, password});
     api.token = r.access_token;
     sessionStorage.setItem("latch-token", r.access_token);
+    sessionStorage.removeItem(CURSOR_KEY);   // a new login starts its stream from now
     await start();
   } catch (e) {
     err.textContent = e.status === 409 && signup ? "There is already an account with this email. Press Log in."
@@ -48,7 +50,7 @@ async function start() {
     if (cmds[0]) trackCommand(cmds[0]);
   }
   await loadBikes();
-  state.stream = new LiveStream(onEvent, onStreamState);
+  state.stream = new LiveStream(onEvent, onStreamState, CURSOR_KEY);   // a reload resumes from the cursor
   state.stream.open();
   state.pollTimer = setInterval(() => { if (!document.hidden) loadBikes(); }, POLL_MS);
 }
@@ -341,6 +343,7 @@ function locateMe() {
 
 function logout() {
   sessionStorage.removeItem("latch-token");
+  sessionStorage.removeItem(CURSOR_KEY);
   if (state.stream) state.stream.close();
   location.reload();
 }

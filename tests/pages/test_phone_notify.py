@@ -117,3 +117,28 @@ async def test_an_action_pressed_while_the_server_is_away_is_reported_later(
         assert [e for e in errors if "Failed to fetch" not in e] == []
     finally:
         await context.close()
+
+
+async def test_a_notification_sent_while_the_page_was_closed_is_shown_once_after_a_reload(
+        served: Served, browser) -> None:  # type: ignore[no-untyped-def]
+    """The page keeps its stream's cursor for the tab (sessionStorage): what was sent while the page was
+    closed arrives when it is opened again, once; what it had shown before is not shown again."""
+    context, page, errors = await phone(browser)
+    try:
+        await sign_up(page, served.url, "reload@example.org")
+        before = await notify(served, title="Before", body="Shown while the page was open.")
+        await expect(page.locator(f'#notices article[data-notification="{before}"]')).to_be_visible(timeout=10_000)
+        await page.locator(f'#notices article[data-notification="{before}"] button[data-dismiss]').click()
+        await page.goto("about:blank")   # the rider leaves the page
+        missed = await notify(served, title="While closed", body="Sent while the page was closed.")
+        await page.goto(served.url + "/")   # and comes back, in the same tab, still logged in
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=10_000)
+        await expect(page.locator(f'#notices article[data-notification="{missed}"]')).to_be_visible(timeout=10_000)
+        await expect(page.locator("#notices article")).to_have_count(1)   # "Before" is not shown again
+        # a stored cursor the server refuses (one it never issued) is dropped: the page goes live from now
+        await page.evaluate("() => sessionStorage.setItem('latch-cursor', '999999999')")
+        await page.reload()
+        await expect(page.locator("#conn")).to_have_attribute("data-state", "live", timeout=20_000)
+        assert errors == []
+    finally:
+        await context.close()
