@@ -80,6 +80,7 @@ from sqlalchemy import bindparam, func, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from api.background import reraise_if_stopping
 from api import event_models as ek
 from api.clock import now_ms, to_datetime
 from api.command_states import FINAL, Status
@@ -388,6 +389,7 @@ class FleetService:
             try:
                 running = await self.tick()
             except Exception:
+                reraise_if_stopping()   # api/background.py: stop() cancelled a query, not a failure
                 log.exception("fleet rollout tick failed; retrying")
                 running = True
             delay = self.settings.fleet_tick_s if running else IDLE_RECHECK_S

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter as PromCounter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import event as sa_event
+from sqlalchemy import event as sa_event, exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from api.command_states import Status, is_final
@@ -141,7 +141,12 @@ def time_transactions(engine: Engine, metrics: Metrics) -> None:
         hist = observe(kind)
 
         def done(conn: Any) -> None:
-            started = conn.info.pop("latch_tx_started", None)
+            try:
+                started = conn.info.pop("latch_tx_started", None)
+            except sa_exc.SQLAlchemyError:
+                # the connection is already invalid (a query cancelled mid-flight, then rolled back): nothing
+                # to time, and raising here would replace the CancelledError that is on its way out
+                return
             if started is not None:
                 hist.observe(time.perf_counter() - started)
         return done

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from api.background import reraise_if_stopping
 from api.clock import now_ms
 from api.commands import CommandService
 from api.lease import LEASE_RETRY_S, Lease
@@ -67,6 +68,7 @@ class Sweeper:
             try:
                 nxt = await self.commands.sweep(hold_timeouts=self.acks_behind())
             except Exception:
+                reraise_if_stopping()   # api/background.py: stop() cancelled a query, not a failure
                 log.exception("sweep failed; retrying")
                 nxt = None
             delay = IDLE_RECHECK_S if nxt is None else max(0.0, min(IDLE_RECHECK_S, (nxt - now_ms()) / 1000))

@@ -25,6 +25,7 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from api.background import reraise_if_stopping
 from api import event_models as ek
 from api.auth import RIDER, Principal
 from api.clock import now_ms
@@ -95,6 +96,7 @@ class NotificationService:
             try:
                 await self.tick()
             except Exception:
+                reraise_if_stopping()   # api/background.py: stop() cancelled a query, not a failure
                 log.exception("notification tick failed; trying again next tick")
 
     async def tick(self) -> None:
