@@ -114,7 +114,7 @@ class BatchRunner:
         self.max_batch = max(1, max_batch)
         self.batches = self.units = 0   # read by metrics: units / batches is the mean batch size
 
-    def _execute(self, batch: list[_Job]) -> tuple[Answers, list[Callable[[], None]], LoopCallbacks]:
+    def _execute(self, batch: list[_Job]) -> tuple[Answers, LoopCallbacks]:
         """Run `batch` (one transaction, or each unit alone if that breaks); its callbacks after commit
         have run; the answers and the loop callbacks are returned for the caller to hand over."""
         now = time.monotonic()
@@ -136,7 +136,7 @@ class BatchRunner:
         self.units += len(batch)
         self._on_batch(len(batch), time.monotonic() - started)
         run_durable(callbacks)
-        return answers, callbacks, on_loops
+        return answers, on_loops
 
     def _run_alone(self, job: _Job, on_loops: LoopCallbacks) -> tuple[Answers, list[Callable[[], None]]]:
         """One unit in its own transaction, as api/db.py runs a unit on any other driver."""
@@ -211,8 +211,7 @@ class GroupCommitWriter(BatchRunner):
                     self._q.put(item)
                     break
                 batch.append(item[2])
-            answers, _, on_loops = self._execute(batch)
-            hand_over(answers, on_loops)
+            hand_over(*self._execute(batch))
 
 
 

@@ -61,6 +61,7 @@ class LoopGroupCommitWriter(BatchRunner):
         self._off_loop = False   # a bulk unit is running on the thread: no batch starts meanwhile
         self._bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="latch-db-bulk")
         self._checkpoints = Checkpointer(database_file) if database_file else None
+        self._drained: asyncio.Future[None] | None = None   # drain() waits on it
 
     def submit(self, priority: int, fn: Callable[[Session], T]) -> asyncio.Future[T]:
         loop = asyncio.get_running_loop()
@@ -92,20 +93,24 @@ class LoopGroupCommitWriter(BatchRunner):
             heapq.heappop(self._heap)
             batch.append(job)
         if batch:
-            answers, _, on_loops = self._execute(batch)
+            answers, on_loops = self._execute(batch)
             if self._checkpoints is not None:
                 self._checkpoints.wrote()
             hand_over(answers, on_loops)
         if self._heap and loop is not None:
             self._schedule(loop)
+        self._maybe_drained()
+
+    def _maybe_drained(self) -> None:
+        if self._drained is not None and not self._heap and not self._off_loop and not self._drained.done():
+            self._drained.set_result(None)
 
     def _run_off_loop(self, job: _Job) -> None:
         self._off_loop = True
         loop = job.loop
 
         def run() -> tuple[Any, Any]:
-            answers, _, on_loops = self._execute([job])
-            return answers, on_loops
+            return self._execute([job])
 
         def done(f: "asyncio.Future[tuple[Any, Any]]") -> None:
             self._off_loop = False
@@ -116,16 +121,21 @@ class LoopGroupCommitWriter(BatchRunner):
             elif not job.future.done():   # _execute itself failed: the unit's caller must hear of it
                 job.future.set_exception(f.exception() or RuntimeError("the bulk write was cancelled"))
             self._schedule(loop)
+            self._maybe_drained()
 
         loop.run_in_executor(self._bulk, run).add_done_callback(done)
 
     async def drain(self, timeout: float = 30.0) -> None:
         """Wait (bounded) until every queued unit has run."""
+        if not self._heap and not self._off_loop:
+            return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while (self._heap or self._off_loop) and loop.time() < deadline:
-            self._schedule(loop)
-            await asyncio.sleep(0.01)
+        self._drained = loop.create_future()
+        self._schedule(loop)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+        except asyncio.TimeoutError:
+            log.warning("database writes still queued after %.0f s at shutdown", timeout)
 
     def shutdown(self) -> None:
         """After drain(): stop the bulk thread and the checkpoints (one last one)."""

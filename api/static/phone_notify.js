@@ -8,10 +8,12 @@ const Notices = (() => {
   const MAX_SHOWN = 3;
   const shown = new Set();      // notification ids already shown (a stream replay shows nothing twice)
   const data = [];              // the silent data messages received, newest last (for the app's own use)
+  const delivery = {failed: 0}; // receipts that could not be sent yet (each is retried)
 
   function report(id, body, tries = 0) {
     return api.call("POST", `/v1/notifications/${encodeURIComponent(id)}/receipt`, body).catch((e) => {
       if (e.status === 409 || e.status === 404 || e.status === 422) return;   // final answers: nothing to retry
+      delivery.failed += 1;
       if (tries < 5) setTimeout(() => report(id, body, tries + 1), 1000 * 2 ** tries);
     });
   }
@@ -60,5 +62,5 @@ const Notices = (() => {
     seenWhenVisible(n.notification_id);
   }
 
-  return {show, data};
+  return {show, data, delivery};
 })();

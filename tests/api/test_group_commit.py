@@ -23,6 +23,7 @@ from sqlmodel import Session
 from api.db import Database, Priority
 from api.group_commit import BatchRunner, after_durable
 from api.loop_commit import LoopGroupCommitWriter
+from latch.settings import Settings
 from tests.dbs import run_database_url
 from tests.procs import drain, read_until, running
 
@@ -30,14 +31,20 @@ from tests.procs import drain, read_until, running
 # the kill -9 test runs on the pass's database (SQLite, or a fresh PostgreSQL one).
 
 
-@pytest.fixture(params=["loop", "thread"])
-async def db(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
-    d = Database(f"sqlite:///{tmp_path / 'g.db'}", sqlite_writer=request.param)
+async def with_table(tmp_path: Path, writer: str) -> Database:
+    d = Database(f"sqlite:///{tmp_path / 'g.db'}", sqlite_writer=writer)
+
     def create(engine) -> None:  # type: ignore[no-untyped-def]
         with engine.begin() as conn:
             conn.execute(text("create table t (k text primary key, v int)"))
 
     await d.run_sync(create)
+    return d
+
+
+@pytest.fixture(params=["loop", "thread"])
+async def db(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    d = await with_table(tmp_path, request.param)
     yield d
     await d.close()
 
@@ -177,14 +184,8 @@ async def test_a_broken_batch_is_rerun_unit_by_unit_without_doing_anything_twice
 
 @pytest.fixture
 async def loop_db(tmp_path: Path):  # type: ignore[no-untyped-def]
-    d = Database(f"sqlite:///{tmp_path / 'g.db'}")   # the default writer: on the loop
+    d = await with_table(tmp_path, Settings.model_fields["sqlite_writer"].default)   # the default writer
     assert isinstance(d._writer, LoopGroupCommitWriter)
-
-    def create(engine) -> None:  # type: ignore[no-untyped-def]
-        with engine.begin() as conn:
-            conn.execute(text("create table t (k text primary key, v int)"))
-
-    await d.run_sync(create)
     yield d
     await d.close()
 
@@ -210,14 +211,13 @@ async def test_on_the_loop_writes_of_one_loop_iteration_share_one_transaction(lo
 async def test_on_the_loop_a_bulk_unit_runs_on_a_thread_and_the_loop_keeps_serving(loop_db: Database,
                                                                                    tmp_path: Path) -> None:
     first, release = await hold_writer(loop_db)   # a bulk unit, blocked on its thread
+    queued = [asyncio.ensure_future(loop_db.write(insert(f"w{i}"))) for i in range(5)]
     ticks = 0
     for _ in range(20):   # the loop runs meanwhile: timers fire, reads answer
         await asyncio.sleep(0.001)
         ticks += 1
     assert await loop_db.read(lambda s: s.execute(text("select count(*) from t")).scalar()) == 0
-    queued = [asyncio.ensure_future(loop_db.write(insert(f"w{i}"))) for i in range(5)]
-    await asyncio.sleep(0.01)
-    assert not any(f.done() for f in queued)   # no batch starts while the bulk unit holds the writer
+    assert not any(f.done() for f in queued)   # many loop turns later: no batch starts while the bulk unit runs
     sizes: list[int] = []
     writer(loop_db)._on_batch = lambda n, secs: sizes.append(n)
     release.set()

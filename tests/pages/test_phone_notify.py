@@ -92,7 +92,7 @@ async def test_an_action_pressed_while_the_server_is_away_is_reported_later(
         proxy.drop()
         await card.locator('button[data-action="ok"]').click()
         await expect(card).to_have_count(0)
-        await page.wait_for_timeout(1500)
+        await page.wait_for_function("() => Notices.delivery.failed > 0", timeout=10_000)   # it tried, and failed
         assert (await counts(served, nid))["actions"] == {"ok": 0}   # nothing got through yet
         proxy.refusing = False
 
@@ -105,7 +105,6 @@ async def test_an_action_pressed_while_the_server_is_away_is_reported_later(
         proxy.drop()
         await expect(page.locator("#offline-banner")).to_be_visible(timeout=10_000)
         missed = await notify(served, title="Back online", body="Sent while you were away.")
-        await page.wait_for_timeout(500)
         await expect(page.locator(f'#notices article[data-notification="{missed}"]')).to_have_count(0)
         proxy.refusing = False
         await expect(page.locator(f'#notices article[data-notification="{missed}"]')).to_be_visible(timeout=20_000)
