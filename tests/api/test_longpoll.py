@@ -14,19 +14,26 @@ from tests.api.push_support import raw_request, raw_response
 from tests.support import LiveStack, eventually
 
 
-async def head(client: httpx.AsyncClient) -> int:
-    after = 0
-    for _ in range(100):
-        page = (await client.get("/v1/events", params={"after": after, "limit": 1000})).json()
-        if not page["events"]:
-            return after
-        after = page["cursor"]
-    raise AssertionError("too many events")
+async def head(client: httpx.AsyncClient, device_id: str) -> int:
+    """The newest event's id, once the lock that was just started has reported its state: a lock's
+    `lock_state` event follows its `presence` event, and on a busy machine it can land after the cursor was
+    read, answering every poll held after that cursor before the test's own event (CI saw it once)."""
+    async def settled() -> int | None:
+        after, reported = 0, False
+        for _ in range(100):
+            page = (await client.get("/v1/events", params={"after": after, "limit": 1000})).json()
+            if not page["events"]:
+                return after if reported else None
+            reported = reported or any(e["kind"] == "lock_state" and e["data"]["device_id"] == device_id
+                                       for e in page["events"])
+            after = page["cursor"]
+        raise AssertionError("too many events")
+    return int(await eventually(settled, what=f"{device_id}'s lock_state event"))   # an id is never 0
 
 
 async def test_held_until_an_event_then_answered_at_once(stack: LiveStack) -> None:
     await stack.lock("bike-1")
-    cursor = await head(stack.http)
+    cursor = await head(stack.http, "bike-1")
     poll = asyncio.ensure_future(stack.http.get("/v1/events", params={"after": cursor, "wait": 20}))
     await eventually(lambda: len(stack.runtime.events) == 1, what="the poll to be held")
     assert not poll.done()
@@ -41,7 +48,7 @@ async def test_held_until_an_event_then_answered_at_once(stack: LiveStack) -> No
 async def test_empty_list_and_the_same_cursor_when_the_wait_ends(stack: LiveStack, users) -> None:  # type: ignore[no-untyped-def]
     await stack.lock("bike-2")
     rider = await users()
-    cursor = await head(stack.http)
+    cursor = await head(stack.http, "bike-2")
     t0 = time.monotonic()
     r = await rider.http.get("/v1/events", params={"after": cursor, "wait": 0.5})
     assert r.status_code == 200 and r.json() == {"events": [], "cursor": cursor}
@@ -56,7 +63,7 @@ async def test_empty_list_and_the_same_cursor_when_the_wait_ends(stack: LiveStac
 async def test_a_thousand_held_polls_cost_no_thread_and_no_query_and_one_event_answers_all(stack: LiveStack) -> None:
     n = 1000
     await stack.lock("bike-3")
-    cursor = await head(stack.http)
+    cursor = await head(stack.http, "bike-3")
     statements: list[str] = []
 
     def count(conn, cursor_, statement, *args) -> None:  # type: ignore[no-untyped-def]
