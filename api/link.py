@@ -89,5 +89,9 @@ class BrokerLink:
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self.client.publish(topic, payload, qos=qos, retain=retain)
 
+    async def room(self, limit: int) -> None:
+        """Wait until fewer than `limit` of this link's messages are unacknowledged (mqtt_client)."""
+        await self.client.room(limit)
+
     async def stop(self) -> None:
         await self.client.disconnect()

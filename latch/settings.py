@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     notify_tick_s: float = 10.0            # releases of quiet-hours holds, preference reloads, count flushes this often
     # at most this many notifications of a category handed to one rider per local day (0: no cap)
     notify_daily_cap: dict[str, int] = {"transactional": 0, "service": 10, "marketing": 3}
+    # a notification's MQTT copies (one QoS 1 message per rider) wait while this many of the API link's
+    # messages are unacknowledged: MQTT allows a connection 65,535, and commands need the rest
+    notify_mqtt_window: int = Field(20_000, ge=1, le=60_000)
 
     # fleet commands (api/fleet.py)
     fleet_max_devices: int = 100_000       # devices one fleet command may target

@@ -12,6 +12,12 @@ limit, and MQTT 3.1.1 has no negative ack, so the replay would close it again, f
 a publish over ``max_packet_size`` raises PublishRefused and is never queued; and a message replayed
 ``max_replays`` times without being acknowledged (each time the connection died with it in flight)
 is dropped from the queue and handed to ``on_dropped(topic, payload)``.
+
+Flow control: MQTT gives one connection 65,535 packet ids, one per unacknowledged QoS 1/2 message; gmqtt
+raises OverflowError past that. A bulk sender (a notification to every rider, one QoS 1 message each)
+waits with ``room(limit)`` until fewer than ``limit`` are unacknowledged, so it never takes the ids the
+connection's other traffic (commands) needs; ``publish`` past the last id raises MqttError, not gmqtt's
+OverflowError.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dataclasses import dataclass
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
+from gmqtt.storage import PersistentStorage
 
 log = logging.getLogger("latch.mqtt")
 
@@ -64,6 +71,42 @@ def parse_publish(packet: bytes) -> tuple[str, bytes]:
     return topic, bytes(packet[i + 2 + tlen + 2:])
 
 
+class InFlight(PersistentStorage):
+    """gmqtt's store of unacknowledged outgoing messages, which also wakes those waiting for room in it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._room: list[tuple[int, asyncio.Future[None]]] = []   # (limit, waiter)
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __bool__(self) -> bool:   # gmqtt takes `persistent_storage or PersistentStorage()`: never falsy
+        return True
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        if self._room:
+            self._wake()
+
+    def clear(self) -> None:
+        super().clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        n, waiting = len(self._messages), self._room
+        self._room = [(limit, fut) for limit, fut in waiting if n >= limit and not fut.done()]
+        for limit, fut in waiting:
+            if n < limit and not fut.done():
+                fut.set_result(None)
+
+    async def room(self, limit: int) -> None:
+        while len(self._messages) >= limit:
+            fut = asyncio.get_running_loop().create_future()
+            self._room.append((limit, fut))
+            await fut
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     topic: str
@@ -91,7 +134,8 @@ class MqttClient:
         will_message = None
         if will is not None:
             will_message = gmqtt.Message(will.topic, will.payload, qos=will.qos, retain=will.retain)
-        self._client = gmqtt.Client(client_id, clean_session=clean_session,
+        self._in_flight = InFlight()
+        self._client = gmqtt.Client(client_id, clean_session=clean_session, persistent_storage=self._in_flight,
                                     optimistic_acknowledgement=False, will_message=will_message)
         if username is not None:
             self._client.set_auth_credentials(username, password)
@@ -155,7 +199,20 @@ class MqttClient:
                                      f"packet limit")
         if self._client._connection is None:
             raise MqttError("not connected to the broker")
-        self._client.publish(topic, payload, qos=qos, retain=retain)
+        try:
+            self._client.publish(topic, payload, qos=qos, retain=retain)
+        except OverflowError as e:   # gmqtt: no packet id left
+            raise MqttError(f"{len(self._in_flight)} messages already wait for the broker's acknowledgement, the "
+                            f"most one MQTT connection can have; nothing was queued") from e
+
+    @property
+    def in_flight(self) -> int:
+        """Outgoing QoS 1/2 messages not yet acknowledged by the broker (kept across a reconnect)."""
+        return len(self._in_flight)
+
+    async def room(self, limit: int) -> None:
+        """Return once fewer than `limit` messages are unacknowledged (at once when they already are)."""
+        await self._in_flight.room(limit)
 
     @property
     def is_connected(self) -> bool:

@@ -42,6 +42,7 @@ from api.notifications.rules import RiderPrefs
 from api.rider_models import OPEN_RIDE, Ride, User
 from api.rights import Refused
 from latch.settings import Settings
+from mqtt_client import MqttError
 from protocol import topics
 
 log = logging.getLogger("latch.notifications")
@@ -57,6 +58,7 @@ class NotificationService:
         self.writes_here = writes_here   # the singleton lease: only its holder writes release positions
         self.max_ttl_s = settings.notify_max_ttl_s
         self.tick_s = settings.notify_tick_s
+        self.window = settings.notify_mqtt_window
         self.fanout = Fanout({str(k): int(v) for k, v in settings.notify_daily_cap.items()})
         self._prefs_seen = 0
         self._task: asyncio.Task[None] | None = None
@@ -186,12 +188,19 @@ class NotificationService:
             return
         item = found[0]
         riders = sorted(item.members) if item.members is not None else await self._all_riders()
-        for i in range(0, len(riders), 500):
+        batch = min(500, self.window)
+        for i in range(0, len(riders), batch):
             if not self.link.is_connected:
                 return   # the app reads the rest over HTTP by cursor
-            for user_id, mine in self.fanout.for_riders(ev, riders[i:i + 500], MQTT):   # fanout.py: decided once
+            # at most `window` unacknowledged after this batch (MQTT's 65,535 packet ids are shared with the
+            # commands): on a slow broker the copies wait here, the commands never do
+            await self.link.room(self.window - batch + 1)
+            for user_id, mine in self.fanout.for_riders(ev, riders[i:i + batch], MQTT):   # fanout.py: decided once
                 if topics.valid_device_id(user_id):
-                    self.link.publish(topics.user_events_topic(user_id), mine.json, qos=1)
+                    try:
+                        self.link.publish(topics.user_events_topic(user_id), mine.json, qos=1)
+                    except MqttError:   # the link went down meanwhile: the rest read it over HTTP by cursor
+                        return
             await asyncio.sleep(0)   # let the loop breathe on a large audience
 
     async def _all_riders(self) -> list[str]:
