@@ -48,7 +48,7 @@ class Firmware:
     def __init__(self, cfg, hal, log=None):
         self.cfg = cfg
         self.hal = hal
-        self.log = log or self.write
+        self.log = log or self.write  # log(*parts): one line, the parts printed as print() does
         self.ticks = [ticks_ms(), 1]  # the last ticks_ms() seen, milliseconds since boot
         if hasattr(hal, "unique_id"):
             self.log("board %s, device %s" % (hal.unique_id(), cfg["device_id"]))
@@ -61,12 +61,15 @@ class Firmware:
                                    max_records=cfg["max_records"], urandom=hal.urandom)
         self.client = link.make_client(cfg, self.log)
         self.client.handler = self.handler
+        for k in ("command_key", "broker", "sim"):
+            cfg.pop(k, None)  # read at boot only (the HAL and the client keep what they need): a TLS CA is KBs
         self.ctrl.on_sensor(hal.read_locked(), self.time(), battery=hal.battery())
         now = self.time()
         self.times = [now, now + 60000, 0, 0, 0, 0]
 
-    def write(self, msg):
-        print("LATCH %d %s" % (self.time(), msg))
+    def write(self, *msg):
+        # the parts printed one by one, not joined first: a log line costs the heap no copy of itself
+        print("LATCH", self.time(), *msg)
 
     def time(self):
         """Milliseconds since boot, monotonic, never wrapping (ticks_ms wraps)."""
@@ -82,12 +85,12 @@ class Firmware:
             k = e[0]
             if k == "publish":
                 if e[1].endswith("/ack"):
-                    self.log("ack " + e[2].decode())
+                    self.log("ack", e[2].decode())
                 await self.client.publish(e[1], e[2], e[3], e[4])
             elif k == "persist":
                 self.store.save(e[1])
             elif k == "actuate":
-                self.log("actuate %s %s" % (e[1], e[2]))
+                self.log("actuate", e[1], e[2])
                 asyncio.create_task(self.actuate(e[1], e[2]))
             elif k == "reboot":
                 asyncio.create_task(self.reboot())
@@ -166,8 +169,14 @@ class Firmware:
                 times[_SAMPLE] = now + min(10000, cfg["telemetry_s"] * 1000)
                 battery = hal.battery()
                 rssi = link.rssi() or hal.rssi()
-            await self.run(ctrl.on_sensor(hal.read_locked(), now, battery, rssi))
-            await self.run(ctrl.on_tick(now))
+            # run() only when there is something to run: each coroutine is a heap allocation, 20 ticks a second
+            e = ctrl.on_sensor(hal.read_locked(), now, battery, rssi)
+            if e:
+                await self.run(e)
+            e = ctrl.on_tick(now)
+            if e:
+                await self.run(e)
+            del e
             if c.connected and now >= times[_RESYNC]:
                 times[_RESYNC] = now + cfg["resync_s"] * 1000
                 times[_ANSWER] = now + max(5000, 2000 * cfg["keepalive_s"])

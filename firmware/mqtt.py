@@ -2,7 +2,9 @@
 
 What it does, and why:
 - One write per packet: every packet is built whole, then written with one
-  call under a lock, so packets from concurrent tasks never interleave.
+  call, so packets from concurrent tasks never interleave. Most go out at
+  once (`put()`); only when the socket has no room does `send()` wait for it
+  to drain, one drain at a time, nothing written meanwhile.
 - Connection errors that only surface at the first write (a refused
   non-blocking connect, a failed TLS handshake) are raised from `connect()`.
 - After a CONNACK with session-present=0 (the broker kept no session, so
@@ -27,8 +29,19 @@ Reconnecting (with backoff) is the caller's job: see firmware/app.py.
 
 Written for a small heap: on MicroPython every distinct attribute, function
 and parameter name is an interned string in RAM, so names here reuse ones
-the interpreter already has (stream, lock, task, reason, ticks, ...) and
-private constants use const().
+the interpreter already has (stream, lock, task, reason, ticks, put, push,
+flush, ...) and private constants use const().
+
+And for a fragmenting one: what a command makes is garbage the heap must find
+contiguous room for, again and again, beside what stays. So a packet is one
+allocation of its exact size, a queued message keeps only its packet (DUP is
+set in place), and writing one makes no task, no lock and, when the socket
+takes it at once, no coroutine either. Measured on the 64 KiB Unix-port heap
+(tests/firmware/test_fw_process.py, PUBACKs withheld, 24 commands): before,
+each write went through an asyncio.Lock and wait_for_ms() (a task, a
+cancellation) and one command allocated ~33 KB in all; now ~21 KB, and
+asyncio's lock module (0.8 KB) is never imported. No memory for a packet just
+now is not a broken link either (see `push()`).
 """
 
 import asyncio
@@ -48,17 +61,24 @@ _MAX_PACKET = const(8192)  # larger incoming packets end the connection
 # Unacknowledged QoS 1 messages kept for resending: one command makes three (received, the final ack, state),
 # so 4 keeps the last command's answers whole. On a link that loses PUBACKs this is what piles up (issue 12,
 # defect 14): at 16 the 64 KiB heap fragmented until a 232-byte packet could not be allocated; at 8 it still
-# did in 3 of 6 runs; at 4 it held through 24 commands in every run, also with both cores busy. When full the
-# oldest goes: its PUBACK is the one most likely lost, not the message.
+# did in 3 of 6 runs; at 4 it held through 24 commands in every run, also with both cores busy, until CI on
+# 2026-12-07 saw 1 run in ~10 fail all the same (a 200-byte allocation with ~8 KB free, in holes). A queued
+# message is now its packet alone (~200 bytes, one allocation, DUP set in place) and a command makes ~21 KB of
+# garbage instead of ~33 KB (see above): 15 runs of that test out of 15 passed, 7 of them with 3 CPU burners,
+# no MemoryError and no packet put off, min free after a command 7616 (the free figure itself barely moved:
+# see firmware/tools/build.py). When full the oldest goes: its PUBACK is the one most likely lost.
 _MAX_QUEUED = const(4)
 # indexes into self.ticks: when a byte last arrived, when one was last sent, last PINGREQ
 _RX = const(0)
 _TX = const(1)
 _PING = const(2)
-# a queued outgoing message: [packet id, topic, payload, retain, sent once]
+# a queued outgoing message: [packet id, its PUBLISH packet (None until built), topic, payload, retain]; once
+# built it holds only the packet (DUP set after its first send) and, when retained, the topic
 _ID = const(0)
-_TOPIC = const(1)
-_SENT = const(4)
+_PKT = const(1)
+_TOPIC = const(2)
+_DATA = const(3)
+_RETAIN = const(4)
 
 
 class MQTTError(OSError):
@@ -69,30 +89,40 @@ class RefusedError(MQTTError):
     """The broker answered CONNACK with a non-zero return code (4: bad credentials, 5: not authorized)."""
 
 
-def _str(data):
-    if isinstance(data, str):
-        data = data.encode()
-    return bytes((len(data) >> 8, len(data) & 0xFF)) + data
-
-
-def _packet(flags, data):
-    """A whole MQTT packet: fixed header (type and flags, remaining length) and `data`."""
-    n = len(data)
-    hdr = bytearray((flags,))
+def _packet(first, parts):
+    """A whole MQTT packet: `first` (type and flags), the remaining length, then `parts`: bytes-likes, and
+    ints, each a two-byte field (a length, a packet id). Built in one allocation of its exact size: no
+    concatenations, whose pieces fragment a small heap (CI on 2026-12-07: a 200-byte PUBLISH could not be
+    had with ~8 KB free)."""
+    n = 0
+    for x in parts:
+        n += 2 if isinstance(x, int) else len(x)
+    p = bytearray(n + (2 if n < 128 else 3 if n < 16384 else 4))
+    p[0] = first
+    i = 1
     while True:
-        hdr.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        p[i] = (n & 0x7F) | (0x80 if n > 0x7F else 0)
+        i += 1
         n >>= 7
         if not n:
-            return bytes(hdr) + data
+            break
+    for x in parts:
+        if isinstance(x, int):
+            p[i] = x >> 8
+            p[i + 1] = x & 0xFF
+            i += 2
+        else:
+            p[i:i + len(x)] = x
+            i += len(x)
+    return p
 
 
-def _publish(message):
-    """The PUBLISH packet of a queued message; DUP once it was sent before."""
-    pid, topic, payload, retain, sent = message
-    payload = payload.encode() if isinstance(payload, str) else payload
+def _publish(pid, topic, payload, retain):
+    """A PUBLISH packet: QoS 1 when `pid` (0: QoS 0)."""
+    topic = topic.encode() if isinstance(topic, str) else topic
     if pid:
-        return _packet(_PUBLISH | 2 | (8 if sent else 0) | retain, _str(topic) + bytes((pid >> 8, pid & 0xFF)) + payload)
-    return _packet(_PUBLISH | retain, _str(topic) + payload)
+        return _packet(_PUBLISH | 2 | retain, (len(topic), topic, pid, payload))
+    return _packet(_PUBLISH | retain, (len(topic), topic, payload))
 
 
 class MQTTClient:
@@ -113,7 +143,7 @@ class MQTTClient:
         self.topics = []            # subscribed, exactly; anything else is dropped
         self.connected = False
         self.stream = None
-        self.lock = asyncio.Lock()
+        self.lock = 0               # the stream while a send() drains it: nothing may be written to it then
         self.id = 0                 # the last packet id used
         self.pending = []           # outgoing QoS 1 messages not yet acknowledged
         self.wait = None            # [packet id, granted QoS] while a SUBSCRIBE waits
@@ -130,17 +160,40 @@ class MQTTClient:
             else:
                 return self.id
 
-    async def send(self, data):
-        """Write one whole packet; raises when the link is gone."""
+    def put(self, data):
+        """Write one whole packet now, without waiting: 1 when the socket took it all, 2 when some of it
+        waits in the stream for send() to drain, 0 when it was not written because a drain is under way
+        (drain() would drop it: the caller must `await send()`). Raises when the link is gone.
+        Stream.write() hands a packet to the socket or, when the socket has no room, keeps all of it, in
+        order, behind what already waits: packets never interleave."""
         s = self.stream
         if s is None:
             raise MQTTError("not connected")
-        async with self.lock:
+        if self.lock is s:
+            return 0
+        s.write(data)
+        self.ticks[_TX] = ticks_ms()
+        return 2 if s.out_buf else 1
+
+    async def send(self, data, r=0):
+        """Write one whole packet (`r`: what put() already did with it), then wait until the socket took
+        all that waits, one drain at a time, bounded by `timeout`; raises when the link is gone. Most
+        packets go out whole at once, without a task, a lock or even this coroutine (put()): on the
+        64 KiB heap those were ~2.5 KB of garbage per packet."""
+        s = self.stream
+        while not r:
             if s is not self.stream:
                 raise MQTTError("not connected")
-            s.write(data)
-            await asyncio.wait_for_ms(s.drain(), self.timeout)
-            self.ticks[_TX] = ticks_ms()
+            r = self.put(data)
+            if not r:
+                await asyncio.sleep_ms(10)
+        if r > 1:
+            self.lock = s
+            try:
+                await asyncio.wait_for_ms(s.drain(), self.timeout)
+            finally:
+                if self.lock is s:  # (a drain of an earlier connection ending late leaves a newer one's alone)
+                    self.lock = 0
 
     async def read(self):
         """One packet: (first byte, body)."""
@@ -188,20 +241,22 @@ class MQTTClient:
         self.stream = (await asyncio.wait_for_ms(conn, self.timeout))[0]
         try:
             flags = 0  # clean session off: the broker keeps our subscription and QoS 1 messages
-            data = _str(self.client_id)
             w = self.will
             if w:
                 flags |= 0x04 | (w[2] << 3) | (0x20 if w[3] else 0)
-                data += _str(w[0]) + _str(w[1])
             if self.user is not None:
                 flags |= 0x80
-                data += _str(self.user)
             if self.password is not None:
                 flags |= 0x40
-                data += _str(self.password)
-            k = self.keepalive
+            # protocol name and level (4), flags, keepalive; then each field present, with its length
+            parts = [4, b"MQTT", bytes((4, flags)), self.keepalive]
+            for data in (self.client_id, w and w[0], w and w[1], self.user, self.password):
+                if data is not None:
+                    data = data.encode() if isinstance(data, str) else data
+                    parts.append(len(data))
+                    parts.append(data)
             # a refused connect or a failed TLS handshake surfaces here, at the first write
-            await self.send(_packet(0x10, _str("MQTT") + bytes((4, flags, k >> 8, k & 0xFF)) + data))
+            await self.send(_packet(0x10, parts))
             first, data = await asyncio.wait_for_ms(self.read(), self.timeout)
             if first != _CONNACK or len(data) != 2:
                 raise MQTTError("expected CONNACK, got 0x%02x" % first)
@@ -218,7 +273,8 @@ class MQTTClient:
         for topic in () if present else self.topics:
             pid = self._pid()
             self.wait = w = [pid, None]
-            await self.send(_packet(0x82, bytes((pid >> 8, pid & 0xFF)) + _str(topic) + b"\x01"))
+            t = topic.encode()
+            await self.send(_packet(0x82, (pid, len(t), t, b"\x01")))
             while w[1] is None:
                 if self.reason or ticks_diff(ticks_ms(), now) > self.timeout:
                     raise MQTTError("no SUBACK")
@@ -226,18 +282,20 @@ class MQTTClient:
             if w[1] == 0x80:
                 raise MQTTError("subscription refused: " + topic)
         for m in list(self.pending):
-            p = _publish(m)
-            m[_SENT] = 1  # from here on it may have left: any later copy carries DUP
-            await self.send(p)
+            r = self.push(m)
+            if r != 1:
+                await self.flush(m, r)
+        if self.reason:
+            raise self.reason
         return present
 
     async def publish(self, topic, payload, qos=0, retain=False):
         """QoS 0: sent if connected, else dropped. QoS 1: queued until its PUBACK, sent
         now if connected, else after the next connect."""
-        m = [0, topic, payload, 1 if retain else 0, 0]
+        m = [0, None, topic, payload, 1 if retain else 0]
         if qos:
             for old in self.pending:
-                if retain and old[3] and old[_TOPIC] == topic:
+                if retain and old[_RETAIN] and old[_TOPIC] == topic:
                     self.pending.remove(old)  # superseded: the broker keeps only the newest retained anyway
                     break
             if len(self.pending) >= _MAX_QUEUED:
@@ -245,12 +303,43 @@ class MQTTClient:
             m[_ID] = self._pid()
             self.pending.append(m)
         if self.connected:
-            p = _publish(m)
-            m[_SENT] = 1  # from here on it may have left: any later copy carries DUP
+            r = self.push(m)
+            if r != 1:
+                await self.flush(m, r)
+
+    def push(self, m):
+        """Write a queued message now, without waiting, its packet built on first use; put()'s answer, or 1
+        when nothing is left to do: also when the link just broke (closed here) or when there is no memory
+        for the packet just now. That is not a broken link: a QoS 1 message stays queued, unbuilt, for
+        `loop()` to try again; a QoS 0 one is dropped."""
+        p = m[_PKT]
+        if p is None:
             try:
-                await self.send(p)
-            except Exception as e:
-                self.close(e)
+                p = m[_PKT] = _publish(m[_ID], m[_TOPIC], m[_DATA], m[_RETAIN])
+            except MemoryError:
+                self.log("mqtt: no memory for a %d-byte message now: %s" % (
+                    len(m[_DATA]), "kept queued" if m[_ID] else "dropped"))
+                return 1
+            m[_DATA] = None  # the packet holds it now
+            if not m[_RETAIN]:
+                m[_TOPIC] = None
+        try:
+            r = self.put(p)
+        except Exception as e:
+            self.close(e)
+            return 1
+        if r:
+            p[0] |= 8  # from here on it may have left: any later copy carries DUP
+        return r
+
+    async def flush(self, m, r):
+        """What push() left to send() (rarely anything: only when the socket had no room)."""
+        p = m[_PKT]
+        try:
+            await self.send(p, r)
+        except Exception as e:
+            self.close(e)
+        p[0] |= 8
 
     async def loop(self, period=200):
         """Keep the link alive until it dies; raises the reason."""
@@ -268,6 +357,12 @@ class MQTTClient:
                     await self.send(b"\xc0\x00")  # PINGREQ
                 except Exception as e:
                     self.close(e)
+                    break
+            for m in self.pending:
+                if m[_PKT] is None:  # queued while there was no memory for its packet
+                    r = self.push(m)
+                    if r != 1:
+                        await self.flush(m, r)
                     break
             await asyncio.sleep_ms(period)
         raise self.reason or MQTTError("closed")
@@ -302,7 +397,10 @@ class MQTTClient:
                     else:
                         self.log("mqtt: dropped a message on unsubscribed topic " + topic)
                     if qos == 1:
-                        await self.send(bytes((_PUBACK, 2, pid >> 8, pid & 0xFF)))
+                        b = bytes((_PUBACK, 2, pid >> 8, pid & 0xFF))
+                        r = self.put(b)
+                        if r != 1:
+                            await self.send(b, r)
                 elif kind == _PUBACK:
                     pid = (data[0] << 8) | data[1]
                     for m in self.pending:

@@ -34,10 +34,25 @@ SERVER_ONLY = {
                            "device_may_receive", "USER_PREFIX", "USER_EVENTS", "user_events_topic",
                            "user_may_subscribe", "user_may_receive", "DEVICE_PUBLISH_KINDS",
                            "DEVICE_SUBSCRIBE_KINDS", "SVC_PREFIX", "SVC_DROP", "drop_topic", "parse_drop_topic"),
+    # the firmware's own host-side helpers: encode() serves the tests and the simulator, not the board
+    "firmware/store.py": ("encode",),
 }
 # Every name left in is also an interned string in RAM, and the board's dynamic string pools grow
-# in steps (on the 64-bit Unix port the step after ~300 names costs 3.6 KiB at once): a name the
+# in steps (on the 64-bit Unix port the step after 300 names costs 3.6 KiB at once): a name the
 # board never uses is not only its function's bytecode.
+#
+# Where the 64 KiB heap of tests/firmware/test_fw_process.py goes (64-bit Unix port, 2026-12-07,
+# gc.mem_free() after gc.collect()): asyncio 4.1 KB; firmware/ and protocol/ as loaded ~34 KB (mqtt
+# 7.8, controller 6.4, messages 5.9, app 4.6, hal_unix 2.8, store 2.1, topics 2.0, canonical 1.7,
+# link 1.3, signing 1.1), in which are the string pools, 6.3 KB for ~290 names (a few short of that
+# step: mind new names), and the long string constants, a heap object each (~90 bytes), ~5 KB. Once
+# Firmware() stands 18.0 KB is free. Connecting takes ~4.5 KB (asyncio's stream and funcs modules
+# 2.5 KB, the socket, three tasks); a command's record, its queued answers and the lock's other state
+# take the rest: ~10.3 KB free after the first command, 7.6-8.4 KB once 8 records are kept. What a
+# command allocates and drops (~21 KB, a third of the heap, down from ~33 KB) is what fragments it, but
+# those free figures hardly depend on it. Trimming code gains some hundred bytes a step (this list:
+# ~100; dropping asyncio.Lock: 0.8 KB); 12 KB free after a command would take code out of RAM (frozen
+# into the board's flash, as an ESP32 image can be built).
 
 
 class BuildError(RuntimeError):

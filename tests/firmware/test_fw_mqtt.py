@@ -155,3 +155,58 @@ async def test_mqtt_client_on_the_wire(micropython):
     assert "REFUSED connection refused, code 5" in text
     assert "CLOSED PORT 111" in text
     assert "END pending=0" in text  # everything was acknowledged (hello2 was never sent)
+
+
+async def test_no_memory_for_a_packet_keeps_the_link_and_the_qos1_message(micropython):
+    """CI, 2026-12-07: on the 64 KiB heap a 200-byte PUBLISH could not be allocated and the client dropped
+    the link, so the API saw the lock go offline and refused the next unlock. Now no memory for a packet is
+    not a broken link: the QoS 1 message stays queued and goes out on a later tick (without DUP: it never
+    left), the QoS 0 one is dropped, and the broker sees one connection throughout."""
+    seen: list[dict] = []
+    conns = 0
+    got = asyncio.Event()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal conns
+        conns += 1
+        try:
+            first, _ = await read_packet(r)
+            assert first == 0x10
+            w.write(pkt(0x20, b"\x01\x00"))   # session present: no SUBSCRIBE
+            while True:
+                first, body = await read_packet(r, timeout=10)
+                if first & 0xF0 == 0x30:
+                    p = parse_publish(first, body)
+                    seen.append(p)
+                    if p["qos"]:
+                        w.write(pkt(0x40, struct.pack("!H", p["pid"])))
+                        got.set()
+                elif first == 0xC0:
+                    w.write(b"\xd0\x00")
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        micropython, str(MP_DIR / "mqtt_nomem_probe.py"), str(port), env=mp_env(), cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        await asyncio.wait_for(got.wait(), 20)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()
+        await server.wait_closed()
+    text = out.decode()
+    assert "AFTER PUBLISH connected=True pending=1" in text, text
+    assert "no memory for a 9-byte message now: kept queued" in text, text
+    assert "no memory for a 4-byte message now: dropped" in text, text
+    assert "link lost" not in text, text
+    assert [(p["topic"], p["payload"], p["qos"], p["dup"]) for p in seen] == [("t/ack", b"succeeded", 1, False)]
+    assert conns == 1
+    assert "END connected=True pending=0" in text, text

@@ -281,10 +281,18 @@ async def test_64k_heap_stays_bounded_on_a_link_that_loses_the_way_back(stack, m
                                  timeout=5, what="the batch to expire")
             r = await stack.command(DEV, "unlock" if i % 2 == 0 else "lock", wait=10, ttl_s=1)
             assert r.json()["status"] == "succeeded", r.text + "\n" + fw.output(2000)
-        assert fw.running and fw.count("MemoryError") == 0, fw.output()
-        free = [int(x) for x in re.findall(r"actuated .* free=(\d+)", "\n".join(fw.lines))]
+
+        def frees() -> list[int]:
+            return [int(x) for x in re.findall(r"actuated .* free=(\d+)", "\n".join(fw.lines))]
+        # the lock prints its free heap after it answered: the last line may still be on its way to the reader
+        await eventually(lambda: len(frees()) >= n, timeout=10, what=f"{n} 'actuated ... free=' lines")
+        # no MemoryError anywhere, and not even a packet put off for want of memory (firmware/mqtt.py push())
+        assert fw.running and fw.count("MemoryError") == 0 and fw.count("no memory") == 0, fw.output()
+        free = frees()
         print("\n64 KiB heap, PUBACKs withheld: free bytes after each command:", free, "held:", len(proxy.held))
-        assert len(free) == n and min(free) > 6000, free
+        # measured (2026-12-07, 15 runs, 7 of them with 3 CPU burners): min 7616, first 10336; before the writes
+        # lost their lock and task, 1 run in ~10 failed with a MemoryError at ~8 KB free (fragmentation)
+        assert len(free) == n and min(free) > 6500, free
         # the way back returns: the lock's queue drains on the next connection (resent with DUP, acknowledged)
         proxy.hold_pubacks = False
         mark = len(fw.lines)
