@@ -77,6 +77,9 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     ingest = Ingest(registry, commands_, link, metrics, lease)
     holder.append(ingest)
     events_ = EventLog(db, settings, metrics)
+    bus = events_.bus
+    if bus is not None:   # other replicas' answers wake waits here through NATS: re-read while it is away
+        commands_.wakes_degraded = lambda: not bus.connected
     commands_.hooks = registry.hooks = AllHooks(Journal(events_, settings), CommandLog())   # CommandLog: api/command_log.py
 
     def to_rider_topic(ev: LiveEvent) -> None:   # the MQTT transport: each rider's own topic
@@ -148,9 +151,10 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
         await runtime.registry.seal_plain_keys()   # command keys an older version stored in plain text
         listener = None
         if database.is_postgres:   # other replicas' changes (api/pg_bus.py); listening before reading the head
-            listener = PgListener(database.url, {pg_bus.EVENTS: runtime.events.on_notify,
-                                                 pg_bus.DEADLINE: runtime.sweeper.on_notify},
-                                  on_reconnect=runtime.events.resync)
+            channels = {pg_bus.DEADLINE: runtime.sweeper.on_notify}
+            if runtime.events.bus is None:   # with NATS, events travel there (api/nats_bus.py)
+                channels[pg_bus.EVENTS] = runtime.events.on_notify
+            listener = PgListener(database.url, channels, on_reconnect=runtime.events.resync)
             await listener.start()
         await runtime.events.start()   # before the broker link: presence arrives as soon as it connects
         await runtime.notifications.start()   # its index before any transport reads a notification
@@ -168,6 +172,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
             await runtime.notifications.stop()   # flushes its counts
             await runtime.sweeper.stop()
             await runtime.link.stop()
+            await runtime.events.stop()   # last of what writes events: with NATS it relays what is left
             if listener is not None:
                 await listener.stop()
             if own_db:

@@ -15,7 +15,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -112,6 +112,13 @@ def _request_hash(device_id: str, body: CommandCreate) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+DEGRADED_RECHECK_S = 0.5   # see CommandService.wakes_degraded
+
+
+def NEVER() -> bool:   # noqa: N802 (a constant function: wake-ups never degrade without NATS)
+    return False
+
+
 async def wait_until(fut: asyncio.Future[None], timeout: float, metrics: Metrics | None = None) -> bool:
     """True when `fut` was resolved (a wake-up) before `timeout`; counted in `metrics` either way."""
     try:
@@ -139,6 +146,10 @@ class CommandService:
         # (deadline_changed), and a replica that takes the lease later sweeps from the table first
         self.notify: Callable[[Session, str, str], None] = pg_bus.notify if db.is_postgres else pg_bus.no_notify
         self.sweeps_here: Callable[[], bool] = lambda: False
+        # with NATS (api/nats_bus.py) another replica's answer wakes a wait here through the event stream: while
+        # this process cannot reach NATS that wake-up cannot come, and a wait re-reads its command every
+        # DEGRADED_RECHECK_S instead (without it, a wait on an answer applied elsewhere ran to its full timeout)
+        self.wakes_degraded: Callable[[], bool] = NEVER
         # the history of each command a `?wait=` caller waits on in this process, as it is written: the
         # answer once final, without reading the command and its history back (docs/performance.md)
         self._trails: dict[str, list[CommandEvent]] = {}
@@ -357,9 +368,32 @@ class CommandService:
             cmd = await self.get(command_id)   # registered first, so a change in between is not missed
             if cmd is None or is_final(Status(cmd.status)) or timeout <= 0:
                 return
-            await wait_until(fut, timeout, self.metrics)
+            await self.wait_on(command_id, fut, timeout)
         finally:
             self.waiters.unregister(command_id, fut)
+
+    async def wait_on(self, command_id: str, fut: asyncio.Future[Any], timeout: float) -> None:
+        """Hold until `fut` (the command's wake-up: api/waiters.py) resolves or `timeout` passes. While
+        wake-ups are degraded (`wakes_degraded`), the command is re-read every DEGRADED_RECHECK_S as well."""
+        if self.wakes_degraded is NEVER:
+            await wait_until(fut, timeout, self.metrics)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:   # bounded by the deadline: one slice of DEGRADED_RECHECK_S per round
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self.metrics.inc("waits_timed_out")
+                return
+            done, _ = await asyncio.wait((fut,), timeout=min(remaining, DEGRADED_RECHECK_S))
+            if done:
+                self.metrics.inc("waits_woken")
+                return
+            if self.wakes_degraded():
+                cmd = await self.get(command_id)
+                if cmd is None or is_final(Status(cmd.status)):
+                    self.metrics.inc("waits_rechecked")
+                    return
 
     async def with_history(self, command_id: str) -> tuple[Command, list[CommandEvent]] | None:
         def load(s: Session) -> tuple[Command, list[CommandEvent]] | None:

@@ -24,12 +24,24 @@ RIDERS = "*"   # audience of an event offered to every rider, each through Event
 
 class LogEvent(SQLModel, table=True):
     __tablename__ = "event"
-    __table_args__ = (Index("ix_event_audience_id", "audience", "id"), {"sqlite_autoincrement": True})
-    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))  # the cursor
+    __table_args__ = (Index("ix_event_audience_id", "audience", "id"), Index("ix_event_seq", "seq", unique=True),
+                      {"sqlite_autoincrement": True})
+    # the cursor, except with NATS (LATCH_NATS_URL), where the cursor is `seq`
+    id: int | None = Field(default=None, sa_column=Column(BigId, primary_key=True, autoincrement=True))
     at: int = Field(sa_column=Column(BigInteger, nullable=False))    # ms since the epoch, when appended
     kind: str
     audience: str | None = None   # the one user (rider) who may see it besides operators; None: operators only
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # with NATS: its JetStream sequence, once relayed (api/nats_bus.py); None before, and without NATS
+    seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+
+
+class EventOutbox(SQLModel, table=True):
+    """With NATS: an event committed but not yet stored in JetStream. Written in the transaction of the change
+    (so an event is never lost while NATS is away), deleted once JetStream acknowledged it (api/nats_bus.py)."""
+    __tablename__ = "event_outbox"
+    event_id: int = Field(sa_column=Column(BigId, primary_key=True, autoincrement=False))
+    origin: str = Field(max_length=128)   # the API replica that wrote it (LATCH_API_CLIENT_ID): it relays it
 
 
 class EventPublic(BaseModel):

@@ -60,6 +60,7 @@ from api.event_models import RIDERS, LogEvent
 from api.group_commit import after_durable_on_loop
 from api.heap import HeapKeeper
 from api.metrics import Metrics
+from api.nats_bus import NatsBus
 from api.pg_bus import EVENTS as EVENTS_CHANNEL
 from latch.settings import Settings
 
@@ -336,7 +337,10 @@ class EventLog:
         self._detached: set[Subscription] = set()   # SSE streams whose ASGI call ended (detach)
         self.settings = settings
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.shared = db.is_postgres          # other processes may append too (api/pg_bus.py)
+        # with NATS (LATCH_NATS_URL) events travel on JetStream and its sequence is the cursor (api/nats_bus.py);
+        # without it, on PostgreSQL, other processes may append too (api/pg_bus.py)
+        self.bus: NatsBus | None = NatsBus(settings, db, metrics) if settings.nats_url else None
+        self.shared = db.is_postgres and self.bus is None
         self._local: dict[int, LiveEvent] = {}   # committed events known here (ours, or from NOTIFY) not yet published
         # ids of our own events drawn but whose commit we have not yet seen end: publishing stops short
         # of them until it does, so our own events are published as ours (fed to the sinks) whatever
@@ -348,7 +352,10 @@ class EventLog:
     async def start(self) -> None:
         """With several processes, start listening (api/pg_bus.py) before this: nothing falls between."""
         self._loop = asyncio.get_running_loop()
-        self.head = self.floor = self._want = max(self.head, await self._newest_id())
+        if self.bus is not None:
+            self.head = self.floor = self._want = await self.bus.start(self._publish, LiveEvent)
+        else:
+            self.head = self.floor = self._want = max(self.head, await self._newest_id())
         raise_open_files()
         self._housekeeping = self._loop.create_task(self._recheck_sessions(), name="latch-events-sessions")
 
@@ -357,9 +364,16 @@ class EventLog:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
+        if self.bus is not None:
+            await self.bus.stop()
 
     def __len__(self) -> int:
         return len(self._operators) + sum(len(v) for v in self._riders.values())
+
+    @property
+    def cursor_column(self) -> Any:
+        """The `event` column that holds an event's cursor: its JetStream sequence with NATS, else its id."""
+        return col(LogEvent.seq) if self.bus is not None else col(LogEvent.id)
 
     # ---- appending: inside the transaction of the change, on the writer thread ------------
     def append(self, s: Session, kind: str, data: dict[str, Any], audience: str | None,
@@ -388,6 +402,8 @@ class EventLog:
                 ).scalars().all()
             for row, event_id in zip(rows, ids, strict=True):
                 row.id = int(event_id)
+            if self.bus is not None:   # the outbox rows, in the same transaction (api/nats_bus.py)
+                self.bus.stage(s, [int(i) for i in ids])
             return
         # PostgreSQL: ids in commit order across processes (see the module's docstring). Everything else
         # of the transaction is written first; then one statement (migration 0003) takes the order lock,
@@ -407,7 +423,7 @@ class EventLog:
         if not rows or self._loop is None:
             return
         events = [LiveEvent.from_row(r) for r in rows]
-        publish = self._local_committed if self.shared else self._publish
+        publish = self.bus.hand_over if self.bus is not None else self._local_committed if self.shared else self._publish
         # published on the loop once durable: for a unit of a group commit that is the batch's COMMIT, not
         # this savepoint's, in the same wake-up of the loop as the batch's answers (api/group_commit.py)
         after_durable_on_loop(s, self._loop, lambda: publish(events))
@@ -441,6 +457,8 @@ class EventLog:
 
     def resync(self) -> None:
         """After the listening connection was lost: publish whatever was committed meanwhile."""
+        if self.bus is not None:   # events do not travel on PostgreSQL then
+            return
         asyncio.get_running_loop().create_task(self._resync(), name="latch-events-resync")
 
     async def _resync(self) -> None:
@@ -504,7 +522,7 @@ class EventLog:
     def _publish(self, events: list[LiveEvent]) -> None:
         for ev in events:
             if ev.id <= self.head:
-                if self.shared:
+                if self.shared or self.bus is not None:
                     continue
                 log.warning("event %d published after %d: cursors need a single writer", ev.id, self.head)
             self.head = max(self.head, ev.id)
@@ -625,6 +643,8 @@ class EventLog:
         try:
             return parse_cursor(raw, self.head)
         except CursorError:
+            if self.bus is not None:   # another replica may have handed it out a moment before it reached here
+                return parse_cursor(raw, await self.bus.last_seq())
             if not self.shared:
                 raise
         # several processes: another replica may have issued it a moment before this one published it
@@ -727,7 +747,13 @@ class EventLog:
             if len(page) < limit and not sub.closed:
                 self._add(sub)
             return page
-        page, covered = await self._db_page(sub, limit)
+        if self.bus is not None:   # further back than the ring: read from the stream itself
+            page, covered = await self.bus.read(sub.cursor, self.head, None if sub.operator else sub.user_id, limit)
+            if not sub.operator and sub.user_id is not None:
+                user_id = sub.user_id
+                page = [mine for ev in page if (mine := self._for_rider(ev, user_id)) is not None]
+        else:
+            page, covered = await self._db_page(sub, limit)
         sub.cursor = max(sub.cursor, covered)
         return page
 

@@ -76,6 +76,7 @@ class Bench:
     broker: str = "latch"          # latch: `latch broker`; mosquitto: Debian's, configured by `latch broker-config`
     share_group: str | None = None  # replicas take acks as $share/<group>/... (Mosquitto)
     replica_cpu: float | None = None  # each API replica held to this many cores (bench/cpu_quota.py)
+    nats: bool = False             # events between the replicas on NATS JetStream (a nats-server started here)
     quotas: list[CpuQuota] = field(default_factory=list)
 
     @property
@@ -88,6 +89,11 @@ class Bench:
         if self.database_url:
             env["LATCH_DATABASE_URL"] = self.database_url
         d = str(self.data_dir)
+        nats_proc = None
+        if self.nats:
+            from bench.natsserver import start_nats
+
+            env["LATCH_NATS_URL"], nats_proc = await start_nats(self.data_dir / "nats")
         upgrade = await Proc.start("migrate", "db", "upgrade", "--data-dir", d, env=env)
         if await upgrade.proc.wait() != 0:
             raise RuntimeError(f"latch db upgrade failed:\n{(await upgrade.proc.stdout.read()).decode()}")  # type: ignore[union-attr]
@@ -105,6 +111,8 @@ class Bench:
             broker.drain()
             api_broker = ["--mqtt-port", str(port)]
         self.procs = {"broker": broker}
+        if nats_proc is not None:
+            self.procs["nats"] = nats_proc
         for i in range(self.replicas):
             # SQLite: the API shares the broker's data dir, so both read one registry (latch.db) that was migrated
             # above; PostgreSQL: the database is shared anyway, each replica keeps its own files

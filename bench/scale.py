@@ -6,6 +6,7 @@ database and one external broker (Debian's Mosquitto, configured by `latch broke
     python -m bench.scale ... --replicas 1,2,3 --rates 20,40,80 --saturate 200
     python -m bench.scale ... --replica-cpu 0.25 --rates 10 --saturate 120   # each replica a quarter core:
                                                                    # does throughput grow with replicas?
+    python -m bench.scale ... --nats                               # events on NATS JetStream, not NOTIFY
 
 For each replica count: a new database, `latch db upgrade`, Mosquitto, N `latch api` (taking device
 answers as $share/latch-api/... so each answer is applied by one replica), a 1,000-lock simulator; then
@@ -58,19 +59,22 @@ async def main() -> None:
     ap.add_argument("--replica-cpu", type=float,
                     help="hold each API replica to this many cores (a cgroup quota, bench/cpu_quota.py), so "
                          "that adding replicas, not the machine, sets the pace")
+    ap.add_argument("--nats", action="store_true", help="events between the replicas on NATS JetStream "
+                                                        "(a nats-server with JetStream is started) instead of "
+                                                        "PostgreSQL NOTIFY")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
     result: dict = {"bench": "scale", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": os.cpu_count(),
                     "devices": args.devices, "broker": args.broker, "postgres": _pg_settings(args.database_url),
-                    "replica_cpu": args.replica_cpu,
+                    "replica_cpu": args.replica_cpu, "events": "nats" if args.nats else "postgres-notify",
                     "by_replicas": {}}
     for n in [int(x) for x in args.replicas.split(",")]:
         url = _fresh_database(args.database_url, f"latch_scale_{n}")
         with tempfile.TemporaryDirectory(prefix="latch-scale-") as tmp:
             bench = Bench(args.devices, Path(tmp), database_url=url, replicas=n, broker=args.broker,
                           share_group="latch-api" if args.broker == "mosquitto" else None,
-                          replica_cpu=args.replica_cpu)
+                          replica_cpu=args.replica_cpu, nats=args.nats)
             print(f"== {n} API replica(s), PostgreSQL, {args.broker}, {args.devices} locks: starting ...", flush=True)
             t0 = time.monotonic()
             await bench.start()

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     # several API replicas (PostgreSQL; docs/scaling.md)
     ingest: bool = True                    # consume device uplink here; False: an HTTP-only replica
     share_group: str | None = None         # subscribe to uplink as $share/<group>/... (brokers that support it)
+    # events across replicas on NATS JetStream instead of PostgreSQL NOTIFY (api/nats_bus.py, docs/scaling.md):
+    # the server(s), comma-separated (nats://host:4222,...); None: no NATS (the single-process default)
+    nats_url: str | None = None
+    nats_stream: str = "LATCH_EVENTS"      # the JetStream stream of events; its sequence is every client's cursor
+    nats_replicas: int = Field(1, ge=1, le=5)   # copies of the stream in a NATS cluster (3 for a 3-node cluster)
+    nats_max_age_s: float = 7 * 86_400.0   # events older than this leave the stream (a cursor before them: 400)
+    nats_duplicate_window_s: float = 600.0   # a relay retried within this after NATS comes back is stored once
 
     demo_fleet: int = 0
     # the simulated city: locks report a position inside this disc, "lat,lon,radius_m" (latch/geo.py);

@@ -147,7 +147,9 @@ class NotificationCreate(Strict):
 
 class NotificationCreated(BaseModel):
     id: str
-    event_id: int
+    # its position in the event stream (the cursor a client resumes from); None only with NATS while NATS
+    # does not answer (the notification is sent, and relayed when NATS is back)
+    event_id: int | None
     audience_size: int
     expires_at: int
     silent: bool

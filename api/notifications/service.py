@@ -71,15 +71,20 @@ class NotificationService:
         await self._load_prefs()
         since = now_ms() - KEEP_MS
 
-        def load(s: Session) -> list[LogEvent]:
+        cursor = self.events.cursor_column   # the event id, or with NATS its JetStream sequence
+
+        def load(s: Session) -> list[tuple[int, int, dict[str, Any]]]:
             first = s.exec(select(func.min(col(Notification.event_id))).where(Notification.created_at >= since)).one()
             if first is None:
                 return []
-            return list(s.exec(select(LogEvent).where(col(LogEvent.id) >= first, LogEvent.kind == ek.NOTIFICATION)
-                               .order_by(col(LogEvent.id))).all())
+            return [(int(c), at, data) for c, at, data in
+                    s.exec(select(cursor, LogEvent.at, LogEvent.data)
+                           .where(col(LogEvent.id) >= first, LogEvent.kind == ek.NOTIFICATION, cursor.is_not(None))
+                           .order_by(cursor)).all()]
 
-        for row in await self.db.read(load):
-            self.fanout.observe(int(row.id or 0), row.at, row.data)
+        # positions not yet relayed to NATS are observed when the stream delivers them
+        for position, at, data in await self.db.read(load):
+            self.fanout.observe(position, at, data)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="latch-notifications")
 
     async def stop(self) -> None:
@@ -151,6 +156,9 @@ class NotificationService:
             return ev.id, size
 
         event_id, size = await self.db.write(unit, Priority.ROUTINE)
+        bus = self.events.bus
+        if bus is not None:   # with NATS the cursor is the stream's sequence, known once JetStream stored it
+            event_id = await bus.sequence_of(event_id)
         return NotificationCreated(id=nid, event_id=event_id, audience_size=size, expires_at=expires,
                                    silent=body.silent)
 
@@ -160,8 +168,10 @@ class NotificationService:
         if item is None or not item.positions:
             return
 
+        cursor, position = self.events.cursor_column, item.positions[0][0]
+
         def unit(s: Session) -> None:
-            first = s.get(LogEvent, item.positions[0][0])
+            first = s.exec(select(LogEvent).where(cursor == position)).first()
             if first is None:
                 return
             self.events.append(s, ek.NOTIFICATION, {**first.data, "release": True}, ek.RIDERS)

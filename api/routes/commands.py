@@ -4,7 +4,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
 from api.paging import OffsetQuery
 from api.command_states import Status, is_final
-from api.commands import IdempotencyConflict, new_command_id, public, wait_until
+from api.commands import IdempotencyConflict, new_command_id, public
 from api.runtime import Runtime
 from api.deps import CallerDep, PrincipalDep, RuntimeDep
 from api.rights import Refused
@@ -54,7 +54,7 @@ async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who:
             if wait:   # a replay: wait on the original command
                 await rt.commands.wait_final(cmd.id, min(wait, rt.settings.max_wait_s))
         elif wait and not is_final(Status(cmd.status)):
-            await wait_until(outcome, min(wait, rt.settings.max_wait_s), rt.metrics)
+            await rt.commands.wait_on(command_id, outcome, min(wait, rt.settings.max_wait_s))
     finally:
         rt.waiters.unregister(command_id, outcome)
         rt.commands.forget(command_id)

@@ -16,10 +16,13 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz", responses={503: {"description": "degraded: the broker link is down, commands fail fast"}})
 async def healthz(rt: RuntimeDep) -> JSONResponse:
     """200 `ok` while the API can send commands; 503 `degraded` while its broker link is down (a load
-    balancer should send riders elsewhere: every unlock fails fast then)."""
+    balancer should send riders elsewhere: every unlock fails fast then). With NATS, `nats_connected` too: while
+    it is false commands still work, and events wait in the outbox until NATS answers."""
     up = rt.link.is_connected
-    return JSONResponse({"status": "ok" if up else "degraded", "broker_connected": up},
-                        status_code=200 if up else 503)
+    body: dict[str, object] = {"status": "ok" if up else "degraded", "broker_connected": up}
+    if rt.events.bus is not None:   # NATS away: commands still work, events wait in the outbox (api/nats_bus.py)
+        body["nats_connected"] = rt.events.bus.connected
+    return JSONResponse(body, status_code=200 if up else 503)
 
 
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}

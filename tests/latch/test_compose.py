@@ -39,7 +39,8 @@ CHECK_JSONSCHEMA = Path(sys.executable).parent / "check-jsonschema"
 
 PROFILES = {
     "embedded": {"latch"},
-    "scale": {"postgres", "migrate", "broker-config", "mosquitto", "mosquitto-reload", "api-1", "api-2", "sim"},
+    "scale": {"postgres", "migrate", "broker-config", "mosquitto", "mosquitto-reload", "nats", "api-1", "api-2",
+              "sim"},
     "observability": {"prometheus", "grafana"},   # checked further in tests/ops/test_observability_config.py
 }
 API_REPLICAS = {"api-1", "api-2"}
@@ -50,9 +51,9 @@ REQUIRED_ORDER = {
     "broker-config": {"migrate": "service_completed_successfully"},
     "mosquitto": {"broker-config": "service_completed_successfully"},
     "api-1": {"postgres": "service_healthy", "migrate": "service_completed_successfully",
-              "mosquitto": "service_healthy"},
+              "mosquitto": "service_healthy", "nats": "service_healthy"},
     "api-2": {"postgres": "service_healthy", "migrate": "service_completed_successfully",
-              "mosquitto": "service_healthy"},
+              "mosquitto": "service_healthy", "nats": "service_healthy"},
     "sim": {"api-1": "service_healthy"},
 }
 SCALE_SECRETS = ("LATCH_ADMIN_TOKEN", "LATCH_SERVICE_SECRET", "LATCH_JWT_SECRET", "LATCH_COMMAND_KEY_SECRET",
@@ -197,6 +198,20 @@ def test_scale_runs_postgres_mosquitto_two_api_replicas_and_a_simulator() -> Non
     assert {n for n in _latch_services() if s[n]["command"][0] == "api"} == API_REPLICAS
     assert {n for n in _latch_services() if s[n]["command"][0] == "sim"} == {"sim"}
     assert {n for n in PROFILES["scale"] if s[n].get("restart") == "no"} == {"migrate", "broker-config"}
+
+
+def test_scale_carries_events_between_the_replicas_on_nats_jetstream() -> None:
+    s = _services()
+    nats = s["nats"]
+    assert nats["image"].startswith("nats:2.")
+    assert "--jetstream" in nats["command"]
+    store = nats["command"][nats["command"].index("--store_dir") + 1]
+    assert _mounts(nats)[store][0] in _compose()["volumes"], "JetStream's store on a named volume"
+    assert "js-enabled-only" in " ".join(nats["healthcheck"]["test"]), "healthy once JetStream is up"
+    assert not nats.get("ports"), "NATS stays inside the compose network"
+    for name in API_REPLICAS:
+        url = urlsplit(_env(s[name])["LATCH_NATS_URL"])
+        assert (url.scheme, url.hostname, url.port) == ("nats", "nats", 4222)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -365,10 +380,11 @@ async def test_dockerfile_healthcheck_asks_a_route_the_api_serves() -> None:
     route = next((r for r in health.router.routes if getattr(r, "path", None) == path), None)
     assert route is not None and "GET" in route.methods, f"{path} is not a GET route of api/routes/health.py"
     fields = set(re.findall(r"\.get\('(\w+)'\)", check))
-    response = await route.endpoint(SimpleNamespace(link=SimpleNamespace(is_connected=True)))
+    no_nats = SimpleNamespace(bus=None)
+    response = await route.endpoint(SimpleNamespace(link=SimpleNamespace(is_connected=True), events=no_nats))
     answer = json.loads(bytes(response.body))
     assert response.status_code == 200 and fields and fields <= set(answer), (fields, answer)
-    down = await route.endpoint(SimpleNamespace(link=SimpleNamespace(is_connected=False)))
+    down = await route.endpoint(SimpleNamespace(link=SimpleNamespace(is_connected=False), events=no_nats))
     assert down.status_code == 503   # the healthcheck's urlopen raises on it: a degraded API is unhealthy
     assert json.loads(re.search(r"CMD (\[.*\])", check).group(1))[0] == "python"   # type: ignore[union-attr]
 

@@ -19,6 +19,7 @@ import httpx
 
 from tests.conformance.brokers import free_port, wait_port_open
 from tests.dbs import empty_postgres_url
+from tests.natsserver import NatsServer
 from tests.latch.test_compose import LATCH_MOSQUITTO_DIR, _env, _mosquitto_conf, _services
 from tests.procs import LATCH, drain, read_until, run_to_end
 from tests.support import eventually, require, stop_process
@@ -35,10 +36,12 @@ class Topology:
         self.pid_file = tmp / "mosquitto.pid"
         self.api_urls: dict[str, str] = {}
         self.procs: list[asyncio.subprocess.Process] = []
+        self.nats_server = NatsServer(tmp / "nats-data")   # the volume nats-data
 
     # ---- TRANSLATION: what the container network and volumes provide, on loopback -----------------
     def arg(self, value: str) -> str:
         return (value.replace("mqtt://mosquitto:1884", f"mqtt://127.0.0.1:{self.service_port}")
+                .replace("nats://nats:4222", self.nats_server.url)
                 .replace("mosquitto:1883", f"127.0.0.1:{self.mqtt_port}")
                 .replace(LATCH_MOSQUITTO_DIR, str(self.config_dir))
                 .replace("/mosquitto/data/", f"{self.tmp / 'mosquitto-data'}/"))
@@ -103,6 +106,11 @@ class Topology:
         for port in (self.mqtt_port, self.service_port):     # the profile's health check: both listeners open
             await wait_port_open("127.0.0.1", port, loop.time() + 20, proc)
 
+    async def nats(self) -> None:
+        """nats-server with JetStream (the profile's image runs the same binary; its health check: JetStream up)."""
+        assert "--jetstream" in _services()["nats"]["command"]
+        await self.nats_server.start()
+
     async def reload_sidecar(self) -> None:
         script = self.arg(_services()["mosquitto-reload"]["command"][0])
         assert "$(pidof mosquitto)" in script
@@ -133,6 +141,7 @@ class Topology:
     async def stop(self) -> None:
         for proc in reversed(self.procs):
             await stop_process(proc)
+        await self.nats_server.stop()
 
 
 async def test_the_scale_profile_runs_as_processes_and_unlocks_through_both_replicas(tmp_path: Path) -> None:
@@ -146,6 +155,7 @@ async def test_the_scale_profile_runs_as_processes_and_unlocks_through_both_repl
         out = await topo.one_shot("broker-config")
         assert "Mosquitto configuration for 0 device(s)" in out
         await topo.mosquitto()
+        await topo.nats()
         await topo.reload_sidecar()
         for name in ("api-1", "api-2"):
             await topo.api(name)
@@ -156,7 +166,7 @@ async def test_the_scale_profile_runs_as_processes_and_unlocks_through_both_repl
         try:
             for http in clients:
                 health = (await http.get("/healthz")).json()
-                assert health == {**health, "status": "ok", "broker_connected": True}
+                assert health == {**health, "status": "ok", "broker_connected": True, "nats_connected": True}
 
             async def fleet_online() -> bool:
                 devices = (await clients[1].get("/v1/devices", params={"limit": 1000})).json()
@@ -169,6 +179,9 @@ async def test_the_scale_profile_runs_as_processes_and_unlocks_through_both_repl
             metrics = [(await http.get("/v1/metrics")).json() for http in clients]
             assert {m["client_id"] for m in metrics} == {"latch-api-1", "latch-api-2"}
             assert sum(m["singleton_lease"] for m in metrics) == 1
+            # the events went through NATS JetStream: relayed by the replica that made them, seen by both
+            assert all(m["counts"].get("nats_relayed", 0) > 0 for m in metrics)
+            assert metrics[0]["event_head"] > 0 and metrics[1]["event_head"] > 0
         finally:
             for http in clients:
                 await http.aclose()

