@@ -329,21 +329,27 @@ NOTIFY_BODY = {"title": "Service update", "body": "Downtown docks are open again
                "audience": {"all": True}, "ttl_s": 600}
 
 
-def make_riders(db_path: Path, n: int) -> list[str]:
-    """n rider accounts with one open session each, straight into the database; their access tokens."""
-    import sqlite3
-
+def _rider_rows(n: int) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[str]]:
+    """n riders' `user` rows, one open `user_session` each, and their access tokens."""
     from api import tokens
 
     now = int(time.time() * 1000)
     exp_s = int(time.time()) + 6 * 3600
-    db = sqlite3.connect(db_path, timeout=60)
     users, sessions, out = [], [], []
     for i in range(n):
         uid, sid = f"bench{i:07d}", f"benchsession{i:07d}"
         users.append((uid, f"{uid}@bench.invalid", "Bench", "x", "rider", now))
         sessions.append((sid, uid, now, exp_s * 1000))
         out.append(tokens.issue(JWT_SECRET, uid, "rider", tokens.ACCESS, 6 * 3600, session_id=sid)[0])
+    return users, sessions, out
+
+
+def make_riders(db_path: Path, n: int) -> list[str]:
+    """n rider accounts with one open session each, straight into the database; their access tokens."""
+    import sqlite3
+
+    users, sessions, out = _rider_rows(n)
+    db = sqlite3.connect(db_path, timeout=60)
     with db:
         db.executemany('INSERT INTO "user" (id, email, name, password_hash, role, created_at) VALUES (?,?,?,?,?,?)',
                        users)
@@ -532,6 +538,85 @@ class NotifyResult:
     loadavg_before: str
     connect_s: float
     profile: list[tuple[str, float]] | None = None
+    replicas: int = 1                            # API processes holding the riders (more: PostgreSQL + NATS)
+    cpu_us_per_delivery_by_process: dict[str, float] | None = None   # each replica's, and nats-server's
+
+
+@dataclass
+class Servers:
+    """What a notify run talks to: one `latch serve`, or `latch broker` + N `latch api` on PostgreSQL with
+    events between them on NATS JetStream. Riders are spread over `ports` evenly."""
+    ports: list[int]
+    api: list[Proc]                  # the processes holding riders (their CPU, memory and files are measured)
+    others: list[Proc]               # the rest (broker, nats-server)
+    add_riders: Any                  # n -> access tokens
+
+    async def stop(self) -> None:
+        for p in reversed(self.api + self.others):
+            await p.stop()
+
+
+async def _single(data_dir: Path) -> Servers:
+    port = _free_port()
+    serve = await Proc.start("serve", "serve", "--demo-fleet", "2", "--http-port", str(port), "--mqtt-port", "0",
+                             "--data-dir", str(data_dir), "--log-level", "WARNING",
+                             env={"LATCH_ADMIN_TOKEN": TOKEN, "LATCH_JWT_SECRET": JWT_SECRET})
+    await serve.expect(r"Demo fleet:", timeout=120)
+    serve.drain(keep_tail=True)
+    return Servers([port], [serve], [], lambda n: make_riders(data_dir / "latch.db", n))
+
+
+async def _cluster(data_dir: Path, admin_url: str, replicas: int) -> Servers:
+    """A fresh PostgreSQL database, nats-server with JetStream, `latch broker`, `replicas` × `latch api`."""
+    from bench.natsserver import start_nats
+    from bench.scale import _fresh_database
+
+    url = _fresh_database(admin_url, "latch_push")
+    nats_url, nats_proc = await start_nats(data_dir / "nats")
+    env = {"LATCH_ADMIN_TOKEN": TOKEN, "LATCH_JWT_SECRET": JWT_SECRET, "LATCH_DATABASE_URL": url,
+           "LATCH_SERVICE_SECRET": "bench-push-service-secret", "LATCH_COMMAND_KEY_SECRET": "bench-push-key-secret",
+           "LATCH_NATS_URL": nats_url}
+    others: list[Proc] = [nats_proc]
+    api: list[Proc] = []
+    try:
+        upgrade = await Proc.start("migrate", "db", "upgrade", "--data-dir", str(data_dir), env=env)
+        if await upgrade.proc.wait() != 0:
+            raise RuntimeError("latch db upgrade failed")
+        broker = await Proc.start("broker", "broker", "--data-dir", str(data_dir / "broker"), "--mqtt-port", "0",
+                                  "--log-level", "WARNING", env=env)
+        others.append(broker)
+        mqtt_port = (await broker.expect(r"default 127\.0\.0\.1:(\d+)")).group(1)
+        broker.drain()
+        ports = []
+        for i in range(replicas):
+            port = _free_port()
+            p = await Proc.start(f"api-{i + 1}", "api", "--data-dir", str(data_dir / f"api-{i + 1}"), "--mqtt-port",
+                                 mqtt_port, "--http-port", str(port), "--api-client-id", f"latch-api-{i + 1}",
+                                 "--log-level", "WARNING", env=env)
+            api.append(p)
+            await p.expect(r"API:\s+(http\S+)")
+            p.drain(keep_tail=True)
+            ports.append(port)
+    except BaseException:
+        for p in reversed(api + others):
+            await p.stop()
+        raise
+    return Servers(ports, api, others, lambda n: make_riders_pg(url, n))
+
+
+def make_riders_pg(url: str, n: int) -> list[str]:
+    """make_riders on PostgreSQL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    users, sessions, out = _rider_rows(n)
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn) as db, db.cursor() as cur:
+        cur.executemany('INSERT INTO "user" (id, email, name, password_hash, role, created_at) '
+                        'VALUES (%s,%s,%s,%s,%s,%s)', users)
+        cur.executemany("INSERT INTO user_session (id, user_id, created_at, expires_at) VALUES (%s,%s,%s,%s)",
+                        sessions)
+    return out
 
 
 def _fds(pid: int) -> int:
@@ -549,36 +634,44 @@ async def _ask(conns: list[Any], msg: tuple[Any, ...], timeout: float) -> list[A
 
 
 async def notify_run(transport: str, n: int, rate: float, duration: float, data_dir: Path,
-                     profile: bool = False, idle_s: float = 0.0) -> NotifyResult:
+                     profile: bool = False, idle_s: float = 0.0, replicas: int = 1,
+                     database_url: str | None = None) -> NotifyResult:
     """n riders on `transport`; notifications to all at `rate` per second for `duration` seconds (with
-    `idle_s`: first hold them idle that long, and send just one)."""
+    `idle_s`: first hold them idle that long, and send just one). With `replicas` > 1 (needs `database_url`, a
+    PostgreSQL admin URL): that many API replicas with events on NATS JetStream, the riders spread over them."""
     import multiprocessing
 
     from bench.procs import cpu_seconds as cpu_s, machine_busy_seconds, machine_steal_seconds
 
-    port = _free_port()
     loadavg = Path("/proc/loadavg").read_text().strip()
-    serve = await Proc.start("serve", "serve", "--demo-fleet", "2", "--http-port", str(port), "--mqtt-port", "0",
-                             "--data-dir", str(data_dir), "--log-level", "WARNING",
-                             env={"LATCH_ADMIN_TOKEN": TOKEN, "LATCH_JWT_SECRET": JWT_SECRET})
+    if replicas > 1:
+        if not database_url:
+            raise SystemExit("--replicas > 1 needs --database-url (a PostgreSQL admin URL)")
+        servers = await _cluster(data_dir, database_url, replicas)
+    else:
+        servers = await _single(data_dir)
     ctx = multiprocessing.get_context("spawn")
     procs: list[Any] = []
     conns: list[Any] = []
+    pids = [p.proc.pid for p in servers.api]
+    every = {p.name: p.proc.pid for p in servers.api + servers.others if p.name != "broker"}
+
+    def total(f: Any) -> Any:
+        return sum(f(pid) for pid in pids)
     try:
-        await serve.expect(r"Demo fleet:", timeout=120)
-        serve.drain(keep_tail=True)
-        pid = serve.proc.pid
-        tokens_ = make_riders(data_dir / "latch.db", n)
+        port = servers.ports[0]
+        tokens_ = servers.add_riders(n)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60,
                                      headers={"Authorization": f"Bearer {TOKEN}"}) as http:
             await http.get("/v1/metrics")
-            rss0 = rss_kib(pid)
-            workers = max(min(2, n), -(-n // WORKER_MAX))
+            rss0 = total(rss_kib)
+            workers = max(min(2, n), -(-n // WORKER_MAX), len(servers.ports))
             share = -(-n // workers)
             t0 = time.monotonic()
             for i in range(workers):
                 parent, child = ctx.Pipe()
-                p = ctx.Process(target=worker_main, args=(child, transport, port, f"127.0.0.{2 + i}",
+                p = ctx.Process(target=worker_main, args=(child, transport, servers.ports[i % len(servers.ports)],
+                                                          f"127.0.0.{2 + i}",
                                                           tokens_[i * share:(i + 1) * share]), daemon=True)
                 p.start()
                 procs.append(p)
@@ -589,23 +682,28 @@ async def notify_run(transport: str, n: int, rate: float, duration: float, data_
             for a in answers:
                 if a[3]:
                     print(f"  connect errors: {a[3]}", flush=True)
-            for _ in range(600):   # bounded: until the server holds them all
-                if (await http.get("/v1/metrics")).json()["event_subscribers"] >= connected:
+            for _ in range(600):   # bounded: until the servers hold them all
+                held = 0
+                for q in servers.ports:
+                    held += (await http.get(f"http://127.0.0.1:{q}/v1/metrics")).json()["event_subscribers"]
+                if held >= connected:
                     break
                 await asyncio.sleep(0.1)
             connect_s = time.monotonic() - t0
-            rss1 = rss_kib(pid)
-            print(f"  {transport}: {connected}/{n} riders connected in {connect_s:.1f}s ({workers} client processes); "
-                  f"server RSS +{(rss1 - rss0) / 1024:.0f} MiB, {_fds(pid)} fds", flush=True)
+            rss1 = total(rss_kib)
+            print(f"  {transport}: {connected}/{n} riders connected in {connect_s:.1f}s ({workers} client processes, "
+                  f"{len(pids)} API process(es)); server RSS +{(rss1 - rss0) / 1024:.0f} MiB, {total(_fds)} fds",
+                  flush=True)
             if idle_s:
                 await asyncio.sleep(idle_s)
             spy = None
             if profile:
                 spy = await asyncio.create_subprocess_exec(
-                    str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-r", "200",
+                    str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pids[0]), "-r", "200",
                     "-d", str(int(duration) + 1), "-f", "raw", "-o", str(data_dir / "profile.txt"), "--nonblocking",
                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-            cpu0, busy0, steal0, w0 = cpu_s(pid), machine_busy_seconds(), machine_steal_seconds(), time.monotonic()
+            each0 = {k: cpu_s(v) for k, v in every.items()}
+            cpu0, busy0, steal0, w0 = total(cpu_s), machine_busy_seconds(), machine_steal_seconds(), time.monotonic()
             print(f"  window from {time.time():.1f}", flush=True)
             ids: list[int] = []
             count = 1 if idle_s else max(1, int(rate * duration))
@@ -621,10 +719,11 @@ async def notify_run(transport: str, n: int, rate: float, duration: float, data_
                 ids.append(r.json()["event_id"])
             waited = await _ask(conns, ("wait", ids, 60.0), 120)
             wall = time.monotonic() - w0
-            cpu = cpu_s(pid) - cpu0
+            cpu = total(cpu_s) - cpu0
+            each = {k: cpu_s(v) - each0[k] for k, v in every.items()}
             busy, steal = machine_busy_seconds() - busy0, machine_steal_seconds() - steal0
-            rss2 = rss_kib(pid)
-            fds = _fds(pid)
+            rss2 = total(rss_kib)
+            fds = total(_fds)
             if spy is not None:
                 await asyncio.wait_for(spy.wait(), 60)
             await _ask(conns, ("close",), 60)
@@ -651,7 +750,9 @@ async def notify_run(transport: str, n: int, rate: float, duration: float, data_
             server_cpu_pct=round(cpu / wall * 100, 1),
             server_cpu_us_per_delivery=round(cpu / max(1, len(lats)) * 1e6, 2),
             machine_busy_cores=round(busy / wall, 2), steal_cores=round(steal / wall, 2), loadavg_before=loadavg,
-            connect_s=round(connect_s, 1), profile=_top(data_dir / "profile.txt") if profile else None)
+            connect_s=round(connect_s, 1), profile=_top(data_dir / "profile.txt") if profile else None,
+            replicas=len(pids),
+            cpu_us_per_delivery_by_process={k: round(v / max(1, len(lats)) * 1e6, 2) for k, v in each.items()})
     finally:
         for c in conns:
             c.close()
@@ -659,7 +760,7 @@ async def notify_run(transport: str, n: int, rate: float, duration: float, data_
             p.join(10)
             if p.is_alive():
                 p.kill()
-        await serve.stop()
+        await servers.stop()
 
 
 def _top(path: Path, n: int = 25) -> list[tuple[str, float]]:
@@ -696,6 +797,9 @@ def show_notify(r: NotifyResult) -> None:
           f"after), {r.server_fds} fds | server CPU {r.server_cpu_pct}%, {r.server_cpu_us_per_delivery} us/delivery | "
           f"machine {r.machine_busy_cores} cores busy, steal {r.steal_cores}; load before {r.loadavg_before}",
           flush=True)
+    if r.replicas > 1:
+        print(f"      {r.replicas} replicas on NATS JetStream: CPU us/delivery by process "
+              f"{r.cpu_us_per_delivery_by_process}", flush=True)
     for f, share in r.profile or []:
         print(f"      {share:5.1f}%  {f}")
 
@@ -710,6 +814,9 @@ async def main() -> None:
     ap.add_argument("--idle", type=float, default=0.0, help="notify: hold the subscribers idle this long, then "
                                                             "send one notification (the 50,000 idle run)")
     ap.add_argument("--profile", action="store_true", help="notify: py-spy the server during the window")
+    ap.add_argument("--replicas", type=int, default=1, help="notify: API replicas holding the riders, events "
+                                                             "between them on NATS JetStream (needs --database-url)")
+    ap.add_argument("--database-url", help="notify with --replicas > 1: a PostgreSQL admin URL (a database is made)")
     ap.add_argument("--label", default="", help="a word for the results file (before, after)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -724,7 +831,8 @@ async def main() -> None:
             with tempfile.TemporaryDirectory(prefix="latch-push-") as tmp:
                 try:
                     if notify:
-                        r: Any = await notify_run(transport, n, rate, args.duration, Path(tmp), args.profile, args.idle)
+                        r: Any = await notify_run(transport, n, rate, args.duration, Path(tmp), args.profile, args.idle,
+                                                  args.replicas, args.database_url)
                         show_notify(r)
                     else:
                         r = await run(transport, n, rate, args.duration, Path(tmp))
