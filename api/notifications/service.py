@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import uuid
@@ -62,7 +63,13 @@ class NotificationService:
         self.fanout = Fanout({str(k): int(v) for k, v in settings.notify_daily_cap.items()})
         self._prefs_seen = 0
         self._task: asyncio.Task[None] | None = None
-        self._mqtt_tasks: set[asyncio.Task[None]] = set()
+        # MQTT copies are made by one worker, notification after notification: a backlog of copies (a large
+        # audience, a slow broker) then delays only further copies, never the event loop's other work. With a
+        # task per notification, 10 notifications/s to 10,000 riders piled up tasks that starved the NATS relay
+        # on the sending replica, and every replica's SSE riders got notifications 4-8 s late (bench/push.py).
+        self._mqtt_queue: collections.deque[LiveEvent] = collections.deque()
+        self._mqtt_wake = asyncio.Event()
+        self._mqtt_worker: asyncio.Task[None] | None = None
         self._riders_cache: tuple[tuple[int, int], list[str]] | None = None   # (count, newest sign-up), ids
 
     # ---- life -------------------------------------------------------------------------
@@ -92,8 +99,10 @@ class NotificationService:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for t in list(self._mqtt_tasks):
-            t.cancel()
+        if self._mqtt_worker is not None:
+            self._mqtt_worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._mqtt_worker
         with contextlib.suppress(Exception):
             await self.flush()
 
@@ -188,9 +197,23 @@ class NotificationService:
     def mqtt_sink(self, ev: LiveEvent) -> None:
         """Only the process that wrote a position publishes it, so a rider's topic gets it once."""
         if ev.kind == ek.NOTIFICATION and ev.audience == ek.RIDERS and ev.local:
-            t = asyncio.get_running_loop().create_task(self._to_topics(ev))
-            self._mqtt_tasks.add(t)
-            t.add_done_callback(self._mqtt_tasks.discard)
+            self._mqtt_queue.append(ev)
+            self._mqtt_wake.set()
+            if self._mqtt_worker is None:
+                self._mqtt_worker = asyncio.get_running_loop().create_task(self._copy_to_topics(),
+                                                                          name="latch-notify-mqtt")
+
+    async def _copy_to_topics(self) -> None:
+        while True:
+            await self._mqtt_wake.wait()
+            self._mqtt_wake.clear()
+            while self._mqtt_queue:
+                ev = self._mqtt_queue.popleft()
+                try:
+                    await self._to_topics(ev)
+                except Exception:
+                    reraise_if_stopping()
+                    log.exception("MQTT copies of notification event %d failed", ev.id)
 
     async def _to_topics(self, ev: LiveEvent) -> None:
         found = self.fanout.observe(ev.id, ev.at, ev.data)
