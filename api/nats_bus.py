@@ -59,7 +59,9 @@ from protocol import topics
 if TYPE_CHECKING:
     from sqlmodel import Session
 
-    from api.events import LiveEvent
+# api/events.py's LiveEvent, which EventLog hands in (start()'s `make`): not imported, so that this module, which
+# api/events.py uses, does not point back up at it
+LiveEvent = Any
 
 log = logging.getLogger("latch.nats")
 
