@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     max_wait_s: float = 60.0
     max_ttl_s: int = 3600
     default_ttl_s: int = 30
-    api_client_id: str = "latch-api"      # each API replica needs its own (LATCH_API_CLIENT_ID=latch-api-2 ...)
+    # each API replica needs its own (LATCH_API_CLIENT_ID=latch-api-2 ...); the characters of a device id, which
+    # every MQTT broker Latch runs on accepts (NATS refuses a space in a client id: tests/external/test_nats_mqtt.py)
+    api_client_id: str = Field("latch-api", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # several API replicas (PostgreSQL; docs/scaling.md)
     ingest: bool = True                    # consume device uplink here; False: an HTTP-only replica
     share_group: str | None = None         # subscribe to uplink as $share/<group>/... (brokers that support it)

