@@ -26,9 +26,10 @@ def nats_server_binary() -> str:
 
 
 class NatsServer:
-    def __init__(self, store_dir: Path, mqtt: bool = False) -> None:
+    def __init__(self, store_dir: Path, mqtt: bool = False, conf: str = "") -> None:
         self.store_dir = store_dir
         self.mqtt = mqtt
+        self.conf = conf   # more configuration (with mqtt), e.g. accounts
         self.port = 0
         self.mqtt_port = 0
         self.proc: asyncio.subprocess.Process | None = None
@@ -44,7 +45,8 @@ class NatsServer:
         args = ["-a", "127.0.0.1", "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
         if self.mqtt:
             conf = self.store_dir / "mqtt.conf"
-            conf.write_text(f'server_name: "latch-test"\nmqtt {{ listen: "127.0.0.1:{self.mqtt_port or -1}" }}\n')
+            conf.write_text(f'server_name: "latch-test"\nmqtt {{ listen: "127.0.0.1:{self.mqtt_port or -1}" }}\n'
+                            + self.conf)
             args += ["-c", str(conf)]
         self.proc = await asyncio.create_subprocess_exec(
             nats_server_binary(), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
