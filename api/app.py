@@ -160,8 +160,8 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
         await runtime.notifications.start()   # its index before any transport reads a notification
         if mosquitto is not None:      # before connecting: the service user must be in Mosquitto's files
             await mosquitto.sync("start-up")
-        host, port = settings.broker_address()
-        await runtime.link.start(host, port, tls=settings.broker_tls())
+        (host, port), *others = settings.broker_addresses()
+        await runtime.link.start(host, port, tls=settings.broker_tls(), fallbacks=others)
         runtime.sweeper.start()
         runtime.fleet.start()   # after the sweeper: the rollout shares its lease
         try:

@@ -43,10 +43,12 @@ class BrokerLink:
         self._port = 0
         self._connected_before = False
 
-    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
-        """Connect (over TLS when `tls` is given: an mqtts:// broker) and subscribe to every uplink."""
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None,
+                    fallbacks: list[tuple[str, int]] | None = None) -> None:
+        """Connect (over TLS when `tls` is given: an mqtts:// broker) and subscribe to every uplink.
+        `fallbacks`: the broker's other nodes (mqtt_client moves there when its node goes away)."""
         self._host, self._port = host, port
-        await self.client.connect(host, port, tls=tls if tls is not None else False)
+        await self.client.connect(host, port, tls=tls if tls is not None else False, fallbacks=fallbacks or ())
         await self._subscribe()
 
     def _dropped(self, topic: str, payload: bytes) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,15 @@ class Fleet:
         return len(self.locks)
 
     async def start(self, host: str, port: int, concurrency: int = 50, tls: ssl.SSLContext | None = None,
-                    on_started: Callable[[], None] | None = None) -> None:
-        """Connect every lock, `concurrency` at a time; `on_started` after each (a progress bar)."""
+                    on_started: Callable[[], None] | None = None,
+                    fallbacks: Sequence[tuple[str, int]] = ()) -> None:
+        """Connect every lock, `concurrency` at a time; `on_started` after each (a progress bar). `fallbacks`:
+        the broker's other nodes."""
         gate = asyncio.Semaphore(concurrency)
 
         async def one(lock: SimulatedLock) -> None:
             async with gate:
-                await lock.start(host, port, tls)
+                await lock.start(host, port, tls, fallbacks)
             if on_started is not None:
                 on_started()
 

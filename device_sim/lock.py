@@ -34,6 +34,7 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,14 +119,16 @@ class SimulatedLock:
         return c
 
     # ---- the link ------------------------------------------------------------
-    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
-        """Connect (over TLS when `tls` is given: an mqtts:// broker), subscribe to its commands, say hello."""
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None,
+                    fallbacks: Sequence[tuple[str, int]] = ()) -> None:
+        """Connect (over TLS when `tls` is given: an mqtts:// broker), subscribe to its commands, say hello.
+        `fallbacks`: the broker's other nodes, moved to when this lock's node goes away (mqtt_client)."""
         if self.client.is_connected:
             return
         self._live = False
         self.client = self._new_client()
         self.outbox.attach(self.client)
-        await self.client.connect(host, port, tls=tls if tls is not None else False)
+        await self.client.connect(host, port, tls=tls if tls is not None else False, fallbacks=fallbacks)
         await self._subscribe()
         self._announce()
         self._live = True

@@ -20,7 +20,7 @@ import httpx
 
 from device_sim.fleet import Fleet
 from device_sim.lock import Behaviour, Credentials
-from latch.settings import Settings, broker_tls_context, parse_broker_url
+from latch.settings import Settings, broker_tls_context, parse_brokers
 
 T = TypeVar("T")
 
@@ -115,12 +115,13 @@ def sim_dir(data_dir: Path) -> Path:
 async def run_sim(api_url: str, token: str, broker: str, n: int, prefix: str, behaviour: Behaviour,
                   data_dir: Path, broker_ca: Path | None = None, ephemeral: bool = False) -> None:
     """`broker` is HOST:PORT, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS, verified against `broker_ca`,
-    default LATCH_BROKER_CA, else the system's trust store). `ephemeral`: revoke the registered locks
+    default LATCH_BROKER_CA, else the system's trust store); several, comma-separated, are one clustered broker's
+    nodes (each lock moves to the next when its node goes away). `ephemeral`: revoke the registered locks
     through the API when the simulator stops."""
     from latch.logs import shutting_down
 
     ids = [f"{prefix}{i:04d}" for i in range(1, n + 1)]
-    host, port = parse_broker_url(broker)
+    (host, port), *others = [(b.host, b.port) for b in parse_brokers(broker)]   # a cluster's nodes: comma-separated
     tls = broker_tls_context(broker, broker_ca if broker_ca is not None else Settings().broker_ca)
     cache = cache_file(data_dir, prefix)
     done = asyncio.Event()
@@ -135,7 +136,7 @@ async def run_sim(api_url: str, token: str, broker: str, n: int, prefix: str, be
                 # each lock's persisted record (once-only across restarts) and this process's actuation record
                 fleet = Fleet(creds, behaviour, data_dir=sim_dir(data_dir))
                 task = progress.add_task("connecting locks", total=len(fleet))
-                started = await _unless(done, fleet.start(host, port, tls=tls,
+                started = await _unless(done, fleet.start(host, port, tls=tls, fallbacks=others,
                                                           on_started=lambda: progress.advance(task)))
                 if started is STOPPED:
                     creds = STOPPED

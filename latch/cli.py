@@ -131,7 +131,8 @@ def _broker_opts(p: argparse.ArgumentParser) -> None:
 
 def _api_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=_port, help="HTTP port (default 8000; 0 = any free port)")
-    p.add_argument("--broker", help="use this MQTT broker (mqtt://HOST:PORT) instead of HOST:--mqtt-port")
+    p.add_argument("--broker", help="use this MQTT broker (mqtt[s]://HOST:PORT; a cluster's nodes comma-separated) "
+                                    "instead of HOST:--mqtt-port")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("sim", help="simulated locks against a running broker (registered through the API)")
     sim.add_argument("--devices", type=_count(0), default=100, help="how many locks (100)")
-    sim.add_argument("--broker", default="127.0.0.1:1883", help="HOST:PORT of the MQTT broker")
+    sim.add_argument("--broker", default="127.0.0.1:1883",
+                     help="HOST:PORT (or mqtt[s]://HOST:PORT) of the MQTT broker; a cluster's nodes comma-separated")
     sim.add_argument("--api", type=_http_url, default="http://127.0.0.1:8000",
                      help="API that registers the simulated locks")
     sim.add_argument("--token", help="operator token (default: LATCH_ADMIN_TOKEN or DATA_DIR/admin.token)")
@@ -402,9 +404,9 @@ def _check(command: str, settings: Settings) -> None:
         if value is not None and not 0 <= value <= 65535:
             bad("--" + name.replace("_", "-"), f"{value} is not a port number (0-65535)")
     if settings.broker is not None:
-        from latch.settings import parse_broker
+        from latch.settings import parse_brokers
         try:
-            parse_broker(settings.broker)
+            parse_brokers(settings.broker)
         except ValueError as e:
             bad("--broker", str(e))
     if (settings.tls_cert is None) != (settings.tls_key is None):

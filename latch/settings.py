@@ -133,9 +133,15 @@ class Settings(BaseSettings):
         return self.database_url or f"sqlite:///{self.data_dir / 'latch.db'}"
 
     def broker_address(self) -> tuple[str, int]:
+        """The broker's (first) address."""
+        return self.broker_addresses()[0]
+
+    def broker_addresses(self) -> list[tuple[str, int]]:
+        """Every node of the broker (LATCH_BROKER may list several, comma-separated: a clustered broker); the
+        API and the simulator start on the first that answers and move to the next when theirs goes away."""
         if self.broker:
-            return parse_broker_url(self.broker)
-        return self.host, self.mqtt_port
+            return [(b.host, b.port) for b in parse_brokers(self.broker)]
+        return [(self.host, self.mqtt_port)]
 
     def broker_tls(self) -> ssl.SSLContext | None:
         """The TLS context for an mqtts:// broker (CA: broker_ca, else the system's); None for plain MQTT."""
@@ -222,6 +228,16 @@ def parse_broker(url: str) -> BrokerURL:
     return BrokerURL(host.strip("[]"), int(port), tls)
 
 
+def parse_brokers(urls: str) -> list[BrokerURL]:
+    """Several broker addresses, comma-separated (the nodes of one clustered broker), all with TLS or none."""
+    parsed = [parse_broker(u.strip()) for u in urls.split(",") if u.strip()]
+    if not parsed:
+        raise ValueError("no broker address given")
+    if len({b.tls for b in parsed}) > 1:
+        raise ValueError(f"broker addresses {urls!r} mix mqtt:// and mqtts://: a cluster's nodes are one or the other")
+    return parsed
+
+
 def parse_broker_url(url: str) -> tuple[str, int]:
     """'mqtt://host:port', 'mqtts://host:port' or 'host:port' -> (host, port); see parse_broker for TLS."""
     host, port, _ = parse_broker(url)
@@ -231,7 +247,7 @@ def parse_broker_url(url: str) -> tuple[str, int]:
 def broker_tls_context(url: str, ca: Path | None = None) -> ssl.SSLContext | None:
     """A client TLS context verifying the broker (against `ca`, else the system's trust store) when `url`
     is mqtts://; None for plain MQTT."""
-    if not parse_broker(url).tls:
+    if not parse_brokers(url)[0].tls:
         return None
     if ca is not None and not Path(ca).is_file():
         raise ValueError(f"broker CA file {str(ca)!r} (LATCH_BROKER_CA) does not exist")

@@ -99,8 +99,8 @@ class Stack:
             # the demo locks keep the firmware's once-only record on disk: a restarted `latch serve` answers a
             # replayed command from it instead of opening again (device_sim/store.py)
             self.fleet = Fleet(creds, self.fleet_behaviour, data_dir=sim_dir(s.data_dir))
-            host, port = s.broker_address()
-            await self.fleet.start(host, port, tls=s.broker_tls())   # mqtts:// brokers: TLS, as the API
+            (host, port), *others = s.broker_addresses()
+            await self.fleet.start(host, port, tls=s.broker_tls(), fallbacks=others)   # mqtts://: TLS, as the API
 
     async def stop(self) -> None:
         """In order: the demo fleet (its locks disconnect while the broker still answers), the API, the broker."""

@@ -25,8 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import gmqtt
 from gmqtt.mqtt.constants import MQTTv311
@@ -43,6 +44,10 @@ class MqttError(Exception):
 
 class MqttConnectError(MqttError):
     """The broker could not be reached or refused the login."""
+
+
+class LoginRefused(MqttConnectError):
+    """The broker answered, and refused this client (CONNACK with a non-zero code)."""
 
 
 class PublishRefused(MqttError):
@@ -152,13 +157,57 @@ class MqttClient:
         self.max_replays = max_replays
         self.on_dropped = on_dropped
         self._replays: dict[int, int] = {}     # mid -> times replayed after a reconnect, unacknowledged
+        self._addresses: list[tuple[str, int]] = []   # the broker's nodes (connect's fallbacks), and which one
+        self._at = 0
         self._client.on_message = self._on_message
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_subscribe = self._on_subscribe
 
     async def connect(self, host: str, port: int, *, tls: ssl.SSLContext | bool = False,
-                      timeout: float = 10.0) -> None:
+                      timeout: float = 10.0, fallbacks: Sequence[tuple[str, int]] = ()) -> None:
+        """Connect to `host:port`. `fallbacks`: other nodes of the same (clustered) broker, which keeps this
+        client's session: tried in order when the first cannot be reached, and, once connected, moved to one
+        after another whenever the node of a lost connection does not take it back (gmqtt's reconnect loop
+        tries the next address after each failed attempt). A refused login is not a node's failure: raised."""
+        self._addresses = [(host, port), *fallbacks]
+        failed: list[str] = []
+        for i, (h, p) in enumerate(self._addresses):
+            try:
+                await self._connect_one(h, p, tls, timeout)
+            except MqttConnectError as e:
+                if isinstance(e, LoginRefused) or i == len(self._addresses) - 1:
+                    if failed:
+                        raise MqttConnectError(f"{e}; also tried: {'; '.join(failed)}") from e
+                    raise
+                failed.append(str(e))
+                continue
+            self._at = i
+            break
+        if len(self._addresses) > 1:
+            self._fail_over_on_reconnect()
+
+    def _fail_over_on_reconnect(self) -> None:
+        create = self._client._create_connection
+
+        async def create_or_move_on(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await create(host, port, *args, **kwargs)
+            except OSError:
+                self._at = (self._at + 1) % len(self._addresses)
+                self._client._host, self._client._port = self._addresses[self._at]
+                log.info("%s: broker node %s:%d does not answer; next: %s:%d", self.client_id, host, port,
+                         *self._addresses[self._at])
+                raise
+
+        self._client._create_connection = create_or_move_on   # type: ignore[method-assign]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The broker address this client connects (or reconnects) to now."""
+        return self._addresses[self._at]
+
+    async def _connect_one(self, host: str, port: int, tls: ssl.SSLContext | bool, timeout: float) -> None:
         try:
             await asyncio.wait_for(
                 self._client.connect(host, port, ssl=tls, keepalive=self._keepalive, version=MQTTv311),
@@ -167,9 +216,9 @@ class MqttClient:
         except (OSError, asyncio.TimeoutError) as e:
             raise MqttConnectError(f"cannot connect to MQTT broker at {host}:{port}: {e!r}") from e
         except Exception as e:  # gmqtt raises its own types for a refused CONNACK
-            raise MqttConnectError(f"MQTT broker at {host}:{port} refused {self.client_id!r}: {e}") from e
+            raise LoginRefused(f"MQTT broker at {host}:{port} refused {self.client_id!r}: {e}") from e
         if self._refused:
-            raise MqttConnectError(f"MQTT broker at {host}:{port} refused {self.client_id!r} (code {self._refused})")
+            raise LoginRefused(f"MQTT broker at {host}:{port} refused {self.client_id!r} (code {self._refused})")
 
     async def disconnect(self) -> None:
         self.connected.clear()

@@ -30,6 +30,8 @@ class NatsServer:
         self.store_dir = store_dir
         self.mqtt = mqtt
         self.conf = conf   # more configuration (with mqtt), e.g. accounts
+        self.server_name = "latch-test"
+        self.mqtt_options = ""   # inside the mqtt block
         self.port = 0
         self.mqtt_port = 0
         self.proc: asyncio.subprocess.Process | None = None
@@ -45,8 +47,8 @@ class NatsServer:
         args = ["-a", "127.0.0.1", "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
         if self.mqtt:
             conf = self.store_dir / "mqtt.conf"
-            conf.write_text(f'server_name: "latch-test"\nmqtt {{ listen: "127.0.0.1:{self.mqtt_port or -1}" }}\n'
-                            + self.conf)
+            conf.write_text(f'server_name: "{self.server_name}"\n'
+                            f'mqtt {{ listen: "127.0.0.1:{self.mqtt_port or -1}" {self.mqtt_options} }}\n' + self.conf)
             args += ["-c", str(conf)]
         self.proc = await asyncio.create_subprocess_exec(
             nats_server_binary(), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -94,3 +96,46 @@ class NatsServer:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+
+class NatsCluster:
+    """`n` nats-servers with JetStream clustered (routes between all of them) and their MQTT listeners, MQTT state
+    replicated on every node (`stream_replicas`), on loopback ports picked free: what issue 18's tier runs on.
+    `await start()` returns once every node is ready and the JetStream metadata leader is elected; `kill(i)`
+    SIGKILLs node i."""
+
+    def __init__(self, directory: Path, n: int = 3) -> None:
+        from tests.conformance.brokers import free_port
+
+        self.directory = directory
+        self.ports = [(free_port(), free_port(), free_port()) for _ in range(n)]   # client, cluster, MQTT
+        self.nodes: list[NatsServer] = []
+
+    @property
+    def mqtt_addresses(self) -> list[tuple[str, int]]:
+        return [("127.0.0.1", mqtt) for _, _, mqtt in self.ports]
+
+    async def start(self, timeout: float = 60) -> "NatsCluster":
+        routes = ", ".join(f"nats-route://127.0.0.1:{cluster}" for _, cluster, _ in self.ports)
+        for i, (client, cluster, mqtt) in enumerate(self.ports):
+            node = NatsServer(self.directory / f"n{i + 1}", mqtt=True)
+            node.port, node.mqtt_port = client, mqtt
+            node.conf = f'cluster {{ name: "latch", listen: "127.0.0.1:{cluster}", routes: [{routes}] }}\n'
+            node.mqtt_options = f", stream_replicas: {len(self.ports)}"
+            node.server_name = f"n{i + 1}"
+            self.nodes.append(node)
+        await asyncio.gather(*(node.start(timeout) for node in self.nodes))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not any("metadata leader" in line for node in self.nodes for line in node.log):   # bounded
+            if loop.time() > deadline:
+                raise AssertionError("no JetStream metadata leader:\n" + "".join(self.nodes[0].log[-20:]))
+            await asyncio.sleep(0.05)
+        return self
+
+    def kill(self, i: int) -> None:
+        self.nodes[i].kill()
+
+    async def stop(self) -> None:
+        for node in self.nodes:
+            await node.stop()

@@ -95,3 +95,30 @@ async def test_an_account_whose_consumer_limit_is_sized_from_the_fleet_holds_it(
         for c in clients:
             await c.disconnect()
         await server.stop()
+
+
+async def test_a_three_node_cluster_carries_mqtt_between_its_nodes(tmp_path: Path) -> None:
+    """The cluster issue 18 runs Latch on (tests/natsserver.py NatsCluster): MQTT state replicated on all three
+    nodes; a QoS 1 subscriber on one node gets what a client publishes on another."""
+    from tests.natsserver import NatsCluster
+    from tests.support import eventually
+
+    cluster = await NatsCluster(tmp_path / "cluster").start()
+    got: list[bytes] = []
+
+    async def handler(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        got.append(payload)
+
+    api = MqttClient("latch-api", clean_session=False, handler=handler)
+    lock = MqttClient("bike-0001", clean_session=True)
+    try:
+        a, b, c = cluster.mqtt_addresses
+        await api.connect(*c, timeout=30)
+        assert await api.subscribe([(topics.all_devices_filter(topics.ACK), 1)], timeout=30) == [1]
+        await lock.connect(*b, timeout=30)
+        lock.publish(topics.ack_topic("bike-0001"), b"received", qos=1)
+        await eventually(lambda: got == [b"received"], timeout=20, what="the ack across nodes")
+    finally:
+        await api.disconnect()
+        await lock.disconnect()
+        await cluster.stop()
