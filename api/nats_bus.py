@@ -233,7 +233,7 @@ class NatsBus:
             await asyncio.sleep(WATCH_S)
             try:
                 behind = await self.last_seq() > self.delivered
-            except Exception as e:
+            except (Exception, asyncio.CancelledError) as e:
                 reraise_if_stopping()
                 log.debug("NATS stream info failed: %r", e)
                 continue
@@ -244,11 +244,12 @@ class NatsBus:
             stuck = 0
             log.warning("the NATS feed stopped at sequence %d: making it again", self.delivered)
             self.metrics.inc("nats_feed_restarts")
-            with contextlib.suppress(Exception):
-                await self._feed.unsubscribe()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._feed.unsubscribe(), ACK_TIMEOUT_S)
+            reraise_if_stopping()
             try:
-                await self._subscribe()
-            except Exception as e:
+                await asyncio.wait_for(self._subscribe(), ACK_TIMEOUT_S)
+            except (Exception, asyncio.CancelledError) as e:
                 reraise_if_stopping()
                 log.warning("making the NATS feed again failed (%r); trying again", e)
 
@@ -347,9 +348,9 @@ class NatsBus:
                 while self._queue:
                     batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
                     await self._publish([(e.id, e.at, e.kind, e.audience, e.data) for e in batch])
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
+            except (Exception, asyncio.CancelledError) as e:
+                # a CancelledError that is not this task's own stop: nats-py cancels the futures of unanswered
+                # publishes when its connection is lost; it once ended this loop for good (CI, 2026-12-07)
                 reraise_if_stopping()
                 if not self._degraded:
                     log.warning("relaying events to NATS failed (%r): they wait in the outbox and are "
@@ -391,6 +392,9 @@ class NatsBus:
                                                        headers=self._headers(db_id, at)))
         try:
             acks = await asyncio.wait_for(asyncio.gather(*futures), ACK_TIMEOUT_S)
+        except asyncio.CancelledError:
+            reraise_if_stopping()
+            raise ConnectionError("NATS dropped unanswered publishes (its connection was lost)") from None
         finally:
             for f in futures:   # unanswered: give back nats-py's slots for pending publishes
                 if not f.done():
@@ -424,7 +428,7 @@ class NatsBus:
                     s.commit()
                 try:
                     await self.db.write(settle, Priority.ROUTINE)
-                except Exception as e:
+                except (Exception, asyncio.CancelledError) as e:
                     reraise_if_stopping()
                     log.warning("recording %d relayed events failed (%r); trying again", len(done), e)
                     self._to_settle[:0] = done

@@ -185,7 +185,12 @@ async def test_nats_killed_and_restarted_loses_nothing_and_repeats_nothing(tmp_p
             done.set()
             for i in range(2):
                 await run(i % 2)
-            await asyncio.wait_for(stream, 90)
+            try:
+                await asyncio.wait_for(stream, 90)
+            except asyncio.TimeoutError:   # say where it stopped: each replica's relay and feed, the outbox
+                raise AssertionError(
+                    f"a's stream stopped at {finals()} of 9 final events; outbox rows: "
+                    f"{await outbox_rows(c.database_url)}; a: {await a.metrics()}; b: {await b.metrics()}") from None
             # a's waits on answers b applied could not be woken through NATS while it was away: they re-read
             # the command instead (api/commands.py wait_on), and none ran to its 15 s timeout
             assert (await a.metrics())["counts"].get("waits_timed_out", 0) == 0
