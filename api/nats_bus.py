@@ -79,6 +79,11 @@ STUCK_ROUNDS = 3            # a feed behind the stream without progress this man
 ORIGIN = "Latch-Origin"
 
 
+def _rows(events: list[Any]) -> list[tuple[int, int, str, str | None, dict[str, Any]]]:
+    """Committed events (their ids: database ids) as the relay publishes them, as the outbox sweep reads them."""
+    return [(e.id, e.at, e.kind, e.audience, e.data) for e in events]
+
+
 def subject_prefix(stream: str) -> str:
     return f"latch.{stream}"
 
@@ -167,7 +172,7 @@ class NatsBus:
         if self._queue and not self._degraded:   # what is left: now, briefly; else the outbox keeps it
             left, self._queue = self._queue, []
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._publish([(e.id, e.at, e.kind, e.audience, e.data) for e in left]),
+                await asyncio.wait_for(self._publish(_rows(left)),
                                        STOP_FLUSH_S)
         with contextlib.suppress(asyncio.TimeoutError):   # what was relayed gets recorded, briefly
             self._settle_wake.set()
@@ -347,7 +352,7 @@ class NatsBus:
                     await self._sweep(own=self._degraded)
                 while self._queue:
                     batch, self._queue = self._queue[:BATCH], self._queue[BATCH:]
-                    await self._publish([(e.id, e.at, e.kind, e.audience, e.data) for e in batch])
+                    await self._publish(_rows(batch))
             except (Exception, asyncio.CancelledError) as e:
                 # a CancelledError that is not this task's own stop: nats-py cancels the futures of unanswered
                 # publishes when its connection is lost; it once ended this loop for good (CI, 2026-12-07)

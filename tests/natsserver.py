@@ -14,7 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from tests.support import stop_process
+from tests.procs import read_until
+from tests.support import eventually, stop_process
 
 
 def nats_server_binary() -> str:
@@ -52,28 +53,11 @@ class NatsServer:
             args += ["-c", str(conf)]
         self.proc = await asyncio.create_subprocess_exec(
             nats_server_binary(), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        assert self.proc.stdout is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        seen = ""
-        port = None
-        while True:   # bounded by the deadline
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AssertionError(f"nats-server not ready within {timeout}s:\n{seen}")
-            line = await asyncio.wait_for(self.proc.stdout.readline(), remaining)
-            if not line:
-                raise AssertionError(f"nats-server exited ({await self.proc.wait()}):\n{seen}")
-            text = line.decode(errors="replace")
-            seen += text
-            if m := re.search(r"Listening for client connections on [\d.]+:(\d+)", text):
-                port = int(m.group(1))
-            if m := re.search(r"Listening for MQTT clients on mqtt://[\d.]+:(\d+)", text):
-                self.mqtt_port = int(m.group(1))
-            if "Server is ready" in text and port is not None:
-                break
-        self.port = port
-        self._reader = loop.create_task(self._read())
+        _, seen = await read_until(self.proc, r"Server is ready", timeout)   # it logs its ports before
+        self.port = int(re.findall(r"Listening for client connections on [\d.]+:(\d+)", seen)[-1])
+        if self.mqtt:
+            self.mqtt_port = int(re.findall(r"Listening for MQTT clients on mqtt://[\d.]+:(\d+)", seen)[-1])
+        self._reader = asyncio.get_running_loop().create_task(self._read())
         return self
 
     async def _read(self) -> None:
@@ -125,12 +109,8 @@ class NatsCluster:
             node.server_name = f"n{i + 1}"
             self.nodes.append(node)
         await asyncio.gather(*(node.start(timeout) for node in self.nodes))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not any("metadata leader" in line for node in self.nodes for line in node.log):   # bounded
-            if loop.time() > deadline:
-                raise AssertionError("no JetStream metadata leader:\n" + "".join(self.nodes[0].log[-20:]))
-            await asyncio.sleep(0.05)
+        await eventually(lambda: any("metadata leader" in line for node in self.nodes for line in node.log),
+                         timeout=timeout, what="the JetStream metadata leader")
         return self
 
     def kill(self, i: int) -> None:

@@ -45,6 +45,22 @@ def parse_publish(first: int, body: bytes) -> dict:
             "payload": body[2 + n + (2 if qos else 0):]}
 
 
+async def run_probe(micropython: str, script: str, *args: object, until: asyncio.Event | None = None) -> str:
+    """A probe script of tests/firmware/mp under MicroPython, run to its end (after `until`, when given): its output."""
+    proc = await asyncio.create_subprocess_exec(
+        micropython, str(MP_DIR / script), *map(str, args), env=mp_env(), cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        if until is not None:
+            await asyncio.wait_for(until.wait(), 20)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return out.decode()
+
+
 class FakeBroker:
     def __init__(self):
         self.conn = 0
@@ -113,18 +129,11 @@ async def test_mqtt_client_on_the_wire(micropython):
     server = await asyncio.start_server(broker.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     closed = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        micropython, str(MP_DIR / "mqtt_probe.py"), str(port), str(closed), env=mp_env(), cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        text = await run_probe(micropython, "mqtt_probe.py", port, closed)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
         server.close()
         await server.wait_closed()
-    text = out.decode()
     assert not broker.errors, (broker.errors, text)
     log = broker.log
     # CONNECT: user+password, will retained QoS 1, clean session off, keepalive 1 s
@@ -190,19 +199,11 @@ async def test_no_memory_for_a_packet_keeps_the_link_and_the_qos1_message(microp
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    proc = await asyncio.create_subprocess_exec(
-        micropython, str(MP_DIR / "mqtt_nomem_probe.py"), str(port), env=mp_env(), cwd=REPO,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     try:
-        await asyncio.wait_for(got.wait(), 20)
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        text = await run_probe(micropython, "mqtt_nomem_probe.py", port, until=got)
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
         server.close()
         await server.wait_closed()
-    text = out.decode()
     assert "AFTER PUBLISH connected=True pending=1" in text, text
     assert "no memory for a 9-byte message now: kept queued" in text, text
     assert "no memory for a 4-byte message now: dropped" in text, text
