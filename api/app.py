@@ -132,18 +132,25 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     database = db or Database(settings.resolved_database_url(), sqlite_writer=settings.sqlite_writer)
     runtime = build_runtime(settings, database)
     runtime.metrics.watch(runtime)   # GET /metrics: queue depths, transaction times (api/metrics.py)
+
+    def announce_dropped(device_id: str) -> None:   # the will an external broker may not send when it drops a device
+        if runtime.link.is_connected:
+            runtime.link.publish(topics.presence_topic(device_id), messages.OFFLINE, qos=1, retain=True)
+
     mosquitto = None
     if settings.mosquitto_config_dir is not None:   # an external Mosquitto reads the registry from files
         from latch.mosquitto_config import MosquittoSync
 
         mosquitto = MosquittoSync(database, settings)
         runtime.registry.after_change.append(mosquitto.device_changed)
+        mosquitto.on_dropped = announce_dropped
+    nats_auth = None
+    if settings.nats_auth_url is not None:   # a NATS cluster asks this API who may log in (api/nats_auth.py)
+        from api.nats_auth import NatsAuth
 
-        def announce_offline(device_id: str) -> None:   # the will Mosquitto does not send when a reload drops a device
-            if runtime.link.is_connected:
-                runtime.link.publish(topics.presence_topic(device_id), messages.OFFLINE, qos=1, retain=True)
-
-        mosquitto.on_dropped = announce_offline
+        nats_auth = NatsAuth(database, settings)
+        runtime.registry.after_change.append(nats_auth.device_changed)
+        nats_auth.on_dropped = announce_dropped
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -160,6 +167,8 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
         await runtime.notifications.start()   # its index before any transport reads a notification
         if mosquitto is not None:      # before connecting: the service user must be in Mosquitto's files
             await mosquitto.sync("start-up")
+        if nats_auth is not None:      # before connecting: the cluster asks it about this API's own login
+            await nats_auth.start()
         (host, port), *others = settings.broker_addresses()
         await runtime.link.start(host, port, tls=settings.broker_tls(), fallbacks=others)
         runtime.sweeper.start()
@@ -172,6 +181,8 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
             await runtime.notifications.stop()   # flushes its counts
             await runtime.sweeper.stop()
             await runtime.link.stop()
+            if nats_auth is not None:
+                await nats_auth.stop()
             await runtime.events.stop()   # last of what writes events: with NATS it relays what is left
             if listener is not None:
                 await listener.stop()
@@ -184,6 +195,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     app.state.runtime = runtime
     _map_errors(app)
     app.state.mosquitto = mosquitto
+    app.state.nats_auth = nats_auth
     for r in (health.router, devices.router, commands.router, users.router, rides.router, events.router, ws.router,
               pages.router, broker_auth.router, fleet_routes.router, nearby.router,
               notification_routes.router, stats.router):

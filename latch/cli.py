@@ -202,10 +202,12 @@ def _broker_config_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
     """`latch broker-config mosquitto ...`; its work is latch/mosquitto_config.py cli_main, imported when run."""
     p = sub.add_parser("broker-config", help="write an external broker's configuration from Latch's registry",
                        description="Write Mosquitto's password_file, acl_file and latch.conf from the device "
-                                   "registry (docs/external-brokers.md).")
-    p.add_argument("flavour", choices=["mosquitto"], help="the broker (only Mosquitto reads files; EMQX and "
-                                                          "VerneMQ call Latch's HTTP hooks instead)")
-    p.add_argument("--out", type=Path, required=True, help="directory for password_file, acl_file, latch.conf")
+                                   "registry, or a NATS cluster's node files (docs/external-brokers.md).")
+    p.add_argument("flavour", choices=["mosquitto", "nats"],
+                   help="the broker: mosquitto (files from the registry), nats (a cluster whose logins Latch "
+                        "answers: its auth callout); EMQX and VerneMQ call Latch's HTTP hooks instead")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory for password_file, acl_file, latch.conf (mosquitto) or node-N.conf (nats)")
     p.add_argument("--data-dir", type=_dir, help="Latch's data dir: database and service secret (./latch-data)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default sqlite:///DATA_DIR/latch.db)")
     p.add_argument("--port", type=_port, default=1883, help="port of the listener in latch.conf (1883)")
@@ -215,9 +217,20 @@ def _broker_config_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--service-bind", default="127.0.0.1", help="address of the service listener (127.0.0.1)")
     p.add_argument("--reload-pid-file", type=Path, metavar="F",
                    help="then SIGHUP the Mosquitto whose pid is in F (its pid_file), so it reloads the files")
+    nats = p.add_argument_group("nats (latch/nats_config.py)")
+    nats.add_argument("--nodes", metavar="HOST:CLIENT:CLUSTER:MQTT[,...]",
+                      help="the cluster's nodes: each one's host and its client, route and MQTT ports")
+    nats.add_argument("--fleet", type=int, metavar="N",
+                      help="devices and riders to size the limits for (default: twice the registry's, >= 1000)")
+    nats.add_argument("--store-dir", type=Path, metavar="D", help="JetStream stores, D/node-N (DATA_DIR/nats)")
+    nats.add_argument("--tls-cert", type=Path, metavar="F", help="the MQTT listeners' certificate (PEM)")
+    nats.add_argument("--tls-key", type=Path, metavar="F", help="its key")
     _log_opts(p)
 
     def run(args: argparse.Namespace) -> int:
+        if args.flavour == "nats":
+            from latch import nats_config
+            return nats_config.cli_main(args)
         from latch.mosquitto_config import cli_main
         return cli_main(args)
 

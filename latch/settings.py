@@ -6,6 +6,7 @@ import os
 import secrets
 import ssl
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 from pydantic import Field, PrivateAttr
@@ -65,6 +66,14 @@ class Settings(BaseSettings):
     nats_replicas: int = Field(1, ge=1, le=5)   # copies of the stream in a NATS cluster (3 for a 3-node cluster)
     nats_max_age_s: float = 7 * 86_400.0   # events older than this leave the stream (a cursor before them: 400)
     nats_duplicate_window_s: float = 600.0   # a relay retried within this after NATS comes back is stored once
+    # a NATS cluster as the MQTT broker (issue 18; docs/external-brokers.md, latch/nats_config.py): its client
+    # URL(s), comma-separated; set, this API answers the cluster's auth callout (every MQTT login, against the
+    # registry and the fence: api/nats_auth.py) and disconnects a revoked or rotated device there. The two
+    # secrets below are generated into DATA_DIR (nats-auth.secret, nats-issuer.seed) by the API or by
+    # `latch broker-config nats`, whichever runs first; every replica and the cluster's files share them
+    nats_auth_url: str | None = None
+    nats_auth_secret: str | None = None    # the password of the callout's own NATS user (latch-auth)
+    nats_issuer_seed: str | None = None    # the account nkey seed that signs the callout's answers ("SA...")
 
     demo_fleet: int = 0
     # the simulated city: locks report a position inside this disc, "lat,lon,radius_m" (latch/geo.py);
@@ -159,6 +168,20 @@ class Settings(BaseSettings):
     def admin_token_source(self) -> str:
         return self._admin_token_source or "setting"
 
+    def ensure_nats_auth_secrets(self) -> None:
+        """The NATS auth callout's secrets, from the data dir or generated there (0600)."""
+        from api import nats_jwt
+
+        _private_dir(self.data_dir)
+        if self.nats_auth_secret is None:
+            self.nats_auth_secret = _stored_secret(self.data_dir / "nats-auth.secret")
+        if self.nats_issuer_seed is None:
+            self.nats_issuer_seed = _stored_secret(self.data_dir / "nats-issuer.seed",
+                                                   lambda: nats_jwt.new_account_seed().decode())
+
+    def nats_auth_servers(self) -> list[str]:
+        return [u.strip() for u in (self.nats_auth_url or "").split(",") if u.strip()]
+
     def ensure_secrets(self) -> None:
         """Fill the secrets from the data dir, generating them on first start; make the data dir private.
 
@@ -179,6 +202,8 @@ class Settings(BaseSettings):
             self.broker_hook_secret = _stored_secret(self.data_dir / "broker-hook.secret")
         if self.command_key_secret is None:
             self.command_key_secret = _stored_secret(self.data_dir / "command-keys.secret")
+        if self.nats_auth_url is not None:   # the API decides a NATS cluster's MQTT logins (api/nats_auth.py)
+            self.ensure_nats_auth_secrets()
         from api import keyseal   # the registry finds the seal for its database here
 
         keyseal.register(self.resolved_database_url(), self.command_key_secret)
@@ -283,17 +308,17 @@ def _private_file(path: Path, create: bool) -> None:
         pass
 
 
-def _stored_secret_of(path: Path) -> tuple[str, bool]:
-    """(the secret in `path`, whether it was generated now); created 0600 from the start."""
+def _stored_secret_of(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> tuple[str, bool]:
+    """(the secret in `path`, whether it was generated now by `make`); created 0600 from the start."""
     if path.exists():
         _private_file(path, create=False)
         return path.read_text().strip(), False
-    value = secrets.token_urlsafe(32)
+    value = make()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")
     return value, True
 
 
-def _stored_secret(path: Path) -> str:
-    return _stored_secret_of(path)[0]
+def _stored_secret(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> str:
+    return _stored_secret_of(path, make)[0]

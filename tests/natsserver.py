@@ -27,8 +27,9 @@ def nats_server_binary() -> str:
 
 
 class NatsServer:
-    def __init__(self, store_dir: Path, mqtt: bool = False, conf: str = "") -> None:
+    def __init__(self, store_dir: Path, mqtt: bool = False, conf: str = "", conf_file: Path | None = None) -> None:
         self.store_dir = store_dir
+        self.conf_file = conf_file   # a whole configuration (latch broker-config nats): its ports are set by the caller
         self.mqtt = mqtt
         self.conf = conf   # more configuration (with mqtt), e.g. accounts
         self.server_name = "latch-test"
@@ -46,7 +47,9 @@ class NatsServer:
     async def start(self, timeout: float = 30) -> "NatsServer":
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = ["-a", "127.0.0.1", "-p", str(self.port or -1), "-js", "-sd", str(self.store_dir)]
-        if self.mqtt:
+        if self.conf_file is not None:
+            args = ["-c", str(self.conf_file)]
+        elif self.mqtt:
             conf = self.store_dir / "mqtt.conf"
             conf.write_text(f'server_name: "{self.server_name}"\n'
                             f'mqtt {{ listen: "127.0.0.1:{self.mqtt_port or -1}" {self.mqtt_options} }}\n' + self.conf)
@@ -80,6 +83,51 @@ class NatsServer:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+
+
+class GeneratedCluster:
+    """The nodes `latch broker-config nats` configured (latch/nats_config.py), on loopback ports picked free:
+    `await start()` returns once every node is ready and the JetStream metadata leader is elected."""
+
+    def __init__(self, directory: Path, n: int = 3) -> None:
+        from latch.nats_config import Node
+        from tests.conformance.brokers import free_port
+
+        self.directory = directory
+        self.spec = [Node("127.0.0.1", free_port(), free_port(), free_port()) for _ in range(n)]
+        self.nodes: list[NatsServer] = []
+
+    @property
+    def nodes_arg(self) -> str:
+        return ",".join(f"{n.host}:{n.client_port}:{n.cluster_port}:{n.mqtt_port}" for n in self.spec)
+
+    @property
+    def nats_url(self) -> str:
+        return ",".join(f"nats://{n.host}:{n.client_port}" for n in self.spec)
+
+    @property
+    def broker_url(self) -> str:
+        return ",".join(f"mqtt://{n.host}:{n.mqtt_port}" for n in self.spec)
+
+    @property
+    def mqtt_addresses(self) -> list[tuple[str, int]]:
+        return [(n.host, n.mqtt_port) for n in self.spec]
+
+    async def start(self, conf_dir: Path, timeout: float = 60) -> "GeneratedCluster":
+        for i, spec in enumerate(self.spec):
+            node = NatsServer(self.directory / f"n{i + 1}", mqtt=True, conf_file=conf_dir / f"node-{i + 1}.conf")
+            node.port, node.mqtt_port = spec.client_port, spec.mqtt_port
+            self.nodes.append(node)
+        await asyncio.gather(*(node.start(timeout) for node in self.nodes))
+        await eventually(lambda: any("metadata leader" in line for node in self.nodes for line in node.log),
+                         timeout=timeout, what="the JetStream metadata leader")
+        return self
+
+    def kill(self, i: int) -> None:
+        self.nodes[i].kill()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(node.stop() for node in self.nodes))
 
 
 class NatsCluster:
