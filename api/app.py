@@ -163,12 +163,12 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
                 channels[pg_bus.EVENTS] = runtime.events.on_notify
             listener = PgListener(database.url, channels, on_reconnect=runtime.events.resync)
             await listener.start()
+        if nats_auth is not None:      # first: a NATS cluster asks it about this API's own logins (MQTT, events)
+            await nats_auth.start()
         await runtime.events.start()   # before the broker link: presence arrives as soon as it connects
         await runtime.notifications.start()   # its index before any transport reads a notification
         if mosquitto is not None:      # before connecting: the service user must be in Mosquitto's files
             await mosquitto.sync("start-up")
-        if nats_auth is not None:      # before connecting: the cluster asks it about this API's own login
-            await nats_auth.start()
         (host, port), *others = settings.broker_addresses()
         await runtime.link.start(host, port, tls=settings.broker_tls(), fallbacks=others)
         runtime.sweeper.start()

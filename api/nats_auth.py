@@ -42,7 +42,7 @@ from api import nats_jwt, tokens
 from api.broker_auth import ALL, PUBLISH, SUBSCRIBE, BrokerAuth, grants
 from api.db import Database
 from api.devices import REVOKED, ROTATED
-from broker.identity import Identity, Role
+from broker.identity import SERVICE_USERNAME, Identity, Role
 from latch.settings import Settings
 
 log = logging.getLogger("latch.nats_auth")
@@ -171,7 +171,13 @@ class NatsAuth:
             if username == SYS_USER and _same(password, self._secret):   # this API's system connection
                 return nats_jwt.user_jwt(self._seed, user_nkey, SYS_ACCOUNT, SYS_USER,
                                          ["$SYS.REQ.SERVER.>"], ["_INBOX.>"])
-            return None   # devices, riders and the service use MQTT only
+            service = await self.auth.login("", username, password) if username == SERVICE_USERNAME else None
+            if service is not None and service.role is Role.SERVICE:
+                # the API's event stream on the same cluster (LATCH_NATS_URL, api/nats_bus.py): JetStream in the
+                # LATCH account, as the service, which may do everything there
+                return nats_jwt.user_jwt(self._seed, user_nkey, LATCH_ACCOUNT, username, [">"], [">"],
+                                         connection_types=["STANDARD"])
+            return None   # devices and riders use MQTT only
         identity = await self.auth.login(str(info.get("mqtt_id", "")), username, password)
         if identity is None:
             log.info("NATS MQTT login refused for username %r (client id %r)", username, info.get("mqtt_id"))

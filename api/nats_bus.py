@@ -53,6 +53,7 @@ from api.clock import now_ms
 from api.db import Database, Priority
 from api.event_models import RIDERS, EventOutbox, LogEvent
 from api.metrics import Metrics
+from broker.identity import SERVICE_USERNAME
 from latch.settings import Settings
 from protocol import topics
 
@@ -112,6 +113,12 @@ class NatsBus:
         self.max_age_s = settings.nats_max_age_s
         self.duplicate_window_s = settings.nats_duplicate_window_s
         self.origin = settings.api_client_id   # unique per replica (it is also its MQTT client id)
+        # on the NATS cluster that is also Latch's MQTT broker (LATCH_NATS_AUTH_URL), logins go through Latch's
+        # auth callout: the API logs in as the service (api/nats_auth.py places it in the LATCH account);
+        # credentials in LATCH_NATS_URL itself (nats://user:pass@host) win
+        self.credentials: dict[str, str] = {}
+        if settings.nats_auth_url is not None and not any("@" in u for u in self.servers):
+            self.credentials = {"user": SERVICE_USERNAME, "password": settings.service_secret or ""}
         self.db = db
         self.metrics = metrics
         self.nc: Any = None
@@ -143,6 +150,7 @@ class NatsBus:
         self._deliver, self._make = deliver, make
         try:
             self.nc = await nats.connect(servers=self.servers, connect_timeout=5, max_reconnect_attempts=-1,
+                                         **self.credentials,
                                          reconnect_time_wait=0.25, allow_reconnect=True,
                                          name=f"latch-api {self.origin}",
                                          error_cb=self._on_error, disconnected_cb=self._on_disconnected,

@@ -145,14 +145,16 @@ async def test_the_fence_holds_on_a_three_node_cluster(tmp_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def api_on_cluster(tmp_path: Path) -> AsyncIterator[tuple[LiveStack, GeneratedCluster]]:
+async def api_on_cluster(tmp_path: Path, nats_events: bool = False) -> AsyncIterator[tuple[LiveStack, GeneratedCluster]]:
     """The real API (uvicorn on a real socket) on the cluster: its MQTT link to the nodes (all three addresses),
-    the callout answered by it."""
+    the callout answered by it; with `nats_events`, its event stream on the same cluster (3 replicas)."""
     settings = make_settings(tmp_path, nats_auth_url="")
     db = await migrated(settings)
     await db.close()
     async with cluster_for(tmp_path, settings) as cluster:
         settings.nats_auth_url, settings.broker = cluster.nats_url, cluster.broker_url
+        if nats_events:
+            settings.nats_url, settings.nats_replicas = cluster.nats_url, 3
         async with Stack(settings, embedded_broker=False) as st:
             async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
                                          headers={"Authorization": f"Bearer {settings.admin_token}"}) as http:
@@ -256,3 +258,47 @@ async def test_broker_config_cli_writes_the_node_files(tmp_path: Path) -> None:
     assert code == 0 and [f.read_text() for f in files] == before
     code, printed = await run(*cli[:-2], "--nodes", "127.0.0.1:4222")  # a node without its ports: told how
     assert code == 1 and "HOST:CLIENT_PORT:CLUSTER_PORT:MQTT_PORT" in printed
+
+
+async def test_the_firmware_under_micropython_unlocks_through_the_cluster(tmp_path: Path) -> None:
+    """The lock's own firmware (micropython, Unix HAL) on node 3: it logs in through the callout, syncs its
+    clock, and executes a signed unlock the API sent through node 1."""
+    from tests.firmware.fwsupport import FirmwareProcess, device_config, need_tool
+
+    micropython = need_tool("micropython")
+    async with api_on_cluster(tmp_path) as (live, cluster):
+        reg = await live.register("bike-0003")
+        host, port = cluster.mqtt_addresses[2]
+        fw = FirmwareProcess(micropython, tmp_path / "fw", device_config(reg, host, port, tmp_path / "fw"))
+        await fw.start()
+        try:
+            await fw.wait_line(r"clock synchronised", timeout=60)
+            await live.wait_presence("bike-0003", True)
+            r = await live.command("bike-0003", "unlock", wait=20)
+            assert r.json()["status"] == "succeeded", (r.text, fw.output())
+            assert fw.motor_runs() == 1
+        finally:
+            await fw.stop()
+
+
+async def test_one_cluster_is_both_the_mqtt_broker_and_the_event_stream(tmp_path: Path) -> None:
+    """LATCH_NATS_URL on the same cluster: the API's JetStream connection logs in as the service through the
+    callout, the event stream is kept on all three nodes, and a command's events reach an operator's stream."""
+    async with api_on_cluster(tmp_path, nats_events=True) as (live, cluster):
+        await live.lock("bike-0004")
+        r = await live.command("bike-0004", "unlock", wait=20)
+        assert r.json()["status"] == "succeeded", r.text
+        command_id = r.json()["id"]
+
+        async def final_event_streamed() -> bool:
+            r = await live.http.get("/v1/events", params={"after": 0, "wait": 0})
+            return any(command_id in str(e["data"]) and "succeeded" in str(e["data"]) for e in r.json()["events"])
+        await eventually(final_event_streamed, timeout=30, interval=0.2, what="the command's final event")
+        assert (await live.http.get("/healthz")).json().get("nats_connected") is True
+        js = await nats.connect(cluster.nats_url.split(","), user=SERVICE_USERNAME, password=live.settings.service_secret or "",
+                                connect_timeout=10, allow_reconnect=False)
+        try:
+            info = await js.jetstream().stream_info(live.settings.nats_stream)
+            assert info.config.num_replicas == 3 and info.state.messages >= 2
+        finally:
+            await js.close()
