@@ -1,7 +1,8 @@
 """The firmware: glues the LockController to the HAL, the state store and MQTT.
 
 Three tasks:
-- the link task (`connect`) joins WiFi, connects with backoff and jitter,
+- the link task (`connect`) joins WiFi, connects with backoff and jitter
+  (to the next of the broker's nodes after each failure, when there are several),
   subscribes again when the broker kept no session (CONNACK
   session-present=0), resends unacknowledged messages, announces the device
   (presence "online", state, clock sync) and keeps the link alive until it
@@ -61,7 +62,10 @@ class Firmware:
                                    max_records=cfg["max_records"], urandom=hal.urandom)
         self.client = link.make_client(cfg, self.log)
         self.client.handler = self.handler
-        for k in ("command_key", "broker", "sim"):
+        # of the broker's settings only its nodes stay, (host, port, TLS name) each (firmware/config.py), in
+        # the slot the settings had (no new attribute: on the 64 KiB heap that one cost ~190 bytes)
+        cfg["broker"] = cfg["broker"]["hosts"]
+        for k in ("command_key", "sim"):
             cfg.pop(k, None)  # read at boot only (the HAL and the client keep what they need): a TLS CA is KBs
         self.ctrl.on_sensor(hal.read_locked(), self.time(), battery=hal.battery())
         now = self.time()
@@ -128,11 +132,14 @@ class Firmware:
         self.hal.reset()
 
     async def connect(self):
-        """The link task: (re)connect forever, with backoff and jitter."""
+        """The link task: (re)connect forever, with backoff and jitter, to the broker's nodes in turn."""
         cfg, c, times = self.cfg, self.client, self.times
+        hosts = cfg["broker"]
         backoff = cfg["backoff_min_ms"]
+        i = 0  # the node tried now (one, unless config.json lists a clustered broker's nodes)
         while True:
             times[_NET] = self.time() + 2 * cfg["connect_timeout_ms"] + 30000
+            c.host, c.port, c.server_hostname = hosts[i]
             try:
                 if not await link.up(cfg, self.log):
                     raise OSError("wifi not joined")
@@ -149,8 +156,15 @@ class Firmware:
             except RefusedError as e:
                 self.log("link: %s" % e)
                 backoff = max(backoff, 10000)  # bad credentials do not fix themselves quickly
+                # and the same node again: a cluster's nodes share their accounts, so a login one node
+                # refuses the others refuse too; moving on would only hide the cause and cost nothing less
+                # than this backoff (a node that is merely unavailable, code 3, is not a refusal: mqtt.py)
             except Exception as e:
                 self.log("link down: %r" % (e,))
+                # a node that did not answer, or a link that dropped: the next node (in a cluster it has our
+                # session). Also after a drop: a node that went away would otherwise cost one more attempt,
+                # up to connect_timeout_ms when its address swallows SYNs, before the move
+                i = (i + 1) % len(hosts)
             c.close()
             delay = backoff + getrandbits(16) % (backoff // 2 + 1)
             backoff = min(backoff * 2, cfg["backoff_max_ms"])

@@ -2,7 +2,9 @@
 
 TLS verifies the broker's certificate against the CA provisioned in the
 config (DER, base64 in JSON: MicroPython's load_verify_locations(cadata=...)
-takes DER, not PEM) and checks the broker's name against the certificate.
+takes DER, not PEM) and checks the broker's name against the certificate:
+`server_hostname` when configured, else the host of the node being tried
+(several nodes: see firmware/config.py and Firmware.connect).
 """
 
 from firmware.mqtt import MQTTClient
@@ -38,8 +40,9 @@ def make_client(cfg, log):
     dev = cfg["device_id"]
     b = cfg["broker"]
     ctx = tls_context(b) if b.get("tls") else None
-    c = MQTTClient(dev, b["host"], b["port"], dev, cfg["mqtt_password"], cfg["keepalive_s"],
+    h = b["hosts"][0]  # (host, port, TLS name): the first node; the link task moves on from there (firmware/app.py)
+    c = MQTTClient(dev, h[0], h[1], dev, cfg["mqtt_password"], cfg["keepalive_s"],
                    (topics.presence_topic(dev), messages.OFFLINE, 1, True),
-                   ctx, (b.get("server_hostname") or b["host"]) if ctx else None, cfg["connect_timeout_ms"], log)
+                   ctx, h[2], cfg["connect_timeout_ms"], log)
     c.topics.append(topics.cmd_topic(dev))
     return c

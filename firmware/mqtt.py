@@ -86,7 +86,8 @@ class MQTTError(OSError):
 
 
 class RefusedError(MQTTError):
-    """The broker answered CONNACK with a non-zero return code (4: bad credentials, 5: not authorized)."""
+    """The broker answered CONNACK with a non-zero return code (4: bad credentials, 5: not authorized; 1, 2);
+    3 (server unavailable) raises a plain MQTTError: that node's trouble, not a refusal."""
 
 
 def _packet(first, parts):
@@ -261,7 +262,8 @@ class MQTTClient:
             if first != _CONNACK or len(data) != 2:
                 raise MQTTError("expected CONNACK, got 0x%02x" % first)
             if data[1]:
-                raise RefusedError("connection refused, code %d" % data[1])
+                # 3 (server unavailable) is this node's trouble, not ours: another node may take us
+                raise (MQTTError if data[1] == 3 else RefusedError)("connection refused, code %d" % data[1])
         except BaseException:
             self.close()
             raise

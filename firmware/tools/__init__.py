@@ -41,10 +41,15 @@ def add_parser(subparsers) -> None:
                         "(default: ./latch-devices/DEVICE_ID.json, mode 0600)")
     p.add_argument("--wifi-ssid", help="(default: $LATCH_WIFI_SSID)")
     p.add_argument("--wifi-password", help="(default: $LATCH_WIFI_PASSWORD)")
-    p.add_argument("--broker-host", required=True, help="MQTT broker host name as the device reaches it")
-    p.add_argument("--broker-port", type=int, help="default 8883 with --ca, else 1883")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--broker-host", help="MQTT broker host name as the device reaches it")
+    where.add_argument("--broker", help="the broker as mqtt[s]://HOST:PORT (as LATCH_BROKER); a clustered broker's "
+                                        "nodes comma-separated, all mqtts:// (needs --ca) or all mqtt://: "
+                                        "the lock moves to the next when its node goes away")
+    p.add_argument("--broker-port", type=int, help="with --broker-host: default 8883 with --ca, else 1883")
     p.add_argument("--ca", type=Path, help="the broker's CA certificate (PEM or DER): enables TLS")
-    p.add_argument("--server-hostname", help="name to check in the broker's certificate (default: --broker-host)")
+    p.add_argument("--server-hostname", help="name to check in the broker's certificate (default: the host of "
+                                             "each node tried)")
     p.add_argument("--build", type=Path, default=Path("build/firmware"),
                    help="the folder `latch firmware build` made (built now if missing)")
     p.add_argument("--config-out", type=Path, help="also write the generated config.json here")

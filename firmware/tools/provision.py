@@ -64,11 +64,38 @@ def credentials(api: str, token: str | None, device_id: str, path: Path, log=pri
     return creds
 
 
-def make_config(creds: dict, broker_host: str, broker_port: int | None = None, ca: Path | None = None,
+def broker_addresses(urls: str, ca: Path | None) -> list[tuple[str, int]]:
+    """`--broker`: mqtt[s]://HOST:PORT, a clustered broker's nodes comma-separated (as LATCH_BROKER), all
+    mqtts:// (TLS: the lock checks them against --ca, it has no other trust store) or all mqtt://."""
+    from latch.settings import parse_brokers
+    try:
+        nodes = parse_brokers(urls)
+    except ValueError as e:
+        raise ProvisionError(f"--broker: {e}") from None
+    if nodes[0].tls and ca is None:
+        raise ProvisionError("--broker mqtts://... needs --ca: the lock verifies the broker against that CA only")
+    if not nodes[0].tls and ca is not None:
+        raise ProvisionError("--ca with --broker mqtt://...: give the nodes as mqtts:// for TLS")
+    if len(nodes) > 8:
+        raise ProvisionError(f"--broker lists {len(nodes)} addresses: the lock keeps at most 8")
+    return [(n.host, n.port) for n in nodes]
+
+
+def make_config(creds: dict, broker_host: str | None = None, broker_port: int | None = None, ca: Path | None = None,
                 server_hostname: str | None = None, wifi_ssid: str | None = None,
-                wifi_password: str | None = None) -> dict:
-    broker: dict = {"host": broker_host, "tls": ca is not None}
-    broker["port"] = broker_port or (8883 if ca is not None else 1883)
+                wifi_password: str | None = None, brokers: list[tuple[str, int]] | None = None) -> dict:
+    """config.json: the broker as `broker_host`/`broker_port`, or `brokers` (a clustered broker's nodes; one
+    is written the single-host way, which every firmware reads)."""
+    broker: dict = {"tls": ca is not None}
+    if brokers and len(brokers) > 1:
+        broker["hosts"] = [[h, p] for h, p in brokers]
+    else:
+        if brokers:
+            broker_host, broker_port = brokers[0]
+        if not broker_host:
+            raise ProvisionError("no broker given (--broker or --broker-host)")
+        broker["host"] = broker_host
+        broker["port"] = broker_port or (8883 if ca is not None else 1883)
     if ca is not None:
         broker["ca_der"] = base64.b64encode(ca_der(ca)).decode()
         if server_hostname:
@@ -77,7 +104,10 @@ def make_config(creds: dict, broker_host: str, broker_port: int | None = None, c
            "command_key": creds["command_key"], "broker": broker}
     if wifi_ssid:
         cfg["wifi"] = {"ssid": wifi_ssid, "password": wifi_password or ""}
-    fwconfig.loads(json.dumps(cfg))  # what the firmware will accept at boot
+    try:
+        fwconfig.loads(json.dumps(cfg))  # what the firmware will accept at boot
+    except ValueError as e:
+        raise ProvisionError(f"the firmware would refuse this config: {e}") from None
     return cfg
 
 
@@ -115,9 +145,12 @@ def provision(args, log=print) -> int:
     cred_path = args.credentials or Path("latch-devices") / f"{args.device_id}.json"
     try:
         creds = credentials(args.api, token, args.device_id, cred_path, log=log)
+        brokers = broker_addresses(args.broker, args.ca) if getattr(args, "broker", None) else None
+        if brokers and args.broker_port:
+            raise ProvisionError("--broker-port goes with --broker-host; --broker URLs carry their ports")
         cfg = make_config(creds, args.broker_host, args.broker_port, args.ca, args.server_hostname,
                           args.wifi_ssid or os.environ.get("LATCH_WIFI_SSID"),
-                          args.wifi_password or os.environ.get("LATCH_WIFI_PASSWORD"))
+                          args.wifi_password or os.environ.get("LATCH_WIFI_PASSWORD"), brokers=brokers)
         if "wifi" not in cfg and not args.port.startswith("socket://"):
             log("warning: no WiFi given (--wifi-ssid): the board will not reach the broker")
         text = json.dumps(cfg)
@@ -127,7 +160,11 @@ def provision(args, log=print) -> int:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             log(f"wrote {out}")
+        b = cfg["broker"]
+        where = (", ".join(f"{h}:{p}" for h, p in b.get("hosts") or [(b["host"], b["port"])])
+                 + (" over TLS" if b["tls"] else " WITHOUT TLS"))
         if args.no_copy:
+            log(f"config of {args.device_id}: it connects to {where}")
             return 0
         build_dir = args.build
         if not (build_dir / "main.py").exists():
@@ -143,6 +180,5 @@ def provision(args, log=print) -> int:
     except ProvisionError as e:
         log(f"error: {e}")
         return 2
-    log(f"provisioned {args.device_id}: it connects to {cfg['broker']['host']}:{cfg['broker']['port']}"
-        + (" over TLS" if cfg["broker"]["tls"] else " WITHOUT TLS"))
+    log(f"provisioned {args.device_id}: it connects to {where}")
     return 0

@@ -107,8 +107,9 @@ class MqttProxy:
         self._lock_writers: list[asyncio.StreamWriter] = []
         self._tasks: set[asyncio.Task] = set()
 
-    async def start(self) -> "MqttProxy":
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> "MqttProxy":
+        """Listen on `port` (0: an ephemeral one; a closed proxy's port: the same node back)."""
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

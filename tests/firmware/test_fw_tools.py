@@ -106,6 +106,53 @@ def test_generated_config_with_tls(tmp_path):
         fwconfig.loads(json.dumps({**plain, "command_key": "abc"}))
 
 
+def test_provision_takes_a_clusters_broker_nodes(tmp_path, capsys):
+    """--broker as LATCH_BROKER takes it: mqtt[s]://HOST:PORT, a clustered broker's nodes comma-separated."""
+    ca = ScratchCA()
+    pem = tmp_path / "ca.pem"
+    pem.write_bytes(ca.pem())
+    creds = tmp_path / "bike-0042.json"
+    creds.write_text(json.dumps({"id": "bike-0042", "mqtt_password": "pw", "command_key": "ab" * 32}))
+
+    def provision(*extra):
+        out = tmp_path / "config.json"
+        out.unlink(missing_ok=True)
+        args = parse("firmware", "provision", "--port", "socket://127.0.0.1:1", "--device-id", "bike-0042",
+                     "--credentials", str(creds), "--no-copy", "--config-out", str(out), *extra)
+        rc = args.func(args)
+        return rc, capsys.readouterr().out, json.loads(out.read_text()) if out.exists() else None
+
+    rc, out, cfg = provision("--broker", "mqtts://n1.example.org:8883, mqtts://n2.example.org:8884,mqtts://10.0.0.3",
+                             "--ca", str(pem), "--server-hostname", "mqtt.example.org")
+    assert rc == 0, out
+    assert cfg["broker"] == {"hosts": [["n1.example.org", 8883], ["n2.example.org", 8884], ["10.0.0.3", 8883]],
+                             "tls": True, "ca_der": base64.b64encode(ca.der()).decode(),
+                             "server_hostname": "mqtt.example.org"}
+    assert "connects to n1.example.org:8883, n2.example.org:8884, 10.0.0.3:8883 over TLS" in out
+    assert [tuple(h) for h in fwconfig.loads(json.dumps(cfg))["broker"]["hosts"]] == [
+        ("n1.example.org", 8883, "mqtt.example.org"), ("n2.example.org", 8884, "mqtt.example.org"),
+        ("10.0.0.3", 8883, "mqtt.example.org")]
+    # one address: written the single-host way, which every firmware reads
+    rc, out, cfg = provision("--broker", "mqtt://10.0.0.5:1884")
+    assert rc == 0 and cfg["broker"] == {"host": "10.0.0.5", "port": 1884, "tls": False}, out
+    for extra, why in [
+        (("--broker", "mqtts://a,mqtts://b"), "needs --ca"),
+        (("--broker", "mqtt://a,mqtt://b", "--ca", str(pem)), "give the nodes as mqtts://"),
+        (("--broker", "mqtt://a,mqtts://b", "--ca", str(pem)), "mix mqtt:// and mqtts://"),
+        (("--broker", "mqtt://a:99999"), "must look like"),
+        (("--broker", ",".join(f"mqtt://n{i}:1883" for i in range(9))), "at most 8"),
+        (("--broker", "mqtt://a:1883", "--broker-port", "1884"), "--broker-port goes with --broker-host"),
+    ]:
+        rc, out, cfg = provision(*extra)
+        assert rc == 2 and why in out and cfg is None, (extra, out)
+    with pytest.raises(SystemExit):  # one or the other
+        parse("firmware", "provision", "--port", "p", "--device-id", "d", "--broker", "mqtt://a:1",
+              "--broker-host", "a")
+    with pytest.raises(SystemExit):
+        parse("firmware", "provision", "--port", "p", "--device-id", "d")
+    capsys.readouterr()
+
+
 async def test_provision_over_mpremote_then_the_board_unlocks(stack, micropython, mpy_cross, tmp_path, capsys):
     build_dir = tmp_path / "build"
     build(build_dir, mpy_cross=mpy_cross, log=lambda *a: None)
