@@ -51,7 +51,7 @@ import sqlite3
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -325,20 +325,7 @@ class Cluster:
         await self.wait_online(timeout=120)
 
     async def wait_online(self, timeout: float) -> int:
-        """Bounded wait until the API shows every lock online (presence is applied asynchronously)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        online = 0
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-            while loop.time() < deadline:
-                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-                    async with http.get(f"{self.api_url}/v1/devices", params={"limit": "1000"},
-                                        timeout=aiohttp.ClientTimeout(total=10)) as r:
-                        online = sum(d["online"] for d in await r.json())
-                if online >= self.cfg.devices:
-                    break
-                await asyncio.sleep(0.2)
-        return online
+        return await wait_online(self.api_url, self.cfg.devices, timeout)
 
     async def inject(self, fault: Fault, planned_at: float, t0: float, rng: random.Random) -> FaultDone:
         loop = asyncio.get_running_loop()
@@ -360,6 +347,24 @@ class Cluster:
         for s in reversed(self.services):   # the simulator first: its records are complete when it exits
             await s.stop()
         await self.relay.stop()
+
+
+async def wait_online(api_url: str, devices: int, timeout: float) -> int:
+    """Bounded wait until the API shows `devices` locks online (presence is applied asynchronously);
+    returns how many it shows."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    online = 0
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        while loop.time() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                async with http.get(f"{api_url}/v1/devices", params={"limit": "1000"},
+                                    timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    online = sum(d["online"] for d in await r.json())
+            if online >= devices:
+                break
+            await asyncio.sleep(0.2)
+    return online
 
 
 # ---- the phone app ---------------------------------------------------------------------------------
@@ -578,16 +583,85 @@ def audit(accepted: Iterable[str], rows: dict[str, Row], actuations: list[Actuat
 # ---- the run ---------------------------------------------------------------------------------------
 
 
-async def wait_all_final(cluster: Cluster, deadline_ms: int, poll_s: float = 0.5) -> int:
+async def wait_all_final(data_dir: Path, database_url: str | None, deadline_ms: int, poll_s: float = 0.5) -> int:
     """Bounded wait until the API holds no command that is not final; returns how many are not."""
     open_rows = -1
     while True:
         with contextlib.suppress(sqlite3.Error):
-            rows = read_rows(cluster.data_dir, cluster.cfg.database_url)
+            rows = read_rows(data_dir, database_url)
             open_rows = sum(r.status not in FINAL_STATUSES for r in rows.values())
         if open_rows == 0 or time.time() * 1000 > deadline_ms:
             return open_rows
         await asyncio.sleep(poll_s)
+
+
+async def offer_taps(cfg: Config, app: App, t0: float, rng: random.Random, run_tag: str,
+                     say: Callable[[str], None] | None = None) -> tuple[list[Tap], int]:
+    """Offer `cfg.commands` unlocks at `cfg.rate` from loop time `t0` (open loop: the i-th at t0 + i/rate,
+    whatever the earlier ones are doing), to the locks in turn (sim-0001, sim-0002, ...), each tap with its
+    own key `run_tag`-i; then wait (bounded by the follow window) for every tap to end. (taps, shed: taps not
+    made because `cfg.max_in_flight` were open.)"""
+    loop = asyncio.get_running_loop()
+    taps: list[Tap] = []
+    shed = 0
+    open_taps: set[asyncio.Task[None]] = set()
+    for i in range(cfg.commands):
+        scheduled = t0 + i / cfg.rate
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(open_taps) >= cfg.max_in_flight:
+            shed += 1
+            continue
+        t = Tap(i, f"sim-{i % cfg.devices + 1:04d}", f"{run_tag}-{i}", scheduled)
+        taps.append(t)
+        task = loop.create_task(app.tap(t, random.Random(rng.random())))
+        open_taps.add(task)
+        task.add_done_callback(open_taps.discard)
+        if say is not None and i and i % max(int(cfg.rate * 30), 1) == 0:
+            say(f"  {loop.time() - t0:7.1f}s  {i} offered, {len(open_taps)} open")
+    if open_taps:
+        await asyncio.wait(open_taps, timeout=cfg.follow_s + 30)
+    for task in list(open_taps):
+        task.cancel()
+    return taps, shed
+
+
+def tally(cfg: Config, taps: list[Tap], shed: int, rows: dict[str, Row], actuations: list[Actuation],
+          still_open: int) -> dict:
+    """What a run's taps, the API's rows and the locks' records add up to: the commands by outcome, the five
+    counts (`audit`), examples of each, and the latency of the succeeded taps as the app saw it."""
+    accepted = {t.command_id for t in taps if t.command_id is not None}
+    result = audit(accepted, rows, actuations)
+    final_by_status = Counter(rows[c].status for c in accepted if c in rows)
+    reasons = Counter(f"{rows[c].status}: {rows[c].reason}" for c in accepted
+                      if c in rows and rows[c].status != "succeeded")
+    latencies = [(t.done_at - t.scheduled) * 1000 for t in taps if t.status == "succeeded" and t.done_at]
+    refusals: Counter[str] = Counter()
+    for t in taps:
+        refusals.update(t.refusals)
+    return {
+        "commands": {
+            "offered": cfg.commands, "shed_by_load_generator": shed, "accepted": len(accepted),
+            "never_accepted": sum(t.command_id is None for t in taps),
+            "final": sum(final_by_status[s] for s in FINAL_STATUSES),
+            "final_by_status": dict(sorted(final_by_status.items())),
+            "not_succeeded_by_reason": dict(reasons.most_common()),
+            "api_rows": len(rows), "api_rows_not_final": still_open,
+            "api_rows_the_app_never_heard_of": len(set(rows) - accepted),   # the app gave up, yet the API made it
+            "api_rows_the_app_never_heard_of_by_status": dict(Counter(rows[c].status for c in set(rows) - accepted)),
+            "retried_taps": sum(t.attempts > 1 for t in taps), "attempts": sum(t.attempts for t in taps),
+            "refusals_and_errors_by_kind": dict(sorted(refusals.items())),
+            "app_saw_final": sum(t.done_at is not None for t in taps),
+        },
+        "counts": result.counts(),
+        "false_success_detail": result.detail(),
+        "examples": result.examples(),
+        "actuations": len(actuations),
+        "latency_ms_succeeded": {"n": len(latencies), "p50": round(pct(latencies, 50), 1),
+                                 "p99": round(pct(latencies, 99), 1),
+                                 "max": round(max(latencies, default=float("nan")), 1)},
+    }
 
 
 async def run(cfg: Config, data_dir: Path, progress: bool = True) -> dict:
@@ -636,31 +710,12 @@ async def run(cfg: Config, data_dir: Path, progress: bool = True) -> dict:
                         + (f", {done.locks_cut} lock connections cut" if f.kind == "locks" else ""))
 
             chaos_task = loop.create_task(chaos())
-            open_taps: set[asyncio.Task[None]] = set()
-            for i in range(cfg.commands):
-                scheduled = t0 + i / cfg.rate
-                delay = scheduled - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if len(open_taps) >= cfg.max_in_flight:
-                    shed += 1
-                    continue
-                t = Tap(i, f"sim-{i % cfg.devices + 1:04d}", f"{run_tag}-{i}", scheduled)
-                taps.append(t)
-                task = loop.create_task(app.tap(t, random.Random(rng.random())))
-                open_taps.add(task)
-                task.add_done_callback(open_taps.discard)
-                if progress and i and i % max(int(cfg.rate * 30), 1) == 0:
-                    say(f"  {loop.time() - t0:7.1f}s  {i} offered, {len(open_taps)} open")
+            taps, shed = await offer_taps(cfg, app, t0, rng, run_tag, say if progress else None)
             await asyncio.wait_for(chaos_task, cfg.duration_s + 60 * max(cfg.faults, 1))
-            if open_taps:
-                await asyncio.wait(open_taps, timeout=cfg.follow_s + 30)
-            for task in list(open_taps):
-                task.cancel()
         load_s = loop.time() - t0
         # every command the API holds is final, or its deadline (and a margin for a restart) is past
         horizon_ms = int(time.time() * 1000) + int((cfg.ttl_s + cfg.settle_grace_s + 15) * 1000)
-        still_open = await wait_all_final(cluster, horizon_ms)
+        still_open = await wait_all_final(data_dir, cfg.database_url, horizon_ms)
         for s in cluster.services:
             s.check_alive()
         cpu = {s.name: round(s.cpu_s - cpu_before.get(s.name, 0.0), 2) for s in cluster.services}
@@ -677,16 +732,8 @@ async def run(cfg: Config, data_dir: Path, progress: bool = True) -> dict:
 
     rows = read_rows(data_dir, cfg.database_url)
     actuations = read_actuations(cluster.sim_dir)
-    accepted = {t.command_id for t in taps if t.command_id is not None}
-    result = audit(accepted, rows, actuations)
-    final_by_status = Counter(rows[c].status for c in accepted if c in rows)
-    reasons = Counter(f"{rows[c].status}: {rows[c].reason}" for c in accepted
-                      if c in rows and rows[c].status != "succeeded")
-    latencies = [(t.done_at - t.scheduled) * 1000 for t in taps if t.status == "succeeded" and t.done_at]
-    refusals: Counter[str] = Counter()
-    for t in taps:
-        refusals.update(t.refusals)
-    succeeded = final_by_status.get("succeeded", 0)
+    tallied = tally(cfg, taps, shed, rows, actuations, still_open)
+    succeeded = tallied["commands"]["final_by_status"].get("succeeded", 0)
     kills = {"broker": cluster.broker.kills, "api": cluster.api.kills,
              "lock_link_cuts": sum(f.kind == "locks" for f in done_faults),
              "lock_connections_cut": sum(f.locks_cut for f in done_faults)}
@@ -694,30 +741,11 @@ async def run(cfg: Config, data_dir: Path, progress: bool = True) -> dict:
         "bench": "chaos", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "database": "postgresql" if cfg.database_url else "sqlite",
         "config": {k: v for k, v in asdict(cfg).items() if k != "database_url"},
-        "commands": {
-            "offered": cfg.commands, "shed_by_load_generator": shed, "accepted": len(accepted),
-            "never_accepted": sum(t.command_id is None for t in taps),
-            "final": sum(final_by_status[s] for s in FINAL_STATUSES),
-            "final_by_status": dict(sorted(final_by_status.items())),
-            "not_succeeded_by_reason": dict(reasons.most_common()),
-            "api_rows": len(rows), "api_rows_not_final": still_open,
-            "api_rows_the_app_never_heard_of": len(set(rows) - accepted),   # the app gave up, yet the API made it
-            "api_rows_the_app_never_heard_of_by_status": dict(Counter(rows[c].status for c in set(rows) - accepted)),
-            "retried_taps": sum(t.attempts > 1 for t in taps), "attempts": sum(t.attempts for t in taps),
-            "refusals_and_errors_by_kind": dict(sorted(refusals.items())),
-            "app_saw_final": sum(t.done_at is not None for t in taps),
-        },
-        "counts": result.counts(),
-        "false_success_detail": result.detail(),
-        "examples": result.examples(),
-        "actuations": len(actuations),
+        **tallied,
         "kills": kills,
         "faults": [asdict(f) for f in done_faults],
         "unexpected_exits": crashes,
         "failed_starts": {s.name: s.failed_starts for s in cluster.services if s.failed_starts},
-        "latency_ms_succeeded": {"n": len(latencies), "p50": round(pct(latencies, 50), 1),
-                                 "p99": round(pct(latencies, 99), 1),
-                                 "max": round(max(latencies, default=float("nan")), 1)},
         "timeline_10s": timeline(rows),
         "load_s": round(load_s, 1),
         "cpu_s": cpu,

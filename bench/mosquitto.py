@@ -13,7 +13,6 @@ from bench.procs import Proc, free_port
 async def start_mosquitto(directory: Path, env: dict[str, str]) -> tuple[int, int, Proc]:
     """(devices' port, API replicas' port, the running broker). The registry's files are written first
     (the service user must be in them); the API keeps them current (LATCH_MOSQUITTO_CONFIG_DIR)."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     port, service_port = free_port(), free_port()
     latch_dir = directory / "latch"
     latch_dir.mkdir(parents=True, exist_ok=True)
@@ -28,6 +27,13 @@ async def start_mosquitto(directory: Path, env: dict[str, str]) -> tuple[int, in
         *(["user root"] if os.geteuid() == 0 else []),
         f"pid_file {directory / 'mosquitto.pid'}", "persistence false", "per_listener_settings false",
         "set_tcp_nodelay true", "log_dest none", "max_queued_messages 10000", f"include_dir {latch_dir}", ""]))
+    return port, service_port, await launch_mosquitto(conf, port)
+
+
+async def launch_mosquitto(conf: Path, port: int) -> Proc:
+    """Run Mosquitto with `conf` (what start_mosquitto wrote: again after a kill, the same ports) until it
+    accepts connections on `port`."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
     proc = await asyncio.create_subprocess_exec(binary, "-c", str(conf), stdin=asyncio.subprocess.DEVNULL,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     broker = Proc("broker", proc)
@@ -41,4 +47,4 @@ async def start_mosquitto(directory: Path, env: dict[str, str]) -> tuple[int, in
                 raise RuntimeError(f"mosquitto exited with {proc.returncode}")
             await asyncio.sleep(0.05)
     broker.drain()
-    return port, service_port, broker
+    return broker
