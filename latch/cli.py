@@ -211,7 +211,8 @@ def _broker_config_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--data-dir", type=_dir, help="Latch's data dir: database and service secret (./latch-data)")
     p.add_argument("--database-url", help="SQLAlchemy URL (default sqlite:///DATA_DIR/latch.db)")
     p.add_argument("--port", type=_port, default=1883, help="port of the listener in latch.conf (1883)")
-    p.add_argument("--bind", default="127.0.0.1", help="address of that listener ('' = every interface)")
+    p.add_argument("--bind", help="address of that listener ('' = every interface; default 127.0.0.1); nats: of "
+                                  "every node's listeners (default: the node's own host)")
     p.add_argument("--service-port", type=_port, default=1884,
                    help="a second listener for the API replicas, whose client ids are their own (1884; 0 = none)")
     p.add_argument("--service-bind", default="127.0.0.1", help="address of the service listener (127.0.0.1)")
@@ -225,6 +226,7 @@ def _broker_config_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
     nats.add_argument("--store-dir", type=Path, metavar="D", help="JetStream stores, D/node-N (DATA_DIR/nats)")
     nats.add_argument("--tls-cert", type=Path, metavar="F", help="the MQTT listeners' certificate (PEM)")
     nats.add_argument("--tls-key", type=Path, metavar="F", help="its key")
+    nats.add_argument("--monitor-port", type=_port, metavar="P", help="each node's HTTP monitoring port (/healthz)")
     _log_opts(p)
 
     def run(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """A NATS cluster as Latch's MQTT broker: one configuration file per node, from Latch's settings and registry.
 
     latch broker-config nats --out DIR --nodes HOST:CLIENT:CLUSTER:MQTT[,...] [--fleet N] [--store-dir D]
-                             [--tls-cert F --tls-key F]
+                             [--tls-cert F --tls-key F] [--bind ADDR] [--monitor-port P]
 
 writes DIR/node-1.conf … node-N.conf (each atomically; 0644: they hold no secret, only the callout user's
 bcrypt hash and the issuer's public key). Start node i with ``nats-server -c DIR/node-i.conf``; run the API with
@@ -90,22 +90,26 @@ def parse_nodes(text_: str) -> list[Node]:
 
 
 def node_conf(nodes: list[Node], i: int, *, issuer: str, auth_hash: str, fleet: int, store_dir: Path,
-              tls: tuple[Path, Path] | None = None) -> str:
-    """The configuration of node `i` (0-based) of `nodes`."""
+              tls: tuple[Path, Path] | None = None, bind: str | None = None, monitor_port: int | None = None) -> str:
+    """The configuration of node `i` (0-based) of `nodes`. Its listeners bind to `bind` ('' = every interface;
+    None: the node's own host, as on one machine); routes name the other nodes by their hosts."""
     node = nodes[i]
+    at = node.host if bind is None else (bind or "0.0.0.0")
     replicas = min(MAX_REPLICAS, len(nodes))
     lines = [HEADER,
              f'server_name: "n{i + 1}"',
-             f'listen: "{node.host}:{node.client_port}"',
+             f'listen: "{at}:{node.client_port}"',
              f'jetstream {{ store_dir: "{store_dir / f"node-{i + 1}"}" }}']
+    if monitor_port is not None:
+        lines.append(f'http: "{at}:{monitor_port}"')
     if len(nodes) > 1:
         routes = ", ".join(f'"nats-route://{n.host}:{n.cluster_port}"' for n in nodes)
-        lines.append(f'cluster {{ name: "{CLUSTER_NAME}", listen: "{node.host}:{node.cluster_port}", '
+        lines.append(f'cluster {{ name: "{CLUSTER_NAME}", listen: "{at}:{node.cluster_port}", '
                      f'routes: [{routes}] }}')
     tls_block = ""
     if tls is not None:
         tls_block = f' tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}'
-    lines.append(f'mqtt {{ listen: "{node.host}:{node.mqtt_port}", stream_replicas: {replicas}, '
+    lines.append(f'mqtt {{ listen: "{at}:{node.mqtt_port}", stream_replicas: {replicas}, '
                  f'max_ack_pending: {MAX_ACK_PENDING}{tls_block} }}')
     lines += [
         "accounts {",
@@ -123,7 +127,7 @@ def node_conf(nodes: list[Node], i: int, *, issuer: str, auth_hash: str, fleet: 
 
 
 def write(out: Path, settings: Settings, nodes: list[Node], fleet: int, store_dir: Path,
-          tls: tuple[Path, Path] | None = None) -> list[Path]:
+          tls: tuple[Path, Path] | None = None, bind: str | None = None, monitor_port: int | None = None) -> list[Path]:
     """Every node's file in `out`; the secrets come from (or are generated into) the data dir."""
     settings.ensure_nats_auth_secrets()
     assert settings.nats_auth_secret and settings.nats_issuer_seed
@@ -135,7 +139,7 @@ def write(out: Path, settings: Settings, nodes: list[Node], fleet: int, store_di
     for i in range(len(nodes)):
         path = out / f"node-{i + 1}.conf"
         _write_atomically(path, node_conf(nodes, i, issuer=issuer, auth_hash=auth_hash, fleet=fleet,
-                                          store_dir=store_dir, tls=tls))
+                                          store_dir=store_dir, tls=tls, bind=bind, monitor_port=monitor_port))
         written.append(path)
     return written
 
@@ -202,7 +206,7 @@ def cli_main(args: argparse.Namespace) -> int:
         fleet = args.fleet if args.fleet is not None else max(DEFAULT_FLEET, 2 * asyncio.run(registry_size(settings)))
         store = (args.store_dir or settings.data_dir / "nats").resolve()
         tls = (args.tls_cert.resolve(), args.tls_key.resolve()) if args.tls_cert is not None else None
-        paths = write(args.out, settings, nodes, fleet, store, tls)
+        paths = write(args.out, settings, nodes, fleet, store, tls, args.bind, args.monitor_port)
     except NatsConfigError as e:
         raise SystemExit(f"latch broker-config: {e}") from None
     print(f"NATS cluster configuration for {len(nodes)} node(s), sized for {fleet} devices and riders, in "

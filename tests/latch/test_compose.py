@@ -41,8 +41,12 @@ PROFILES = {
     "embedded": {"latch"},
     "scale": {"postgres", "migrate", "broker-config", "mosquitto", "mosquitto-reload", "nats", "api-1", "api-2",
               "sim"},
+    "cluster": {"cluster-postgres", "cluster-migrate", "nats-config", "nats-1", "nats-2", "nats-3", "cluster-api-1",
+                "cluster-api-2", "cluster-sim"},
     "observability": {"prometheus", "grafana"},   # checked further in tests/ops/test_observability_config.py
 }
+CLUSTER_REPLICAS = {"cluster-api-1", "cluster-api-2"}
+NATS_NODES = ["nats-1", "nats-2", "nats-3"]
 API_REPLICAS = {"api-1", "api-2"}
 LATCH_MOSQUITTO_DIR = "/mosquitto/latch"   # the files `latch broker-config` and the API replicas write
 # start-up order the contract requires (more edges may exist): service -> {dependency: condition}
@@ -195,8 +199,9 @@ def test_scale_runs_postgres_mosquitto_two_api_replicas_and_a_simulator() -> Non
     assert s["mosquitto"]["command"] == ["mosquitto", "-c", "/mosquitto/config/mosquitto.conf"]
     assert s["migrate"]["command"] == ["db", "upgrade"]
     assert s["broker-config"]["command"][:4] == ["broker-config", "mosquitto", "--out", LATCH_MOSQUITTO_DIR]
-    assert {n for n in _latch_services() if s[n]["command"][0] == "api"} == API_REPLICAS
-    assert {n for n in _latch_services() if s[n]["command"][0] == "sim"} == {"sim"}
+    scale = PROFILES["scale"]
+    assert {n for n in _latch_services() if n in scale and s[n]["command"][0] == "api"} == API_REPLICAS
+    assert {n for n in _latch_services() if n in scale and s[n]["command"][0] == "sim"} == {"sim"}
     assert {n for n in PROFILES["scale"] if s[n].get("restart") == "no"} == {"migrate", "broker-config"}
 
 
@@ -212,6 +217,59 @@ def test_scale_carries_events_between_the_replicas_on_nats_jetstream() -> None:
     for name in API_REPLICAS:
         url = urlsplit(_env(s[name])["LATCH_NATS_URL"])
         assert (url.scheme, url.hostname, url.port) == ("nats", "nats", 4222)
+
+
+def test_cluster_runs_the_api_replicas_and_the_locks_on_three_nats_nodes() -> None:
+    s = _services()
+    config = _parse(s["nats-config"]["command"])
+    assert (config.command, config.flavour, config.bind) == ("broker-config", "nats", "")
+    nodes = [n.split(":") for n in config.nodes.split(",")]
+    assert [n[0] for n in nodes] == NATS_NODES
+    for i, name in enumerate(NATS_NODES):
+        node = s[name]
+        assert node["image"].startswith("nats:2.") and node["command"] == ["-c", f"{config.out}/node-{i + 1}.conf"]
+        assert _mounts(node)[str(config.out)] == ("nats-conf", True)
+        assert _mounts(node)[str(config.store_dir)][0] == f"{name}-data", "each node its own JetStream store"
+        assert str(config.monitor_port) in " ".join(node["healthcheck"]["test"])
+        assert node["depends_on"] == {"nats-config": {"condition": "service_completed_successfully"}}
+    mqtt = {(host, int(mqtt_port)) for host, _, _, mqtt_port in nodes}
+    clients = {(host, int(client)) for host, client, _, _ in nodes}
+    for name in sorted(CLUSTER_REPLICAS):
+        args, env = _parse(s[name]["command"]), _env(s[name])
+        assert {parse_broker_url(u)[:2] for u in args.broker.split(",")} == mqtt, "every node, to move to another"
+        assert {(u.hostname, u.port) for u in map(urlsplit, env["LATCH_NATS_AUTH_URL"].split(","))} == clients
+        assert env["LATCH_NATS_URL"] == env["LATCH_NATS_AUTH_URL"] and env["LATCH_NATS_REPLICAS"] == "3"
+        assert urlsplit(args.database_url).hostname == "cluster-postgres" == urlsplit(env["LATCH_DATABASE_URL"]).hostname
+        assert {d for d, c in s[name]["depends_on"].items() if c["condition"] == "service_healthy"} \
+            == {"cluster-postgres", *NATS_NODES}
+    one, two = (_env(s[n]) for n in sorted(CLUSTER_REPLICAS))
+    assert {k for k in one if one[k] != two[k]} == {"LATCH_API_CLIENT_ID"}
+    assert one["LATCH_NATS_AUTH_SECRET"] == _env(s["nats-config"])["LATCH_NATS_AUTH_SECRET"]
+    sim = _parse(s["cluster-sim"]["command"])
+    assert {parse_broker_url(u)[:2] for u in sim.broker.split(",")} == mqtt
+
+
+def test_the_nodes_files_follow_the_compose_wiring(tmp_path: Path) -> None:
+    """`latch broker-config nats` run with the compose file's own arguments (paths moved into tmp_path): a file per
+    node, listening on the container's interfaces, the health check's monitoring port, and the callout's issuer
+    the key the replicas sign with."""
+    from api import nats_jwt
+    from latch import nats_config
+
+    s = _services()
+    args = _parse(s["nats-config"]["command"])
+    env = {k: v for k, v in _env(s["nats-config"]).items()}
+    seed = re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", env["LATCH_NATS_ISSUER_SEED"])
+    secret = re.sub(r"\$\{[A-Z_]+:-(.*)\}", r"\1", env["LATCH_NATS_AUTH_SECRET"])
+    settings = Settings(data_dir=tmp_path / "data", nats_issuer_seed=seed, nats_auth_secret=secret)
+    paths = nats_config.write(tmp_path / "conf", settings, nats_config.parse_nodes(args.nodes), args.fleet,
+                              args.store_dir, bind=args.bind, monitor_port=args.monitor_port)
+    assert [p.name for p in paths] == [PurePosixPath(s[n]["command"][-1]).name for n in NATS_NODES]
+    text = paths[1].read_text()
+    for needle in ('listen: "0.0.0.0:4222"', 'listen: "0.0.0.0:1883"', f'http: "0.0.0.0:{args.monitor_port}"',
+                   '"nats-route://nats-3:6222"', 'store_dir: "/data/node-2"', nats_jwt.public_key(seed.encode())):
+        assert needle in text, needle
+    assert secret not in text
 
 
 # ---------------------------------------------------------------------------------------------- commands
