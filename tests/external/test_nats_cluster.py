@@ -260,16 +260,20 @@ async def test_broker_config_cli_writes_the_node_files(tmp_path: Path) -> None:
     assert code == 1 and "HOST:CLIENT_PORT:CLUSTER_PORT:MQTT_PORT" in printed
 
 
-async def test_the_firmware_under_micropython_unlocks_through_the_cluster(tmp_path: Path) -> None:
-    """The lock's own firmware (micropython, Unix HAL) on node 3: it logs in through the callout, syncs its
-    clock, and executes a signed unlock the API sent through node 1."""
+async def test_the_firmware_under_micropython_unlocks_through_the_cluster_and_moves_when_its_node_dies(
+        tmp_path: Path) -> None:
+    """The lock's own firmware (micropython, Unix HAL), given two of the nodes (node 3 first): it logs in through
+    the callout, syncs its clock and executes a signed unlock the API sent through node 1; node 3 is killed,
+    and the firmware moves to node 1, where the next unlock reaches it."""
     from tests.firmware.fwsupport import FirmwareProcess, device_config, need_tool
 
     micropython = need_tool("micropython")
     async with api_on_cluster(tmp_path) as (live, cluster):
         reg = await live.register("bike-0003")
-        host, port = cluster.mqtt_addresses[2]
-        fw = FirmwareProcess(micropython, tmp_path / "fw", device_config(reg, host, port, tmp_path / "fw"))
+        n1, _, n3 = cluster.mqtt_addresses
+        cfg = device_config(reg, *n3, tmp_path / "fw", broker={"hosts": [list(n3), list(n1)]})
+        cfg["broker"].pop("host"), cfg["broker"].pop("port")
+        fw = FirmwareProcess(micropython, tmp_path / "fw", cfg)
         await fw.start()
         try:
             await fw.wait_line(r"clock synchronised", timeout=60)
@@ -277,6 +281,16 @@ async def test_the_firmware_under_micropython_unlocks_through_the_cluster(tmp_pa
             r = await live.command("bike-0003", "unlock", wait=20)
             assert r.json()["status"] == "succeeded", (r.text, fw.output())
             assert fw.motor_runs() == 1
+
+            mark = len(fw.lines)
+            cluster.kill(2)
+            await fw.wait_line(rf"connecting to 127\.0\.0\.1:{n1[1]}", timeout=60, after=mark)
+
+            async def locked_again() -> bool:
+                r = await live.command("bike-0003", "lock", wait=10)
+                return r.status_code == 201 and r.json()["status"] == "succeeded"
+            await eventually(locked_again, timeout=90, interval=1.0, what="a lock command through node 1")
+            assert fw.motor_runs() == 2
         finally:
             await fw.stop()
 
