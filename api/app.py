@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -154,40 +154,38 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await schema.check(database, settings.resolved_database_url())   # refuses an un-migrated database
-        await runtime.registry.seal_plain_keys()   # command keys an older version stored in plain text
-        listener = None
-        if database.is_postgres:   # other replicas' changes (api/pg_bus.py); listening before reading the head
-            channels = {pg_bus.DEADLINE: runtime.sweeper.on_notify}
-            if runtime.events.bus is None:   # with NATS, events travel there (api/nats_bus.py)
-                channels[pg_bus.EVENTS] = runtime.events.on_notify
-            listener = PgListener(database.url, channels, on_reconnect=runtime.events.resync)
-            await listener.start()
-        if nats_auth is not None:      # first: a NATS cluster asks it about this API's own logins (MQTT, events)
-            await nats_auth.start()
-        await runtime.events.start()   # before the broker link: presence arrives as soon as it connects
-        await runtime.notifications.start()   # its index before any transport reads a notification
-        if mosquitto is not None:      # before connecting: the service user must be in Mosquitto's files
-            await mosquitto.sync("start-up")
-        (host, port), *others = settings.broker_addresses()
-        await runtime.link.start(host, port, tls=settings.broker_tls(), fallbacks=others)
-        runtime.sweeper.start()
-        runtime.fleet.start()   # after the sweeper: the rollout shares its lease
-        try:
-            yield
-        finally:
-            runtime.events.close_all("server shutting down")
-            await runtime.fleet.stop()     # before the sweeper releases the lease and the link stops
-            await runtime.notifications.stop()   # flushes its counts
-            await runtime.sweeper.stop()
-            await runtime.link.stop()
-            if nats_auth is not None:
-                await nats_auth.stop()
-            await runtime.events.stop()   # last of what writes events: with NATS it relays what is left
-            if listener is not None:
-                await listener.stop()
+        # every part is stopped in the reverse order of its start, also when a later start fails (a broker that
+        # cannot be reached must not leave the PostgreSQL listener, the NATS connections or the database open)
+        async with AsyncExitStack() as parts:
             if own_db:
-                await database.close()
+                parts.push_async_callback(database.close)
+            await schema.check(database, settings.resolved_database_url())   # refuses an un-migrated database
+            await runtime.registry.seal_plain_keys()   # command keys an older version stored in plain text
+            if database.is_postgres:   # other replicas' changes (api/pg_bus.py); listening before reading the head
+                channels = {pg_bus.DEADLINE: runtime.sweeper.on_notify}
+                if runtime.events.bus is None:   # with NATS, events travel there (api/nats_bus.py)
+                    channels[pg_bus.EVENTS] = runtime.events.on_notify
+                listener = PgListener(database.url, channels, on_reconnect=runtime.events.resync)
+                parts.push_async_callback(listener.stop)
+                await listener.start()
+            if nats_auth is not None:      # first: a NATS cluster asks it about this API's own logins (MQTT, events)
+                parts.push_async_callback(nats_auth.stop)
+                await nats_auth.start()
+            parts.push_async_callback(runtime.events.stop)   # last of what writes events: with NATS it relays the rest
+            await runtime.events.start()   # before the broker link: presence arrives as soon as it connects
+            parts.push_async_callback(runtime.notifications.stop)   # flushes its counts
+            await runtime.notifications.start()   # its index before any transport reads a notification
+            if mosquitto is not None:      # before connecting: the service user must be in Mosquitto's files
+                await mosquitto.sync("start-up")
+            (host, port), *others = settings.broker_addresses()
+            parts.push_async_callback(runtime.link.stop)
+            await runtime.link.start(host, port, tls=settings.broker_tls(), fallbacks=others)
+            parts.push_async_callback(runtime.sweeper.stop)
+            runtime.sweeper.start()
+            parts.push_async_callback(runtime.fleet.stop)   # before the sweeper releases the lease and the link stops
+            runtime.fleet.start()   # after the sweeper: the rollout shares its lease
+            parts.callback(runtime.events.close_all, "server shutting down")
+            yield
 
     app = FastAPI(title="Latch", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Press Unlock, a lock opens, exactly once. Operator API: "

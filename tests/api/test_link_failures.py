@@ -87,3 +87,46 @@ async def test_healthz_is_503_while_the_broker_link_is_down_and_unlocks_resume_q
         # the lock's own reconnect delay; the API's link retries every 0.25 s (it waited ~7 s before)
         print(f"unlock succeeded {time.monotonic() - up:.2f}s after the broker was back")
         assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_a_start_up_that_cannot_reach_the_broker_leaves_nothing_open(tmp_path: Path) -> None:
+    """The broker link is the last part to start: when it fails, every part started before it is stopped again
+    (api/app.py lifespan, one AsyncExitStack): the database's connections, and on PostgreSQL its LISTEN
+    connection, are closed, and the error names the broker."""
+    import pytest
+    from sqlalchemy import text
+
+    from api import schema
+    from api.app import create_app
+    from api.db import Database
+    from mqtt_client import MqttConnectError
+    from tests.conformance.brokers import free_port
+    from tests.support import make_settings
+
+    settings = make_settings(tmp_path, broker=f"mqtt://127.0.0.1:{free_port()}")   # nobody listens there
+    settings.ensure_secrets()
+    probe = Database(settings.resolved_database_url())
+    await schema.upgrade(probe)
+
+    async def others() -> int:   # connections to this database other than the probe's own
+        return int(await probe.read(lambda s: s.connection().execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()")).scalar_one()))
+
+    before = await others() if probe.is_postgres else 0
+    app = create_app(settings)
+    database = app.state.runtime.db
+    with pytest.raises(MqttConnectError, match=str(settings.broker_addresses()[0][1])):
+        async with app.router.lifespan_context(app):
+            raise AssertionError("started without a broker")
+    if probe.is_postgres:
+        await eventually(lambda: _equal(others, before), timeout=10,
+                         what="the API's PostgreSQL connections closed")
+    else:
+        with pytest.raises(RuntimeError, match="shutdown"):   # its threads are gone: closed
+            await database.read(lambda s: s.connection().execute(text("SELECT 1")).scalar_one())
+    await probe.close()
+
+
+async def _equal(count, wanted: int) -> bool:  # type: ignore[no-untyped-def]
+    return await count() == wanted
