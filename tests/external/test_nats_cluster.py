@@ -170,9 +170,24 @@ async def test_unlock_round_trip_and_register_rotate_revoke_on_the_cluster(tmp_p
     async with api_on_cluster(tmp_path) as (live, cluster):
         auth: NatsAuth = live.stack._server.config.app.state.nats_auth   # type: ignore[union-attr]
         lock = await live.lock("bike-0001")          # registered through the API: it logs in at once
+        other = await live.lock("bike-0009")         # a bystander: nothing below may touch its connection
+        other_connects: list[bool] = []
+        other.client.on_connect_callbacks.append(other_connects.append)
         r = await live.command("bike-0001", "unlock", wait=20)
         assert r.json()["status"] == "succeeded", r.text
         assert [a for _, a in lock.actuations] == ["unlock"]
+
+        # a rider's app: its own events topic only, and the node refuses the rest
+        async with httpx.AsyncClient(base_url=live.api_url) as anon:
+            r = await anon.post("/v1/auth/signup", json={"email": "ada@example.org", "password": "correct horse"})
+            assert r.status_code == 201, r.text
+        rider_id, token = r.json()["user"]["id"], r.json()["access_token"]
+        app = await nats_client(cluster.mqtt_addresses[0], f"{rider_id}-app", rider_id, token)
+        assert await app.subscribe([(topics.user_events_topic(rider_id), 1), (topics.cmd_topic("bike-0001"), 1),
+                                    ("latch/v1/u/+/events", 1)], timeout=30) == [1, 0x80, 0x80]
+        await app.disconnect()
+        with pytest.raises(MqttConnectError):   # a token is no device secret, nor another rider's
+            await nats_client(cluster.mqtt_addresses[0], "bike-0001", "bike-0001", token)
 
         # rotating: the node closes the old secret's connection (the API kicks it); the old secret is refused
         old_password = lock.creds.mqtt_password
@@ -199,6 +214,8 @@ async def test_unlock_round_trip_and_register_rotate_revoke_on_the_cluster(tmp_p
         r = await live.command("bike-0001", "unlock")
         assert r.status_code == 409 and "revoked" in r.text, r.text
         assert auth.kicked >= 2
+        r = await live.command("bike-0009", "unlock", wait=20)   # the bystander kept its one connection
+        assert r.json()["status"] == "succeeded" and other_connects == [] and other.client.is_connected, r.text
 
 
 async def test_a_node_killed_the_lock_and_the_api_move_and_unlocks_go_on(tmp_path: Path) -> None:
