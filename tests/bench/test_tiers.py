@@ -64,6 +64,7 @@ async def test_a_small_run_of_the_three_tiers_keeps_every_promise(tmp_path: Path
                 "--ttl", "5", "--out", str(out), "--keep-data", str(tmp_path / "data")])
     result = json.loads(out.read_text())
     assert [t["tier"] for t in result["tiers"]] == ["nats", "mosquitto", "latch"]
+    assert result["config"]["nats_auth"] == "callout"   # the cluster `latch broker-config nats` configures
     for t in result["tiers"]:
         summary = {k: t[k] for k in ("tier", "counts", "commands", "fault", "examples", "unexpected_exits",
                                      "longest_failure_window")}
