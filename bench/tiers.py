@@ -44,7 +44,8 @@ The NATS cluster's configuration (`start_nats_tier`, the one place it is made):
   MQTT subscription is a JetStream consumer on the one `$MQTT_msgs` stream, and nats-server 2.15 holds a stream
   that sets no `max_consumers` (in an account that sets none) to `jetstream.limits.default_max_consumers`, 1,000
   by default: this configuration sets that from the fleet (2 x devices + 100).
-- `--nats-ack-wait S`: the MQTT listeners' `ack_wait` (nats-server's default: 30 s), see below.
+- `--nats-ack-wait S`: the MQTT listeners' `ack_wait` (`latch broker-config nats` writes 3 s since this was
+  measured; nats-server's default, and the unauthenticated configuration's: 30 s), see below.
 - `--linger S`: keep everything running S seconds after the last command is final, so that device answers that
   arrive after their command was final are recorded (`late_answers`, from the API's `commandevent` rows that
   were not applied).
@@ -88,6 +89,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import sqlite3
 import sys
@@ -113,7 +115,7 @@ class TiersConfig:
     tiers: tuple[str, ...] = TIERS
     nats_nodes: int = 3
     nats_auth: str = "callout"       # callout: `latch broker-config nats`'s files; none: no authorization at all
-    nats_ack_wait_s: float | None = None   # the MQTT listeners' ack_wait (None: nats-server's default, 30 s)
+    nats_ack_wait_s: float | None = None   # the MQTT listeners' ack_wait (None: the generated 3 s; without auth 30 s)
     linger_s: float = 0.0            # everything keeps running this long after the last command is final, so
                                      # answers that come late (after their command was final) are recorded
 
@@ -377,7 +379,7 @@ async def start_nats_tier(directory: Path, devices: int, n: int = 3, auth: str =
             d.mkdir(parents=True, exist_ok=True)
             if mqtt_ack_wait_s is not None:
                 conf = directory / "conf" / f"node-{i + 1}.conf"
-                conf.write_text(conf.read_text().replace("mqtt {", f'mqtt {{ ack_wait: "{mqtt_ack_wait_s}s",', 1))
+                conf.write_text(re.sub(r'ack_wait: "[^"]*"', f'ack_wait: "{mqtt_ack_wait_s}s"', conf.read_text(), count=1))
             nodes.append(Exe(f"nats-n{i + 1}", [binary, "-c", str(directory / "conf" / f"node-{i + 1}.conf")],
                              r"Server is ready", d / "nats.log"))
     elif auth == "none":
