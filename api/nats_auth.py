@@ -20,7 +20,8 @@ Latch at each login; the answer is the registry's as it is now, and nothing is r
   account, for two requests only: ``$SYS.REQ.SERVER.PING.CONNZ`` (which node holds a device's connection)
   and ``$SYS.REQ.SERVER.<id>.KICK`` (close it). A revocation or rotation kicks the device's connections on
   every node; its reconnect then meets the callout, which refuses the old secret.
-- Every API replica subscribes in one queue group: one of them answers each login. With no API up, new logins
+- Every API replica subscribes in one queue group, from two connections to two different nodes: one
+  subscription answers each login, and the death of one node leaves the other answering. With no API up, new logins
   fail (connections already made stay up); run at least two replicas where that matters.
 - Refusals are answered (not left to time out), so a wrong secret costs the device one round trip.
 """
@@ -57,6 +58,7 @@ MQTT = "mqtt"                   # client_info.type of an MQTT connection
 MAX_CONCURRENT = 64             # logins decided at once (each is a registry read and a PBKDF2 check)
 CONNZ_WAIT_S = 1.0              # how long the nodes' CONNZ answers are gathered
 CONNECT_TIMEOUT_S = 5.0
+CALLOUT_CONNECTIONS = 2         # subscriptions to the callout, each from a connection to another node
 
 
 def nats_subject(topic: str) -> str:
@@ -90,7 +92,7 @@ class NatsAuth:
         self._secret = settings.nats_auth_secret
         self._seed = settings.nats_issuer_seed.encode()
         self._jwt_secret = settings.jwt_secret
-        self._callout: Any = None      # nats.aio.client.Client (account AUTH)
+        self._callouts: list[Any] = []  # nats.aio.client.Client (account AUTH), each on another node
         self._sys: Any = None          # nats.aio.client.Client (account SYS)
         self._busy = asyncio.Semaphore(MAX_CONCURRENT)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -106,9 +108,17 @@ class NatsAuth:
                                       max_reconnect_attempts=-1, reconnect_time_wait=0.25,
                                       error_cb=self._on_error)
         try:
-            self._callout = await nats.connect(user=AUTH_USER, password=self._secret, name="latch-auth", **common)
-            await self._callout.subscribe(CALLOUT_SUBJECT, queue=QUEUE, cb=self._on_request)
-            await self._callout.flush(timeout=CONNECT_TIMEOUT_S)
+            for k in range(min(CALLOUT_CONNECTIONS, len(self.servers))):
+                # each on another node first: a login a node sends while no answerer is subscribed is dropped,
+                # and the node then waits out its whole auth timeout (10 s) before refusing it; with one
+                # connection, the death of its node would cost every login in the cluster that wait (measured:
+                # bench/tiers.py, ~10.7 s without a successful unlock after a node was killed)
+                order = self.servers[k:] + self.servers[:k]
+                nc = await nats.connect(**{**common, "servers": order}, dont_randomize=True, user=AUTH_USER,
+                                        password=self._secret, name=f"latch-auth-{k + 1}")
+                self._callouts.append(nc)
+                await nc.subscribe(CALLOUT_SUBJECT, queue=QUEUE, cb=self._on_request)
+                await nc.flush(timeout=CONNECT_TIMEOUT_S)
             self._sys = await nats.connect(user=SYS_USER, password=self._secret, name="latch-sys", **common)
         except Exception as e:
             await self.stop()
@@ -119,11 +129,11 @@ class NatsAuth:
     async def stop(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for nc in (self._sys, self._callout):
+        for nc in (self._sys, *self._callouts):
             if nc is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(nc.close(), CONNECT_TIMEOUT_S)
-        self._sys = self._callout = None
+        self._sys, self._callouts = None, []
 
     async def _on_error(self, e: Exception) -> None:
         log.warning("NATS auth callout connection: %r", e)
