@@ -6,7 +6,7 @@ connections, and tears the broker down on exit.  Every test gets a fresh
 broker, so no state (retained messages, persistent sessions, a wedged event
 loop) leaks between scenarios.
 
-Registered: ``mosquitto`` (the reference), ``amqtt_plain``/``amqtt_auth`` (amqtt 0.12.1 as shipped, kept as
+Registered: ``nats`` (nats-server's MQTT listener, issue 18), ``mosquitto`` (the reference), ``amqtt_plain``/``amqtt_auth`` (amqtt 0.12.1 as shipped, kept as
 references for docs/amqtt-defects.md) and ``latch`` (Latch's own broker, broker/, with its durable
 store; it has no known defect here). Adding a broker is one decorated function::
 
@@ -286,3 +286,33 @@ async def latch() -> AsyncIterator[tuple[str, int]]:
     scenarios' free-form topics pass the fence while Latch's own topics stay off limits."""
     async with python_broker_subprocess([sys.executable, str(HERE / "latch_server.py")]) as addr:
         yield addr
+
+
+# ---------------------------------------------------------------------------
+# nats-server's MQTT listener (one node, JetStream), the broker of Latch's NATS tier (issue 18)
+# ---------------------------------------------------------------------------
+
+
+def _nats_available() -> str | None:
+    from tests.natsserver import nats_server_binary
+
+    try:
+        nats_server_binary()
+    except AssertionError as e:
+        return str(e)
+    return None
+
+
+@register_broker("nats", available=_nats_available)
+@contextlib.asynccontextmanager
+async def nats() -> AsyncIterator[tuple[str, int]]:
+    """nats-server 2.15 with JetStream and its MQTT listener, no authorization (like the other brokers here):
+    the MQTT 3.1.1 that Latch's NATS tier runs on. Its deviations are known defects (known.NATS)."""
+    from tests.natsserver import NatsServer
+
+    with tempfile.TemporaryDirectory(prefix="latch-nats-") as tmp:
+        server = await NatsServer(Path(tmp) / "nats", mqtt=True).start()
+        try:
+            yield HOST, server.mqtt_port
+        finally:
+            await server.stop()
