@@ -120,7 +120,7 @@ def node_conf(nodes: list[Node], i: int, *, issuer: str, auth_hash: str, fleet: 
                      f'routes: [{routes}] }}')
     tls_block = ""
     if tls is not None:
-        tls_block = f' tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}'
+        tls_block = f', tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}'
     lines.append(f'mqtt {{ listen: "{at}:{node.mqtt_port}", stream_replicas: {replicas}, '
                  f'max_ack_pending: {MAX_ACK_PENDING}, ack_wait: "{ACK_WAIT_S}s", js_api_timeout: "{JS_API_TIMEOUT_S}s"{tls_block} }}')
     lines += [

@@ -59,7 +59,7 @@ class NatsServer:
         _, seen = await read_until(self.proc, r"Server is ready", timeout)   # it logs its ports before
         self.port = int(re.findall(r"Listening for client connections on [\d.]+:(\d+)", seen)[-1])
         if self.mqtt:
-            self.mqtt_port = int(re.findall(r"Listening for MQTT clients on mqtt://[\d.]+:(\d+)", seen)[-1])
+            self.mqtt_port = int(re.findall(r"Listening for MQTT clients on (?:mqtt|tls)://[\d.]+:(\d+)", seen)[-1])
         self._reader = asyncio.get_running_loop().create_task(self._read())
         return self
 

@@ -41,10 +41,10 @@ pytestmark = pytest.mark.timeout(180)
 
 
 async def nats_client(address: tuple[str, int], client_id: str, username: str, password: str,
-                      handler: Recorder | None = None) -> MqttClient:
+                      handler: Recorder | None = None, timeout: float = 30) -> MqttClient:
     c = MqttClient(client_id, username=username, password=password, clean_session=True, handler=handler,
                    reconnect_delay=0.2)
-    await c.connect(*address, timeout=30)
+    await c.connect(*address, timeout=timeout)
     return c
 
 
@@ -56,10 +56,11 @@ async def migrated(settings: Settings) -> Database:
 
 
 @contextlib.asynccontextmanager
-async def cluster_for(tmp_path: Path, settings: Settings, fleet: int = 100) -> AsyncIterator[GeneratedCluster]:
+async def cluster_for(tmp_path: Path, settings: Settings, fleet: int = 100,
+                      tls: tuple[Path, Path] | None = None) -> AsyncIterator[GeneratedCluster]:
     """Three nodes from `latch broker-config nats`'s files (written with the same code the command runs)."""
     cluster = GeneratedCluster(tmp_path / "nats")
-    nats_config.write(tmp_path / "nats-conf", settings, cluster.spec, fleet, tmp_path / "nats" / "store")
+    nats_config.write(tmp_path / "nats-conf", settings, cluster.spec, fleet, tmp_path / "nats" / "store", tls)
     await cluster.start(tmp_path / "nats-conf")
     try:
         yield cluster
@@ -145,14 +146,17 @@ async def test_the_fence_holds_on_a_three_node_cluster(tmp_path: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def api_on_cluster(tmp_path: Path, nats_events: bool = False) -> AsyncIterator[tuple[LiveStack, GeneratedCluster]]:
+async def api_on_cluster(tmp_path: Path, nats_events: bool = False, tls: tuple[Path, Path] | None = None,
+                         **overrides: object) -> AsyncIterator[tuple[LiveStack, GeneratedCluster]]:
     """The real API (uvicorn on a real socket) on the cluster: its MQTT link to the nodes (all three addresses),
     the callout answered by it; with `nats_events`, its event stream on the same cluster (3 replicas)."""
-    settings = make_settings(tmp_path, nats_auth_url="")
+    settings = make_settings(tmp_path, nats_auth_url="", **overrides)
     db = await migrated(settings)
     await db.close()
-    async with cluster_for(tmp_path, settings) as cluster:
+    async with cluster_for(tmp_path, settings, tls=tls) as cluster:
         settings.nats_auth_url, settings.broker = cluster.nats_url, cluster.broker_url
+        if tls is not None:
+            settings.broker = cluster.broker_url.replace("mqtt://", "mqtts://")
         if nats_events:
             settings.nats_url, settings.nats_replicas = cluster.nats_url, 3
         async with Stack(settings, embedded_broker=False) as st:
@@ -331,3 +335,26 @@ async def test_one_cluster_is_both_the_mqtt_broker_and_the_event_stream(tmp_path
             assert info.config.num_replicas == 3 and info.state.messages >= 2
         finally:
             await js.close()
+
+
+async def test_mqtts_the_api_and_a_lock_reach_the_cluster_over_tls(tmp_path: Path) -> None:
+    """`--tls-cert/--tls-key`: the nodes' MQTT listeners speak TLS only; the API (mqtts://, LATCH_BROKER_CA) and a
+    lock verifying the nodes' certificate unlock through them; a plain MQTT client is not let in."""
+    from tests.broker.test_listeners import CA, x509
+    from tests.support import require
+
+    require(x509 is not None, "the cryptography package (to make test certificates)")
+    ca = CA(tmp_path / "pki", "Latch Test CA")
+    cert, key = ca.issue("broker", server=True)
+    async with api_on_cluster(tmp_path, tls=(cert, key), broker_ca=ca.path) as (live, cluster):
+        assert live.settings.broker.startswith("mqtts://")
+        creds = Credentials.from_registration(await live.register("bike-tls"))
+        lock = SimulatedLock(creds, Behaviour(actuation_delay_s=0.01))
+        live.locks.append(lock)
+        n1, n2, n3 = cluster.mqtt_addresses
+        await lock.start(*n2, tls=live.settings.broker_tls(), fallbacks=[n3, n1])   # type: ignore[arg-type]
+        await live.wait_presence("bike-tls", True)
+        r = await live.command("bike-tls", "unlock", wait=20)
+        assert r.json()["status"] == "succeeded", r.text
+        with pytest.raises(MqttConnectError):
+            await nats_client(n1, "bike-tls", "bike-tls", creds.mqtt_password, timeout=3)   # no TLS: no CONNACK
