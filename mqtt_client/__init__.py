@@ -10,7 +10,8 @@ Outbound QoS 1/2 messages are replayed by gmqtt after a reconnect until acknowle
 one bad message from wedging the shared connection (a broker closes a connection on a packet over its
 limit, and MQTT 3.1.1 has no negative ack, so the replay would close it again, forever):
 a publish over ``max_packet_size`` raises PublishRefused and is never queued; and a message replayed
-``max_replays`` times without being acknowledged (each time the connection died with it in flight)
+``max_replays`` times without being acknowledged (each time the connection died with it in flight; times
+the number of nodes for a clustered broker, whose failover alone ends connections a few times in a row)
 is dropped from the queue and handed to ``on_dropped(topic, payload)``.
 
 Flow control: MQTT gives one connection 65,535 packet ids, one per unacknowledged QoS 1/2 message; gmqtt
@@ -155,6 +156,7 @@ class MqttClient:
         self._refused: int | None = None
         self.max_packet_size = max_packet_size
         self.max_replays = max_replays
+        self._replay_limit = max_replays   # max_replays per node of the broker (connect)
         self.on_dropped = on_dropped
         self._replays: dict[int, int] = {}     # mid -> times replayed after a reconnect, unacknowledged
         self._addresses: list[tuple[str, int]] = []   # the broker's nodes (connect's fallbacks), and which one
@@ -171,6 +173,10 @@ class MqttClient:
         after another whenever the node of a lost connection does not take it back (gmqtt's reconnect loop
         tries the next address after each failed attempt). A refused login is not a node's failure: raised."""
         self._addresses = [(host, port), *fallbacks]
+        # on a cluster, one node's death ends the connection several times in a row whatever is in flight (NATS,
+        # measured: 3+ times in the ~9 s its JetStream takes to elect new leaders, each a QoS 1 publish that
+        # could not be stored): a message counts as the cause only after max_replays deaths per node
+        self._replay_limit = self.max_replays * len(self._addresses)
         failed: list[str] = []
         for i, (h, p) in enumerate(self._addresses):
             try:
@@ -290,7 +296,7 @@ class MqttClient:
                 del self._replays[mid]
         for mid, packet in inflight.items():
             n = self._replays[mid] = self._replays.get(mid, 0) + 1
-            if n <= self.max_replays:
+            if n <= self._replay_limit:
                 continue
             storage.remove_message_by_mid(mid)
             del self._replays[mid]
@@ -299,7 +305,7 @@ class MqttClient:
             except (IndexError, UnicodeDecodeError):
                 topic, payload = "", b""
             log.warning("dropped a message on %r: the connection died %d times with it unacknowledged",
-                        topic, self.max_replays)
+                        topic, self._replay_limit)
             if self.on_dropped is not None and topic:
                 self.on_dropped(topic, payload)
 

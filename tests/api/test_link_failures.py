@@ -58,6 +58,31 @@ async def test_a_message_that_keeps_killing_the_connection_is_dropped_from_the_r
         await broker.stop()
 
 
+async def test_on_a_cluster_a_message_is_replayed_through_more_deaths_before_it_counts_as_the_cause() -> None:
+    """A node's death and a cluster's failover end the connection a few times in a row whatever is in flight (the
+    NATS tier, measured: an unlock failed as "the broker kept closing the connection on it" while JetStream elected
+    new leaders). With a broker's nodes given, a message is dropped only after max_replays deaths per node."""
+    from tests.conformance.brokers import free_port
+
+    options = BrokerOptions(port=0, allow_anonymous=True, limits=dataclasses.replace(Limits(), max_packet_size=600))
+    broker = EmbeddedBroker(options, None)
+    await broker.start()
+    dropped: list[tuple[str, bytes]] = []
+    connects: list[bool] = []
+    sender = MqttClient("sender", clean_session=False, reconnect_delay=0.05, max_replays=2,
+                        on_dropped=lambda t, p: dropped.append((t, p)))
+    sender.on_connect_callbacks.append(connects.append)
+    try:
+        await sender.connect("127.0.0.1", broker.port, fallbacks=[("127.0.0.1", free_port())])   # 2 nodes, 1 dead
+        sender.publish("t/big", b"x" * 2000, qos=1)   # closes the connection each time it is sent
+        await eventually(lambda: dropped, timeout=30, what="the message dropped")
+        assert dropped == [("t/big", b"x" * 2000)]
+        assert len(connects) == 1 + 2 * 2 + 1, connects   # the first, 2 replays per node kept, the one that drops
+    finally:
+        await sender.disconnect()
+        await broker.stop()
+
+
 async def test_healthz_is_503_while_the_broker_link_is_down_and_unlocks_resume_quickly(tmp_path: Path) -> None:
     async with live_stack(tmp_path) as live:
         http, st = live.http, live.stack
