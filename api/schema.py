@@ -8,6 +8,8 @@ database that is not at the code's revision, saying what to run.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from pathlib import Path
 
@@ -91,6 +93,18 @@ def check_engine(engine: Engine, url_hint: str = "") -> str:
 
 async def upgrade(db: Database, revision: str = "head") -> None:
     await db.run_sync(lambda engine: upgrade_engine(engine, revision))
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[Database]:
+    """The database at `url`, checked to be at the code's revision (SchemaNotReady otherwise), closed after: for a
+    command that reads the registry once (`latch broker-config`)."""
+    db = Database(url)
+    try:
+        await check(db, url)
+        yield db
+    finally:
+        await db.close()
 
 
 async def check(db: Database, url_hint: str = "") -> str:

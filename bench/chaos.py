@@ -58,7 +58,7 @@ from pathlib import Path
 import aiohttp
 
 from api.command_states import FINAL
-from bench.procs import Proc, cpu_seconds, free_port, machine_busy_seconds, machine_steal_seconds, pct
+from bench.procs import Lives, Proc, cpu_seconds, free_port, machine_busy_seconds, machine_steal_seconds, pct
 from firmware.controller import ACTUATION
 
 RESULTS = Path(__file__).parent / "results"
@@ -197,7 +197,7 @@ class LockLinkRelay:
 # ---- processes that die -----------------------------------------------------------------------------
 
 
-class Service:
+class Service(Lives):
     """One `latch` process the run kills -9 and starts again with the same arguments. Its CPU time is
     summed over every incarnation (read just before each kill)."""
 
@@ -209,7 +209,6 @@ class Service:
         self.proc: Proc | None = None
         self.starts = 0
         self.kills = 0
-        self.cpu_of_dead_s = 0.0
         self.unexpected_exits: list[str] = []
         self.failed_starts: list[str] = []   # why a start had to be tried again (the tail of its output)
 
@@ -233,8 +232,7 @@ class Service:
     async def _reap(self) -> None:
         if self.proc is None:
             return
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            self.cpu_of_dead_s += cpu_seconds(self.proc.proc.pid)
+        self._bank_cpu()
         if self.proc.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.proc.kill()
@@ -252,21 +250,6 @@ class Service:
             await self._reap()
             self.proc = None
             self.kills += 1
-
-    @property
-    def cpu_s(self) -> float:
-        live = 0.0
-        if self.proc is not None and self.proc.proc.returncode is None:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                live = cpu_seconds(self.proc.proc.pid)
-        return self.cpu_of_dead_s + live
-
-    async def stop(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                self.cpu_of_dead_s += cpu_seconds(self.proc.proc.pid)
-            await self.proc.stop()
-            self.proc = None
 
 
 @dataclass

