@@ -35,13 +35,14 @@ class HeapKeeper:
         self.last_full = time.monotonic()
         self.epoch = 0               # freezes so far: a stream opened before the last one was frozen with it
         self.full_collections = 0
+        self.frozen = False          # gc.get_freeze_count() walks the whole permanent generation: kept here
 
     def stream_closed(self) -> None:
         self.closed_since += 1
 
     def tick(self, open_streams: int) -> None:
         now = time.monotonic()
-        if gc.get_freeze_count() and (self.closed_since >= max(FREEZE_GROWTH, self.frozen_at_streams)
+        if self.frozen and (self.closed_since >= max(FREEZE_GROWTH, self.frozen_at_streams)
                                       or now - self.last_full >= REFREEZE_S):
             started = time.perf_counter()
             gc.unfreeze()
@@ -56,6 +57,7 @@ class HeapKeeper:
         if open_streams - self.frozen_at_streams >= FREEZE_GROWTH:
             gc.collect(1)   # the young generations: what is garbage now is not frozen
             gc.freeze()
+            self.frozen = True
             self.epoch += 1
             if self.frozen_at_streams == 0:
                 self.last_full = now

@@ -113,11 +113,12 @@ class SseWire:
             t.write((b"%x\r\n%s\r\n" % (len(last), last) if last else b"") + FINAL_CHUNK)
             t.close()   # after what is buffered went out (a client that reads nothing: until TCP gives up)
 
-    def write(self, ev: LiveEvent) -> bool:
+    def write_events(self, events: list[LiveEvent]) -> bool:
+        """Events in one `write()`: one system call for all of them (False: the connection is gone)."""
         t = self.transport
         if t.is_closing() or self.owner.disconnected:
             return False
-        t.write(ev.sse_chunk)
+        t.write(events[0].sse_chunk if len(events) == 1 else b"".join([ev.sse_chunk for ev in events]))
         return True
 
     def backed_up(self) -> bool:
@@ -155,13 +156,14 @@ class WsWire:
         self.owner = owner
         self.transport = owner.transport
 
-    def write(self, ev: LiveEvent) -> bool:
+    def write_events(self, events: list[LiveEvent]) -> bool:
+        """Events in one `write()`, a frame each (False: the socket is closing or gone)."""
         t = self.transport
         o = self.owner
         if t.is_closing() or getattr(o, "close_sent", False) or getattr(o, "closed", False) \
                 or getattr(o, "disconnected", False) or not _ws_open(o):
             return False
-        t.write(ev.ws_frame)
+        t.write(events[0].ws_frame if len(events) == 1 else b"".join([ev.ws_frame for ev in events]))
         return True
 
     def backed_up(self) -> bool:

@@ -42,6 +42,12 @@ def _stat_cpu_seconds(raw: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sys_cpu_seconds(pid: int) -> float:
+    """System (kernel) CPU seconds a process has used so far (Linux): its socket writes on loopback."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far (Linux)."""
     return _stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())

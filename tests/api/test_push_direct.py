@@ -199,3 +199,33 @@ async def test_a_small_fan_out_is_fast_and_loses_nothing(stack: LiveStack) -> No
     for ws, _, task in wss:
         task.cancel()
         await ws.close()
+
+
+async def test_events_handed_over_together_go_out_in_one_write_each_in_order(stack: LiveStack) -> None:
+    """The broadcaster hands events over and EventLog._flush writes them: events committed together reach a
+    direct subscriber in one write (one system call per subscriber, not per event), in id order, and
+    the flush goes on in slices of FLUSH_CHUNK subscribers until every one is written."""
+    from api.events import FLUSH_CHUNK
+    rt = stack.runtime
+    n = FLUSH_CHUNK + 20   # more than one slice
+    riders = await make_riders(stack, n)
+    sse = [SseReader(stack.api_url, tok) for _, _, tok in riders]
+    await asyncio.gather(*(s.open() for s in sse))
+    await eventually(lambda: rt.metrics.counts["subscribers_direct"] >= n, timeout=30,
+                     what="every stream written directly")
+    writes0 = rt.metrics.counts["push_writes"]
+
+    def unit(s: Any) -> None:   # five events for every rider, in one transaction: one hand-over
+        for k in range(5):
+            for uid, _, _ in riders:
+                rt.events.append(s, "ride", {"k": k}, uid)
+        s.commit()
+
+    await rt.db.write(unit)
+    await eventually(lambda: all(len(s.seen) >= 5 for s in sse), timeout=30, what="five events on every stream")
+    for s in sse:
+        ids = [i for i, _ in s.seen]
+        assert len(ids) == 5 and ids == sorted(ids), s.seen
+    assert rt.metrics.counts["push_writes"] - writes0 == n   # one write per subscriber for the five
+    for s in sse:
+        s.close()
