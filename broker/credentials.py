@@ -5,19 +5,27 @@ The API owns the registry (table `device`) and the users' sessions (tables
 SQL, so `latch broker` can run beside `latch api` on the same database without
 the API's models. A rider's MQTT login (password = access token) is accepted
 only while the token's session is not revoked and its user not deleted — read
-at every login, no cache (logins are rare next to requests).
+at every login, no cache (logins are rare next to requests). The one thing it
+writes: when a rider's app logged in (`user.mqtt_login_at`, at most once an
+hour per rider), so the API publishes notification copies only to the topics
+of riders who have a session on the broker (api/notifications/service.py).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Protocol
 
 from sqlalchemy import text
 
 from api import tokens
-from api.db import Database
+from api.db import Database, Priority
 
 from broker.identity import SERVICE_USERNAME, Identity, Role, hash_secret, secret_matches
+
+log = logging.getLogger("latch.broker.credentials")
+MQTT_LOGIN_EVERY_MS = 3_600_000   # a rider's MQTT login is written at most this often
 
 
 class CredentialStore(Protocol):
@@ -49,7 +57,12 @@ class SqlCredentialStore:
                 return None
             if claims.user_id != username or claims.session_id is None:
                 return None
-            return Identity(Role.USER, username) if await self._session_stands(claims.session_id, username) else None
+            stands, last_login = await self._session_stands(claims.session_id, username)
+            if not stands:
+                return None
+            if last_login is None or last_login < _now_ms() - MQTT_LOGIN_EVERY_MS:
+                await self._mqtt_login(username)
+            return Identity(Role.USER, username)
         row = await self._device(username)
         if row is None or row.revoked or not secret_matches(password, row.secret_hash):
             return None
@@ -65,14 +78,32 @@ class SqlCredentialStore:
             return None
         return Identity(Role.DEVICE, common_name)
 
-    async def _session_stands(self, session_id: str, user_id: str) -> bool:
+    async def _session_stands(self, session_id: str, user_id: str) -> tuple[bool, int | None]:
+        """(the session is valid, when the user's app last logged into the broker)."""
         row = await self._db.read(lambda s: s.connection().execute(text(
-            'SELECT 1 FROM user_session s JOIN "user" u ON u.id = s.user_id '
+            'SELECT u.mqtt_login_at FROM user_session s JOIN "user" u ON u.id = s.user_id '
             "WHERE s.id = :sid AND s.user_id = :uid AND s.revoked_at IS NULL AND u.deleted_at IS NULL"),
             {"sid": session_id, "uid": user_id}).first())
-        return row is not None
+        return (False, None) if row is None else (True, row[0])
+
+    async def _mqtt_login(self, user_id: str) -> None:
+        """Record the rider's MQTT login; a failure is logged and the login still succeeds (the cost: no
+        notification copies on MQTT until a later login is recorded; the app reads them by cursor)."""
+        def unit(s):  # type: ignore[no-untyped-def]
+            s.connection().execute(text('UPDATE "user" SET mqtt_login_at = :now WHERE id = :uid'),
+                                   {"now": _now_ms(), "uid": user_id})
+            s.commit()
+
+        try:
+            await self._db.write(unit, Priority.REPORT)
+        except Exception as e:   # noqa: BLE001 - a login must not fail on this bookkeeping
+            log.warning("could not record the MQTT login of user %s: %s", user_id, e)
 
     async def _device(self, device_id: str):  # type: ignore[no-untyped-def]
         return await self._db.read(lambda s: s.connection().execute(
             text("SELECT secret_hash, revoked FROM device WHERE id = :id"), {"id": device_id}).first())
 
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     # a notification's MQTT copies (one QoS 1 message per rider) wait while this many of the API link's
     # messages are unacknowledged: MQTT allows a connection 65,535, and commands need the rest
     notify_mqtt_window: int = Field(20_000, ge=1, le=60_000)
+    # MQTT copies go to riders whose app logged into the broker within this many seconds: the life of their
+    # persistent session there (LATCH_MQTT_SESSION_EXPIRY_S on Latch's broker); others read by cursor
+    notify_mqtt_session_s: float = Field(7 * 86_400.0, gt=0)
 
     # fleet commands (api/fleet.py)
     fleet_max_devices: int = 100_000       # devices one fleet command may target

@@ -60,6 +60,7 @@ class NotificationService:
         self.max_ttl_s = settings.notify_max_ttl_s
         self.tick_s = settings.notify_tick_s
         self.window = settings.notify_mqtt_window
+        self.mqtt_session_ms = int(settings.notify_mqtt_session_s * 1000)
         self.fanout = Fanout({str(k): int(v) for k, v in settings.notify_daily_cap.items()})
         self._prefs_seen = 0
         self._task: asyncio.Task[None] | None = None
@@ -70,7 +71,7 @@ class NotificationService:
         self._mqtt_queue: collections.deque[LiveEvent] = collections.deque()
         self._mqtt_wake = asyncio.Event()
         self._mqtt_worker: asyncio.Task[None] | None = None
-        self._riders_cache: tuple[tuple[int, int], list[str]] | None = None   # (count, newest sign-up), ids
+        self._riders_cache: tuple[tuple[int, int], list[str]] | None = None   # (count, newest login), ids
 
     # ---- life -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -220,7 +221,8 @@ class NotificationService:
         if found is None:
             return
         item = found[0]
-        riders = sorted(item.members) if item.members is not None else await self._all_riders()
+        on_mqtt = await self._mqtt_riders()
+        riders = on_mqtt if item.members is None else [u for u in on_mqtt if u in item.members]
         batch = min(500, self.window)
         for i in range(0, len(riders), batch):
             if not self.link.is_connected:
@@ -236,12 +238,15 @@ class NotificationService:
                         return
             await asyncio.sleep(0)   # let the loop breathe on a large audience
 
-    async def _all_riders(self) -> list[str]:
-        """Every rider account, sorted. The ids are read again only when the riders changed (their count
-        or newest sign-up moved: one aggregate, not the whole table, for each notification to all)."""
+    async def _mqtt_riders(self) -> list[str]:
+        """The riders whose app logged into the broker within LATCH_NOTIFY_MQTT_SESSION_S (their broker session
+        may hold a copy), sorted: a copy to anyone else's topic reaches no one, and those riders read it by
+        cursor on the transport they use. The ids are read again only when that set may have changed (its
+        size or newest login moved: one aggregate, not the whole table, for each notification)."""
         table = User.__table__   # type: ignore[attr-defined]
-        riders = (table.c.role == RIDER) & table.c.deleted_at.is_(None)
-        shape_q = select(func.count(), func.max(table.c.created_at)).where(riders)
+        since = now_ms() - self.mqtt_session_ms
+        riders = (table.c.role == RIDER) & table.c.deleted_at.is_(None) & (table.c.mqtt_login_at >= since)
+        shape_q = select(func.count(), func.max(table.c.mqtt_login_at)).where(riders)
         ids_q = select(table.c.id).where(riders).order_by(table.c.id)
         cached = self._riders_cache
 

@@ -20,6 +20,7 @@ from websockets.asyncio.client import connect
 
 from api.clock import now_ms
 from api.notifications.models import Notification
+from api.rider_models import User as UserRow
 from protocol import topics
 from tests.api.push_support import User, sse_messages
 from tests.support import LiveStack, eventually, live_stack
@@ -162,6 +163,50 @@ async def test_written_once_and_on_every_transport(stack: LiveStack, users) -> N
         await ws.close()
 
 
+async def test_mqtt_copies_only_to_riders_on_mqtt(stack: LiveStack, users) -> None:  # type: ignore[no-untyped-def]
+    """A notification's MQTT copies go to the topics of riders whose app logged into the broker (within
+    LATCH_NOTIFY_MQTT_SESSION_S), not to every rider: a copy for a rider with no session there reaches no
+    one. The others read it by cursor. The login is written once, not at every reconnect."""
+    alice, bob = await users(), await users()
+    start = await cursor_of(bob)
+    link = stack.runtime.link
+    copied: list[str] = []
+    publish = link.publish
+
+    def recording(topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        if topic.startswith(topics.USER_PREFIX):
+            copied.append(topic)
+        publish(topic, payload, qos, retain)
+
+    link.publish = recording  # type: ignore[method-assign]
+    assert stack.stack.broker is not None
+    url = f"ws://{alice.id}:{alice.token}@127.0.0.1:{stack.stack.broker.ports['ws']}/"
+
+    async def login_at() -> int | None:
+        return await stack.runtime.db.read(lambda s: s.get(UserRow, alice.id).mqtt_login_at)   # type: ignore[union-attr]
+
+    assert await login_at() is None
+    mqtt = MQTTClient(client_id=f"{alice.id}-app", config={"auto_reconnect": False})
+    await mqtt.connect(url)
+    try:
+        first = await login_at()
+        assert first is not None and abs(first - now_ms()) < 60_000
+        await mqtt.disconnect()
+        mqtt = MQTTClient(client_id=f"{alice.id}-app", config={"auto_reconnect": False})
+        await mqtt.connect(url)
+        assert await login_at() == first   # within the hour: not written again
+        assert await mqtt.subscribe([(topics.user_events_topic(alice.id), QOS_1)]) == [QOS_1]
+        sent = await send(stack, category="transactional")   # to all riders
+        msg = await mqtt.deliver_message(timeout_duration=10)
+        assert msg is not None and json.loads(bytes(msg.data))["id"] == sent["event_id"]
+        counts = (await detail(stack, sent["id"]))["counts"]
+        assert counts["mqtt_published"] == 1
+        assert copied == [topics.user_events_topic(alice.id)]
+        assert [e["id"] for e in await notes_after(bob, start)] == [sent["event_id"]]   # bob: by cursor
+    finally:
+        await mqtt.disconnect()
+
+
 async def test_offline_rider_gets_it_on_reconnect_exactly_once_and_never_after_ttl(stack: LiveStack, users) -> None:  # type: ignore[no-untyped-def]
     rider = await users()
     start = await cursor_of(rider)          # the rider goes offline here
@@ -294,7 +339,8 @@ async def test_receipts_and_counts(stack: LiveStack, users) -> None:  # type: ig
     assert (await outsider.http.post(url, json={"seen": True})).status_code == 404   # not theirs
     assert (await a.http.post("/v1/notifications/nope/receipt", json={"seen": True})).status_code == 404
     d = await detail(stack, nid)
-    assert d["counts"] == {"audience": 3, "delivered": 2, "mqtt_published": 3, "seen": 3,
+    # none of them ever logged into MQTT: no copies on their topics (test_mqtt_copies_only_to_riders_on_mqtt)
+    assert d["counts"] == {"audience": 3, "delivered": 2, "mqtt_published": 0, "seen": 3,
                            "actions": {"yes": 1, "no": 1}, "held": {"opted_out": 0, "quiet_hours": 0, "capped": 0},
                            "expired": 0}
     rows = {r["user_id"]: r for r in d["receipts"]}

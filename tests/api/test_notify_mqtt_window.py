@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import update
+
+from api.clock import now_ms
+from api.rider_models import User
 
 from protocol import topics
 from tests.api.test_notifications import detail, send
@@ -23,6 +28,16 @@ async def stack(tmp_path: Path) -> AsyncIterator[LiveStack]:
 
 async def test_copies_wait_for_room_and_all_go_out(stack: LiveStack, users) -> None:  # type: ignore[no-untyped-def]
     riders = [await users() for _ in range(6)]
+    # as if each rider's app had logged into the broker (copies go only to those: test_notifications.py
+    # test_mqtt_copies_only_to_riders_on_mqtt); the window is what this test is about
+    ids = [r.id for r in riders]
+
+    def logged_in(s: Any) -> None:
+        s.connection().execute(update(User.__table__).where(User.__table__.c.id.in_(ids)).values(  # type: ignore[attr-defined]
+            mqtt_login_at=now_ms()))
+        s.commit()
+
+    await stack.runtime.db.write(logged_in)
     link = stack.runtime.link
     seen: list[int] = []   # unacknowledged messages on the link as each copy is handed to it
     publish = link.publish
