@@ -534,6 +534,7 @@ class NotifyResult:
     server_cpu_pct: float
     server_cpu_us_per_delivery: float
     server_sys_share: float                      # of the server's CPU, the kernel's (socket writes)
+    clients_cores: float                         # the benchmark's subscriber processes, cores busy in the window
     machine_busy_cores: float
     steal_cores: float
     loadavg_before: str
@@ -705,6 +706,7 @@ async def notify_run(transport: str, n: int, rate: float, duration: float, data_
                     stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
             each0 = {k: cpu_s(v) for k, v in every.items()}
             sys0 = total(sys_cpu_seconds)
+            clients0 = sum(cpu_s(p.pid) for p in procs)
             cpu0, busy0, steal0, w0 = total(cpu_s), machine_busy_seconds(), machine_steal_seconds(), time.monotonic()
             print(f"  window from {time.time():.1f}", flush=True)
             ids: list[int] = []
@@ -723,6 +725,7 @@ async def notify_run(transport: str, n: int, rate: float, duration: float, data_
             wall = time.monotonic() - w0
             cpu = total(cpu_s) - cpu0
             sys_s = total(sys_cpu_seconds) - sys0
+            clients_s = sum(cpu_s(p.pid) for p in procs) - clients0
             each = {k: cpu_s(v) - each0[k] for k, v in every.items()}
             busy, steal = machine_busy_seconds() - busy0, machine_steal_seconds() - steal0
             rss2 = total(rss_kib)
@@ -753,6 +756,7 @@ async def notify_run(transport: str, n: int, rate: float, duration: float, data_
             server_cpu_pct=round(cpu / wall * 100, 1),
             server_cpu_us_per_delivery=round(cpu / max(1, len(lats)) * 1e6, 2),
             server_sys_share=round(sys_s / cpu, 2) if cpu else 0.0,
+            clients_cores=round(clients_s / wall, 2),
             machine_busy_cores=round(busy / wall, 2), steal_cores=round(steal / wall, 2), loadavg_before=loadavg,
             connect_s=round(connect_s, 1), profile=_top(data_dir / "profile.txt") if profile else None,
             replicas=len(pids),
@@ -799,7 +803,7 @@ def show_notify(r: NotifyResult) -> None:
           f"p99 {r.p99_ms} ms max {r.max_ms} ms | to all p50 {r.to_all_p50_ms} p99 {r.to_all_p99_ms} ms | "
           f"RSS {r.server_rss_mib} MiB, {r.rss_per_subscriber_kib} KiB/subscriber ({r.rss_per_subscriber_after_kib} "
           f"after), {r.server_fds} fds | server CPU {r.server_cpu_pct}%, {r.server_cpu_us_per_delivery} us/delivery ({r.server_sys_share:.0%} kernel) | "
-          f"machine {r.machine_busy_cores} cores busy, steal {r.steal_cores}; load before {r.loadavg_before}",
+          f"clients {r.clients_cores} cores | machine {r.machine_busy_cores} cores busy, steal {r.steal_cores}; load before {r.loadavg_before}",
           flush=True)
     if r.replicas > 1:
         print(f"      {r.replicas} replicas on NATS JetStream: CPU us/delivery by process "
