@@ -26,7 +26,7 @@ from api.group_commit import after_durable
 from latch.logs import request_id
 
 if TYPE_CHECKING:
-    from api.models import Command, CommandEvent, Device
+    from api.models import CommandRow, Device, HistoryRow
 
 log = logging.getLogger("latch.commands")
 
@@ -36,7 +36,7 @@ Line = tuple[int, str, tuple[Any, ...], dict[str, str]]
 
 
 class CommandLog:
-    def command_changed(self, s: Session, cmd: Command, history: list[CommandEvent]) -> None:
+    def command_changed(self, s: Session, cmd: CommandRow, history: list[HistoryRow]) -> None:
         lines: list[Line] = []
         ctx = {"command_id": cmd.id, "device_id": cmd.device_id}
         rid = request_id.get()

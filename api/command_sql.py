@@ -25,7 +25,7 @@ import orjson
 from sqlalchemy import bindparam, insert as sql_insert, select as sa_select, update
 from sqlmodel import Session
 
-from api.models import Command, CommandEvent, Device
+from api.models import Command, CommandEvent, CommandRow, Device, HistoryRow
 from api.rider_models import OPEN_RIDE, Ride
 
 _CMD = Command.__table__
@@ -99,7 +99,7 @@ def select_command(s: Session, command_id: str) -> dict[str, Any] | None:
     return row
 
 
-def insert_command(s: Session, cmd: Command) -> None:
+def insert_command(s: Session, cmd: CommandRow) -> None:
     row = {c: getattr(cmd, c) for c in COMMAND_COLUMNS}
     cur = sqlite_cursor(s)
     if cur is None:
@@ -109,7 +109,7 @@ def insert_command(s: Session, cmd: Command) -> None:
     cur.execute(_Q_INSERT_COMMAND, row)
 
 
-def update_status(s: Session, cmd: Command, old: str) -> bool:
+def update_status(s: Session, cmd: CommandRow, old: str) -> bool:
     """The conditional state change: True when the row was still in `old` (this writer won)."""
     values = {"id": cmd.id, "old": old, "status": cmd.status, "reason": cmd.reason,
               "deadline_ms": cmd.deadline_ms, "updated_at": cmd.updated_at}
@@ -120,7 +120,7 @@ def update_status(s: Session, cmd: Command, old: str) -> bool:
     return cur.execute(_Q_UPDATE_STATUS, values).rowcount == 1
 
 
-def insert_history(s: Session, events: list[CommandEvent]) -> None:
+def insert_history(s: Session, events: list[HistoryRow]) -> None:
     """A command's history rows in one executemany."""
     if not events:
         return

@@ -28,7 +28,8 @@ from api.db import Database, Priority
 from api.devices import merge_reported
 from api.hooks import NO_HOOKS, ChangeHooks
 from api.metrics import Metrics
-from api.models import Command, CommandCreate, CommandEvent, CommandPublic, Device, HistoryEntry
+from api.models import (Command, CommandCreate, CommandEvent, CommandPublic, CommandRecord, CommandRow, Device,
+                        HistoryEntry, HistoryRecord, HistoryRow)
 from api.waiters import Waiters
 from latch.settings import Settings
 from protocol import messages, topics
@@ -45,7 +46,7 @@ class CommandTooLarge(ValueError):
     """The signed command would not fit what a lock reads; str(e) says by how much."""
 
 
-def signed_payload(cmd: Command, command_key: str) -> bytes:
+def signed_payload(cmd: CommandRow, command_key: str) -> bytes:
     """The signed wire message for `cmd`; CommandTooLarge when it exceeds what a lock accepts."""
     msg = messages.make_command(cmd.id, cmd.device_id, cmd.action, cmd.params, cmd.created_at,
                                 cmd.expires_at, key=binascii.unhexlify(command_key))
@@ -61,8 +62,9 @@ def check_fits_any_device(action: str, params: dict) -> None:
     checked once, before any of its device commands exists). Signed with a throwaway key: the
     signature's length does not depend on it."""
     now = now_ms()
-    probe = Command(id="0" * 32, device_id="x" * 64, action=action, params=params, owner="", created_at=now,
-                    expires_at=now + 2**31 * 1000, updated_at=now)
+    probe = CommandRecord(id="0" * 32, device_id="x" * 64, action=action, params=params, status=Status.QUEUED,
+                          reason=None, owner="", idempotency_key=None, request_hash=None, created_at=now,
+                          expires_at=now + 2**31 * 1000, deadline_ms=None, updated_at=now)
     signed_payload(probe, "00" * 32)
 
 
@@ -83,15 +85,15 @@ class IdempotencyConflict(Exception):
 
 @dataclass(slots=True)
 class Outcome:
-    command: Command
+    command: CommandRow
     applied: bool
-    history: list[CommandEvent]   # the history rows this change wrote (applied or not)
+    history: list[HistoryRow]   # the history rows this change wrote (applied or not)
 
 
-Answer = tuple[Command, list[CommandEvent]]   # a final command with its whole history, as `with_history` reads it
+Answer = tuple[CommandRow, list[HistoryRow]]   # a final command with its whole history, as `with_history` reads it
 
 
-def public(cmd: Command, history: list[CommandEvent] | None = None) -> CommandPublic:
+def public(cmd: CommandRow, history: list[HistoryRow] | None = None) -> CommandPublic:
     status = Status(cmd.status)
     return CommandPublic(
         id=cmd.id, device_id=cmd.device_id, action=cmd.action, params=cmd.params, status=status,
@@ -152,12 +154,12 @@ class CommandService:
         self.wakes_degraded: Callable[[], bool] = NEVER
         # the history of each command a `?wait=` caller waits on in this process, as it is written: the
         # answer once final, without reading the command and its history back (docs/performance.md)
-        self._trails: dict[str, list[CommandEvent]] = {}
+        self._trails: dict[str, list[HistoryRow]] = {}
 
     # ---- create -----------------------------------------------------------------
     async def create(self, device: Device, body: CommandCreate, owner: str,
                      idempotency_key: str | None, command_id: str | None = None,
-                     priority: int | None = None) -> tuple[Command, bool]:
+                     priority: int | None = None) -> tuple[CommandRow, bool]:
         """(command, created). A repeated Idempotency-Key with the same request returns the first command.
 
         The command is written with its first state changes in one transaction (queued, then
@@ -166,13 +168,14 @@ class CommandService:
         req_hash = _request_hash(device.id, body) if idempotency_key else None
         now = now_ms()
         ttl_s = min(body.ttl_s or self.settings.default_ttl_s, self.settings.max_ttl_s)
-        cmd = Command(id=command_id or new_command_id(), device_id=device.id, action=body.action, params=body.params,
-                      status=Status.QUEUED, owner=owner, idempotency_key=idempotency_key,
-                      request_hash=req_hash, created_at=now, expires_at=now + ttl_s * 1000, updated_at=now)
+        cmd = CommandRecord(id=command_id or new_command_id(), device_id=device.id, action=body.action,
+                            params=body.params, status=Status.QUEUED, reason=None, owner=owner,
+                            idempotency_key=idempotency_key, request_hash=req_hash, created_at=now,
+                            expires_at=now + ttl_s * 1000, deadline_ms=None, updated_at=now)
         # signed before anything is written: what cannot be signed or would not fit a lock is refused here
         payload = signed_payload(cmd, device.command_key)
-        events = [CommandEvent(command_id=cmd.id, at=now, event="created", to_status=Status.QUEUED,
-                               detail=f"ttl {ttl_s}s, by {owner}")]
+        events: list[HistoryRow] = [HistoryRecord(command_id=cmd.id, at=now, event="created", to_status=Status.QUEUED,
+                                                  detail=f"ttl {ttl_s}s, by {owner}")]
         publish = False
         if device.online and self.publisher.is_connected:
             publish = True
@@ -182,7 +185,7 @@ class CommandService:
             self._apply(cmd, Event.DEVICE_OFFLINE, reason, None, now, events)
         cmd.deadline_ms = self._deadline(Status(cmd.status), cmd)
 
-        def insert(s: Session) -> Command | None:
+        def insert(s: Session) -> CommandRow | None:
             """The new command, or the earlier one holding this Idempotency-Key."""
             if idempotency_key:
                 existing = s.exec(select(Command).where(Command.owner == owner,
@@ -218,7 +221,7 @@ class CommandService:
         return cmd, True
 
     # ---- dispatch ---------------------------------------------------------------
-    async def _publish(self, cmd: Command, payload: bytes) -> bool:
+    async def _publish(self, cmd: CommandRow, payload: bytes) -> bool:
         """Hand the signed command to the broker link. A publish that fails for any reason ends the
         command `failed` with the reason (it never stays `sent` waiting for a timeout); False then."""
         try:
@@ -253,32 +256,32 @@ class CommandService:
         return sent
 
     # ---- state changes ------------------------------------------------------------
-    def _deadline(self, status: Status, cmd: Command) -> int | None:
+    def _deadline(self, status: Status, cmd: CommandRow) -> int | None:
         if status == Status.QUEUED:
             return cmd.expires_at
         if status in (Status.SENT, Status.RECEIVED):
             return cmd.expires_at + int(self.settings.settle_grace_s * 1000)
         return None
 
-    def _apply(self, cmd: Command, event: Event, reason: str | None, detail: str | None, now: int,
-               events: list[CommandEvent]) -> bool:
+    def _apply(self, cmd: CommandRow, event: Event, reason: str | None, detail: str | None, now: int,
+               events: list[HistoryRow]) -> bool:
         """Move an in-memory command through the table, recording the event either way."""
         old = Status(cmd.status)
         new = advance(old, event)
         if new is None:
-            events.append(CommandEvent(command_id=cmd.id, at=now, event=event, from_status=old,
-                                       applied=False, detail=detail or reason))
+            events.append(HistoryRecord(command_id=cmd.id, at=now, event=event, from_status=old,
+                                        applied=False, detail=detail or reason))
             return False
         cmd.status = new
         if reason is not None:
             cmd.reason = reason
         cmd.deadline_ms = self._deadline(new, cmd)
         cmd.updated_at = now
-        events.append(CommandEvent(command_id=cmd.id, at=now, event=event, from_status=old, to_status=new,
-                                   applied=True, detail=detail or reason))
+        events.append(HistoryRecord(command_id=cmd.id, at=now, event=event, from_status=old, to_status=new,
+                                    applied=True, detail=detail or reason))
         return True
 
-    def _after_change(self, cmd: Command) -> None:
+    def _after_change(self, cmd: CommandRow) -> None:
         status = Status(cmd.status)
         if is_final(status):
             self.metrics.inc(f"commands_{status}")
@@ -299,16 +302,16 @@ class CommandService:
         def unit(s: Session) -> Outcome | None:
             for _ in range(8):  # a lost race re-reads the row; bounded, each loss means another writer won
                 now = now_ms()
-                # the row, as a detached Command changed in memory and written only by the conditional
+                # the row, as a CommandRecord changed in memory and written only by the conditional
                 # UPDATE below (api/command_sql.py: the ORM's identity map cost more than the statement)
                 row = command_sql.select_command(s, command_id)
                 if row is None:
                     return None
-                cmd = Command(**row)
+                cmd = CommandRecord(**row)
                 if device_id is not None and cmd.device_id != device_id:
                     raise ForeignCommand(cmd.device_id)
                 old = Status(cmd.status)
-                events: list[CommandEvent] = []
+                events: list[HistoryRow] = []
                 applied = self._apply(cmd, event, reason, detail, now, events)
                 if applied and not command_sql.update_status(s, cmd, old):
                     s.rollback()   # another writer moved it first: read it again

@@ -50,6 +50,7 @@ from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 from sqlalchemy import event as sa_event, func, insert, text
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, col, select
 
 from api import command_sql
@@ -67,7 +68,7 @@ from latch.settings import Settings
 log = logging.getLogger("latch.events")
 
 _STAGED = "latch_events"
-_HOOKED = "latch_events_hooked"
+_LOG = "latch_event_log"   # Session.info: the EventLog whose events the session staged
 MAX_CURSOR_DIGITS = 18
 EVENT_ORDER_LOCK = 0x1A7C4_0002   # pg_advisory_xact_lock key: event ids drawn in commit order
 CATCH_UP_RETRY_S = 0.5
@@ -108,6 +109,42 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+class StagedEvent:
+    """An event appended in a transaction, before its commit gives it an id: plain data (an ORM LogEvent
+    cost ~40 us to build, and a command makes one per state change; docs/performance.md)."""
+
+    __slots__ = ("at", "kind", "audience", "data", "id")
+
+    def __init__(self, at: int, kind: str, audience: str | None, data: dict[str, Any]) -> None:
+        self.at, self.kind, self.audience, self.data = at, kind, audience, data
+        self.id: int | None = None
+
+
+def _before_commit(s: Session) -> None:
+    owner = s.info.get(_LOG)
+    if owner is not None:
+        owner._before_commit(s)
+
+
+def _after_commit(s: Session) -> None:
+    owner = s.info.get(_LOG)
+    if owner is not None:
+        owner._committed(s)
+
+
+def _after_rollback(s: Session) -> None:
+    owner = s.info.get(_LOG)
+    if owner is not None:
+        owner._rolled_back(s)
+
+
+# Listened to once, on the Session class, for every session: listening on each session that appends (three
+# listeners) cost ~35 us per transaction, more than the statements of a state change
+sa_event.listen(OrmSession, "before_commit", _before_commit)
+sa_event.listen(OrmSession, "after_commit", _after_commit)
+sa_event.listen(OrmSession, "after_rollback", _after_rollback)
+
+
 class LiveEvent:
     """A committed event, with its encodings made once and shared by every subscriber."""
 
@@ -124,7 +161,7 @@ class LiveEvent:
         self._ws_frame: bytes | None = None
 
     @classmethod
-    def from_row(cls, row: LogEvent, local: bool = True) -> "LiveEvent":
+    def from_row(cls, row: "LogEvent | StagedEvent", local: bool = True) -> "LiveEvent":
         assert row.id is not None
         return cls(row.id, row.kind, row.at, row.audience, row.data, local)
 
@@ -403,19 +440,19 @@ class EventLog:
 
     # ---- appending: inside the transaction of the change, on the writer thread ------------
     def append(self, s: Session, kind: str, data: dict[str, Any], audience: str | None,
-               at: int | None = None) -> LogEvent:
+               at: int | None = None) -> StagedEvent:
         """Stage an event in `s`'s transaction; it is inserted (and gets its id) just before the commit."""
-        row = LogEvent(at=at or now_ms(), kind=kind, audience=audience, data=data)
-        s.info.setdefault(_STAGED, []).append(row)
-        if not s.info.get(_HOOKED):
-            s.info[_HOOKED] = True
-            sa_event.listen(s, "before_commit", self._before_commit)
-            sa_event.listen(s, "after_commit", self._committed)
-            sa_event.listen(s, "after_rollback", self._rolled_back)
+        row = StagedEvent(at or now_ms(), kind, audience, data)
+        staged = s.info.get(_STAGED)
+        if staged is None:
+            s.info[_STAGED] = [row]
+            s.info[_LOG] = self   # the Session class's listeners (below the class) find this log
+        else:
+            staged.append(row)
         return row
 
     def _before_commit(self, s: Session) -> None:
-        rows: list[LogEvent] = s.info.get(_STAGED) or []
+        rows: list[StagedEvent] = s.info.get(_STAGED) or []
         if not rows:
             return
         if not self.shared:   # SQLite: one writer, ids are in commit order as they are drawn
@@ -445,7 +482,7 @@ class EventLog:
         self._own_pending.update(int(i) for i in ids)
 
     def _committed(self, s: Session) -> None:
-        rows: list[LogEvent] = s.info.pop(_STAGED, None) or []
+        rows: list[StagedEvent] = s.info.pop(_STAGED, None) or []
         if not rows or self._loop is None:
             return
         events = [LiveEvent.from_row(r) for r in rows]

@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlmodel import Session
 
 if TYPE_CHECKING:
-    from api.models import Command, CommandEvent, Device
+    from api.models import CommandRow, Device, HistoryRow
 
 
 class ChangeHooks(Protocol):
-    def command_changed(self, s: Session, cmd: Command, history: list[CommandEvent]) -> None: ...
+    def command_changed(self, s: Session, cmd: CommandRow, history: list[HistoryRow]) -> None: ...
 
     def device_changed(self, s: Session, device: Device, was_online: bool, reported_before: dict[str, Any]) -> None: ...
 
 
 class NoHooks:
-    def command_changed(self, s: Session, cmd: Command, history: list[CommandEvent]) -> None:
+    def command_changed(self, s: Session, cmd: CommandRow, history: list[HistoryRow]) -> None:
         pass
 
     def device_changed(self, s: Session, device: Device, was_online: bool, reported_before: dict[str, Any]) -> None:
@@ -40,7 +40,7 @@ class AllHooks:
     def __init__(self, *hooks: ChangeHooks) -> None:
         self.hooks = hooks
 
-    def command_changed(self, s: Session, cmd: Command, history: list[CommandEvent]) -> None:
+    def command_changed(self, s: Session, cmd: CommandRow, history: list[HistoryRow]) -> None:
         for h in self.hooks:
             h.command_changed(s, cmd, history)
 

@@ -17,7 +17,7 @@ from api import event_models as ek
 from api.clock import now_ms
 from api.command_states import Status, is_final
 from api.events import EventLog
-from api.models import Command, CommandEvent, Device
+from api.models import CommandRow, Device, HistoryRow
 from api.rider_models import RideStatus
 from api.rides import move, open_ride_for_device, ride_data, settle_unlock
 from api.rights import audience_of_owner
@@ -29,7 +29,7 @@ class Journal:
         self.events = events
         self.low_battery_pct = settings.low_battery_pct
 
-    def command_changed(self, s: Session, cmd: Command, history: list[CommandEvent]) -> None:
+    def command_changed(self, s: Session, cmd: CommandRow, history: list[HistoryRow]) -> None:
         audience = audience_of_owner(cmd.owner)
         for h in history:
             if not h.applied or h.to_status is None:

@@ -32,7 +32,7 @@ from api.command_states import Status, is_final
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-    from api.models import Command, CommandEvent
+    from api.models import CommandRow, HistoryRow
     from api.runtime import Runtime
 
 # seconds: a command stage is milliseconds on a quiet system, up to its TTL (30 s by default) on a bad day
@@ -95,7 +95,7 @@ class Metrics:
         return dict(sorted(self.counts.items()))
 
     # ---- commands ---------------------------------------------------------------------
-    def command_changed(self, cmd: Command, history: list[CommandEvent], entered_ms: int) -> None:
+    def command_changed(self, cmd: CommandRow, history: list[HistoryRow], entered_ms: int) -> None:
         """The applied transitions in `history` (one change of `cmd`), the command having entered the
         status they start from at `entered_ms` (its previous updated_at; created_at for a new command)."""
         elapsed = max(0.0, (time.time() * 1000 - entered_ms) / 1000)

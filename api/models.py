@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field as PField, field_validator
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, UniqueConstraint
@@ -75,6 +76,45 @@ class CommandEvent(SQLModel, table=True):
     to_status: str | None = None
     applied: bool = True
     detail: str | None = None
+
+
+@dataclass(slots=True)
+class CommandRecord:
+    """A command's row as plain data: what the command path builds, changes in memory and writes with its own
+    statements (api/command_sql.py). Same attributes as `Command`; an ORM `Command` costs ~60 us to build
+    (SQLModel's validation and SQLAlchemy's instrumentation), this ~1 us, and a command is built once at
+    create and once per state change (docs/performance.md)."""
+    id: str
+    device_id: str
+    action: str
+    params: dict[str, Any]
+    status: str
+    reason: str | None
+    owner: str
+    idempotency_key: str | None
+    request_hash: str | None
+    created_at: int
+    expires_at: int
+    deadline_ms: int | None
+    updated_at: int
+
+
+@dataclass(slots=True)
+class HistoryRecord:
+    """A history row as plain data (`CommandEvent`'s attributes), for the same reason as CommandRecord."""
+    command_id: str
+    at: int
+    event: str
+    from_status: str | None = None
+    to_status: str | None = None
+    applied: bool = True
+    detail: str | None = None
+    id: int | None = None
+
+
+# a command or history row as the ORM reads it (lists, lookups) or as the command path makes it
+CommandRow: TypeAlias = "Command | CommandRecord"
+HistoryRow: TypeAlias = "CommandEvent | HistoryRecord"
 
 
 # ---- API shapes ---------------------------------------------------------------

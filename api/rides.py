@@ -25,7 +25,7 @@ from api.command_states import Status
 from api.commands import CommandService, new_command_id
 from api.db import Database
 from api.events import EventLog
-from api.models import Command, CommandCreate, Device
+from api.models import Command, CommandCreate, CommandRow, Device
 from api.rider_models import OPEN_RIDE, BikePublic, Ride, RideCreate, RidePublic, RideStatus
 from api.rights import Refused
 
@@ -71,7 +71,7 @@ def move(s: Session, ride: Ride, frm: tuple[str, ...], to: RideStatus, reason: s
     return True
 
 
-def settle_unlock(s: Session, cmd: Command, now: int) -> Ride | None:
+def settle_unlock(s: Session, cmd: CommandRow, now: int) -> Ride | None:
     """The ride whose unlock just reached a final state moves to active or failed; returns it if it moved."""
     ride = s.exec(select(Ride).where(Ride.unlock_command_id == cmd.id, Ride.status == RideStatus.STARTING)).first()
     if ride is None:
