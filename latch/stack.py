@@ -83,8 +83,12 @@ class Stack:
             app.state.runtime.metrics.registry.register(BrokerCollector(self.broker))
         sock = bind_socket(s.host, s.http_port)
         self.http_port = sock.getsockname()[1]
+        # ws_per_message_deflate off: a socket that negotiates permessage-deflate (every browser asks for it) keeps
+        # two zlib contexts, ~37 KiB measured, more than the rest of a held /v1/ws socket; the events it carries
+        # are small JSON, written uncompressed anyway (api/wire.py), and a detached socket (api/ws_detach.py)
+        # reads no compressed frames (docs/notifications.md, "WebSocket memory")
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
-                                                     timeout_graceful_shutdown=2))
+                                                     timeout_graceful_shutdown=2, ws_per_message_deflate=False))
         self._server_task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:  # uvicorn flips this after the lifespan startup completed
             if self._server_task.done():

@@ -13,14 +13,20 @@ frames, each with a "type":
 
 The command's progress arrives as events. A subscriber that falls too far behind is closed with code
 4008 and the reason; it reconnects and subscribes after the last event id it received.
+
+Once the subscription is live and written directly (api/wire.py), the socket is detached (api/ws_detach.py):
+the ASGI call ends, a lean protocol of ours holds the socket, and each message that arrives after is
+handled here as before (`answer`), its replies written by that protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -37,14 +43,10 @@ from api.events import SESSION_ENDED, CursorError, Subscription, TooManyStreams
 from api.models import CommandCreate
 from api.rights import Refused
 from api.runtime import Runtime
-from api.wire import ws_wire
+from api.ws_detach import CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, MAX_MESSAGE as MAX_FRAME, detachable_ws_wire
 
 log = logging.getLogger("latch.ws")
 router = APIRouter(tags=["events"])
-
-CLOSE_TOO_SLOW = 4008
-CLOSE_UNAUTHORIZED = 4401
-MAX_FRAME = 16 * 1024
 
 
 async def _authenticate(ws: WebSocket, rt: Runtime) -> Principal:
@@ -56,16 +58,27 @@ async def _authenticate(ws: WebSocket, rt: Runtime) -> Principal:
 
 
 class Connection:
-    def __init__(self, ws: WebSocket, rt: Runtime, who: Principal) -> None:
+    """One socket's messages. On the ASGI path (`ws`) until the socket is detached; after, one of these is made
+    for each message that arrives (`answer`), its replies handed to the detached socket's `write`."""
+
+    def __init__(self, ws: WebSocket | None, rt: Runtime, who: Principal,
+                 write: Callable[[str], None] | None = None) -> None:
         self.ws = ws
         self.rt = rt
         self.who = who
+        self.write = write
         self.sub: Subscription | None = None
         self.writer: asyncio.Task[None] | None = None
         self.closing: asyncio.Task[None] | None = None
         self.send_lock = asyncio.Lock()
+        self.busy = False       # run() is handling a message
+        self.detached = False   # the socket is the event log's now: run() returns, the subscription goes on
 
     async def send(self, text: str) -> None:
+        if self.write is not None:
+            self.write(text)
+            return
+        assert self.ws is not None
         async with self.send_lock:
             await self.ws.send_text(text)
 
@@ -74,30 +87,50 @@ class Connection:
                                    default=str))
 
     async def run(self) -> None:
+        assert self.ws is not None
         try:
-            while True:
+            while not self._detach():
                 text = await self.ws.receive_text()
-                if len(text) > MAX_FRAME:
-                    await self.send(json.dumps({"type": "error", "error": f"frame over {MAX_FRAME} bytes"}))
-                    continue
+                self.busy = True
                 try:
-                    msg = check_json(text)
-                    if not isinstance(msg, dict):
-                        raise BadJson("not an object")
-                except BadJson as e:
-                    await self.send(json.dumps({"type": "error",
-                                                "error": f"frames are strict JSON objects with a 'type': {e}"}))
-                    continue
-                await self.handle(msg)
+                    await self.handle_text(text if len(text) <= MAX_FRAME else None)
+                finally:
+                    self.busy = False
         except WebSocketDisconnect:
             pass
         finally:
-            if self.sub is not None:
-                self.sub.close("socket closed")
-            if self.writer is not None:
-                self.writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self.writer
+            if not self.detached:   # detached: the subscription goes on without this call
+                if self.sub is not None:
+                    self.sub.close("socket closed")
+                if self.writer is not None:
+                    self.writer.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await self.writer
+
+    def _detach(self) -> bool:
+        """Hand the socket over (api/ws_detach.py), when its subscription is direct and no message is being
+        handled here; tried when the writer goes direct and after each message. True: run() ends."""
+        sub = self.sub
+        if self.detached or self.busy or sub is None or sub.closed or not hasattr(sub.wire, "detach"):
+            return self.detached
+        if not self.rt.events.detach(sub, sub.wire.ping_s or float("inf")):
+            return False
+        self.detached = True   # the writer has ended or is ending; the ASGI call's receive gets a disconnect
+        return True
+
+    async def handle_text(self, text: str | None) -> None:
+        """A text message (None: over MAX_FRAME bytes)."""
+        if text is None:
+            await self.send(json.dumps({"type": "error", "error": f"frame over {MAX_FRAME} bytes"}))
+            return
+        try:
+            msg = check_json(text)
+            if not isinstance(msg, dict):
+                raise BadJson("not an object")
+        except BadJson as e:
+            await self.send(json.dumps({"type": "error", "error": f"frames are strict JSON objects with a 'type': {e}"}))
+            return
+        await self.handle(msg)
 
     async def handle(self, msg: dict[str, Any]) -> None:
         kind, request_id = msg.get("type"), msg.get("request_id")
@@ -130,7 +163,9 @@ class Connection:
 
     async def write_events(self, sub: Subscription) -> None:
         sub.task = asyncio.current_task()
-        wire = ws_wire(self.ws.scope)   # None: frames go through the server (api/wire.py)
+        assert self.ws is not None
+        # None: frames go through the server (api/wire.py)
+        wire = detachable_ws_wire(self.ws.scope, sub, functools.partial(answer, self.rt, sub))
         try:
             while not sub.live and not sub.closed:
                 page = await self.rt.events.backlog(sub)
@@ -141,8 +176,10 @@ class Connection:
             while not sub.closed:
                 if sub.go_direct(wire):
                     # the broadcaster writes the frames from here on; this task ends, and the socket is
-                    # closed with the reason when the subscription is (cut off, session ended)
+                    # closed with the reason when the subscription is (cut off, session ended); the socket
+                    # is detached now, or by run() once the message it is handling is answered
                     sub.on_close = self._ended
+                    self._detach()
                     return
                 batch = await sub.next(self.rt.settings.sse_keepalive_s)
                 if not await self.rt.events.still_allowed(sub):   # logged out, or the user deleted, meanwhile
@@ -175,7 +212,7 @@ class Connection:
 
         async def close() -> None:
             with contextlib.suppress(Exception):
-                await self.ws.close(code, reason)
+                await self.ws.close(code, reason)   # type: ignore[union-attr]
 
         self.closing = asyncio.get_running_loop().create_task(close())
 
@@ -213,6 +250,13 @@ class Connection:
             await self.reply(request_id, False, 409, error=f"idempotency_key was already used for command {e.args[0]}")
             return
         await self.reply(request_id, True, 201 if created else 200, command=public(cmd).model_dump(mode="json"))
+
+
+async def answer(rt: Runtime, sub: Subscription, text: str | None, write: Callable[[str], None]) -> None:
+    """A message on a detached socket (api/ws_detach.py): handled as on the ASGI path; a subscribe is refused (409)."""
+    conn = Connection(None, rt, sub.who, write)
+    conn.sub = sub
+    await conn.handle_text(text)
 
 
 def origin_allowed(ws: WebSocket, allowed: list[str]) -> bool:
