@@ -2,12 +2,14 @@
 
 An SSE or WebSocket subscriber starts as any ASGI response does: headers, the `ready` message or the
 `subscribed` reply and the backlog go through the server's `send`. Once it is live and has nothing
-buffered, the event log's broadcaster writes each new event to its socket itself (api/events.py
-Subscription.push): the bytes are made once per event and transport (an HTTP/1.1 chunk holding the SSE
-message; an unmasked WebSocket text frame) and are the same for every subscriber, so a delivery is a
-`transport.write` and a look at the socket's write buffer. The connection's task sleeps until the
-subscription closes (or a keep-alive is due) and then ends the response through the server as before
-(`event: error`, the terminating chunk; the close frame).
+buffered, the event log writes each new event to its socket itself (api/events.py Subscription.push hands
+it over, EventLog._flush writes what each subscriber was handed since its last turn in one `write`): the
+bytes are made once per event and transport (an HTTP/1.1 chunk holding the SSE message; an unmasked
+WebSocket text frame) and are the same for every subscriber, so a delivery is a `transport.write` and a
+look at the socket's write buffer. Then the ASGI call ends (`detach`): an SSE stream's response is marked
+complete for uvicorn, a WebSocket moves to api/ws_detach.py's protocol; the event log's housekeeping sends
+keep-alives and, when the subscription closes, the wire's `finish` ends it (`event: error` and the
+terminating chunk; the close frame with its code).
 
 Reaching the socket: `TransportTap`, outside every ASGI middleware (`install`), records in the scope the object
 behind the server's own `send` (uvicorn's HTTP cycle, or its WebSocket protocol). Direct writing is used
