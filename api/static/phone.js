@@ -13,7 +13,18 @@ const state = {
   ride: null, cmd: null, stream: null, page: null, limit: PAGE, origin: null, originLabel: null,
   pending: null, notes: new Map(), avoid: new Map(), fetchDown: false, streamDownSince: null,
   pollTimer: null, tickTimer: null, refreshTimer: null, started: false,
+  // the newest status the stream said for recent commands and rides: a request's answer can arrive after
+  // the events it would start tracking (a lock that answers before the page has read the POST's reply)
+  heard: new Map(),
 };
+const HEARD_MAX = 50;
+const RIDE_RANK = {starting: 0, active: 1, ended: 2, failed: 2};
+
+function hear(id, status, reason) {
+  state.heard.delete(id);
+  state.heard.set(id, {status, reason});
+  if (state.heard.size > HEARD_MAX) state.heard.delete(state.heard.keys().next().value);
+}
 
 // ---- logging in ---------------------------------------------------------------------------------
 async function login(signup) {
@@ -214,6 +225,10 @@ async function endRide() {
 }
 
 function showRide(r) {
+  if (r && r.id) {   // never back to an older state of the same ride than the stream already said
+    const known = state.ride && state.ride.id === r.id ? state.ride.status : (state.heard.get(r.id) || {}).status;
+    if (known && RIDE_RANK[known] > RIDE_RANK[r.status]) r = {...r, status: known};
+  }
   const open = r && (r.status === "starting" || r.status === "active");
   const was = state.ride;
   state.ride = open ? r : null;
@@ -253,6 +268,10 @@ function trackCommand(c) {
   clearInterval(state.tickTimer);
   state.tickTimer = setInterval(renderCountdown, 1000);
   applyStatus(c.status, c.reason);
+  const heard = state.heard.get(c.id);   // the stream was faster than this request's reply
+  if (heard && (!STEPS.includes(heard.status) || STEPS.indexOf(heard.status) > STEPS.indexOf(c.status))) {
+    applyStatus(heard.status, heard.reason);
+  }
 }
 
 function applyStatus(status, reason) {
@@ -304,6 +323,8 @@ function renderCommand() {
 // ---- live events ----------------------------------------------------------------------------------
 function onEvent(ev) {
   const d = ev.data;
+  if (ev.kind === "command") hear(d.command_id, d.status, d.reason);
+  if (ev.kind === "ride") hear(d.ride_id, d.status, d.reason);
   if (ev.kind === "command" && state.cmd && d.command_id === state.cmd.id) applyStatus(d.status, d.reason);
   else if (ev.kind === "ride") {
     if (state.ride && d.ride_id === state.ride.id) showRide({...state.ride, status: d.status, reason: d.reason});
