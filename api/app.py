@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from api import event_models as ek, openapi_doc, pg_bus, schema, security_headers, wire
 from api.admission import Admission, Overloaded
+from api.background import reraise_if_stopping
 from api.boundary import BodyGuard, validation_error_handler
 from api.command_log import CommandLog
 from api.commands import CommandService, CommandTooLarge
@@ -42,6 +44,8 @@ from broker.identity import SERVICE_USERNAME
 from latch.settings import Settings
 from protocol import messages, topics
 
+log = logging.getLogger("latch.app")
+
 
 def build_runtime(settings: Settings, db: Database) -> Runtime:
     assert settings.service_secret, "settings.ensure_secrets() first"
@@ -70,6 +74,22 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
                 commands_.publish_refused(command_id, "the broker kept closing the connection on it"))
 
     link.on_dropped.append(command_dropped)
+
+    async def send_queued() -> None:
+        try:
+            await commands_.dispatch_all_queued()
+        except Exception:   # the next reconnect, or each device's next coming online, tries again
+            reraise_if_stopping()
+            log.exception("sending the commands queued while the broker link was down failed")
+
+    sending: set[asyncio.Task[None]] = set()   # kept until done (the loop holds tasks only weakly)
+
+    def on_reconnected() -> None:
+        task = asyncio.get_running_loop().create_task(send_queued())
+        sending.add(task)
+        task.add_done_callback(sending.discard)
+
+    link.on_reconnected.append(on_reconnected)
     # one lease (api/lease.py) for every singleton job: device reports, the sweeper, fleet rollouts
     lease = Lease(db.url if db.is_postgres else None, eligible=settings.ingest)
     lease.on_acquired.append(lambda: asyncio.get_running_loop().create_task(link.refresh_retained()))

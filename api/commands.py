@@ -255,6 +255,24 @@ class CommandService:
                 sent += 1
         return sent
 
+    async def dispatch_all_queued(self) -> int:
+        """The broker link is back: send what was queued meanwhile to the devices that are online (a command
+        created while the link was down waits queued, and only a device's coming online sent it before:
+        one already online stayed queued until it expired). Each send is a conditional transition, so
+        replicas doing this at once send each command once."""
+        if not self.publisher.is_connected:
+            return 0
+        now = now_ms()
+        devices = await self.db.read(lambda s: list(s.exec(select(Device).where(
+            col(Device.online), ~col(Device.revoked), col(Device.id).in_(
+                select(Command.device_id).where(Command.status == Status.QUEUED, Command.expires_at > now)))).all()))
+        sent = 0
+        for device in devices:
+            sent += await self.dispatch_queued(device)
+        if sent:
+            log.info("the broker link is back: sent %d queued commands", sent)
+        return sent
+
     # ---- state changes ------------------------------------------------------------
     def _deadline(self, status: Status, cmd: CommandRow) -> int | None:
         if status == Status.QUEUED:

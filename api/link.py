@@ -38,6 +38,9 @@ class BrokerLink:
                                  reconnect_delay=reconnect_delay, on_dropped=self._dropped)
         # a message the link gave up on (mqtt_client drops it after repeated replays): its command fails
         self.on_dropped: list[Callable[[str, bytes], None]] = []
+        # called after every reconnect (not the first connect): commands queued while the link was down wait
+        # for it (api/app.py dispatches them)
+        self.on_reconnected: list[Callable[[], None]] = []
         self.client.on_connect_callbacks.append(self._on_connect)
         self._host = ""
         self._port = 0
@@ -57,6 +60,9 @@ class BrokerLink:
 
     def _on_connect(self, session_present: bool) -> None:
         first, self._connected_before = not self._connected_before, True
+        if not first:
+            for cb in self.on_reconnected:
+                cb()
         if session_present or not self.ingest:   # a session kept (or none asked for: nothing to subscribe)
             return
         if first:   # start() subscribes next; an earlier session is not expected on a first start

@@ -155,3 +155,28 @@ async def test_a_start_up_that_cannot_reach_the_broker_leaves_nothing_open(tmp_p
 
 async def _equal(count, wanted: int) -> bool:  # type: ignore[no-untyped-def]
     return await count() == wanted
+
+
+async def test_a_command_queued_while_the_link_was_down_is_sent_when_it_returns(tmp_path: Path) -> None:
+    """A lock that stays online through the API's own link outage: a "lock" command created meanwhile waits
+    queued (nothing can be sent), and is sent once the link is back. Before, only the device's coming online
+    sent queued commands, so this one stayed queued until it expired (a CI run through Mosquitto: the
+    command's only history was "created")."""
+    async with live_stack(tmp_path) as live:
+        await live.lock("bike-q")
+        core = live.stack.broker.core   # type: ignore[union-attr]
+        link = live.runtime.link
+        for _ in range(10):   # bounded: the link comes back within ~0.25 s, the command must be made before
+            core.sessions[live.stack.settings.api_client_id].conn.abort()
+            await eventually(lambda: not link.is_connected, timeout=5, interval=0.001, what="the link to drop")
+            r = await live.command("bike-q", "lock", wait=0)
+            assert r.status_code == 201, r.text
+            if r.json()["status"] == "queued":
+                break
+            await eventually(lambda: link.is_connected, timeout=10, what="the link to come back")
+        else:
+            raise AssertionError("the link was never down when a command was made")
+        cmd_id = r.json()["id"]
+        done = await live.http.get(f"/v1/commands/{cmd_id}", params={"wait": 15})
+        assert done.json()["status"] == "succeeded", done.text
+        assert [h["event"] for h in done.json()["history"]][:2] == ["created", "dispatch"]
