@@ -212,9 +212,6 @@ class RuntimeCollector(Collector):
         yield gauge("latch_push_buffer_fullest_ratio",
                     "The fullest subscriber buffer, as a share of LATCH_SUBSCRIBER_BUFFER (1 = cut off next)",
                     max((len(s._buf) for s in subs), default=0) / max(1, rt.events.buffer))
-        yield gauge("latch_event_loop_lag_standing_seconds", "How late this process's event loop has run its timers "
-                    "lately (admission control refuses new commands above LATCH_ADMIT_MAX_LOOP_LAG_MS)",
-                    rt.admission.lag.standing_s())
         yield gauge("latch_waiting_requests", "HTTP requests held waiting for a command to be final (?wait=)",
                     len(rt.waiters))
         yield gauge("latch_commands_being_created", "Commands being created in this process now",
