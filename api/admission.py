@@ -8,11 +8,7 @@ A command is admitted only while
   database job and memory; a burst beyond that is refused, not queued), and
 - the database writer has no standing queue: the shortest wait any write had in the last window
   (CoDel's signal — a burst that drains is fine, a queue that never drains is overload) is under
-  `max_queue_ms`, and
-- the event loop keeps up: the shortest lateness of a timer ticking every LoopLag.TICK_S in the last
-  window is under `max_loop_lag_ms`. A process whose one core is saturated reads requests late, long
-  before its database queue shows it (the writer runs on the same loop): measured at 5x overload on
-  SQLite, accepted commands waited up to 8-17 s with the database queue never standing (issue 13).
+  `max_queue_ms`.
 
 A refused command gets 503 with Retry-After before anything is written, so a retry is safe (with the
 same Idempotency-Key it is still the same command). Device answers and timeouts are never refused:
@@ -21,7 +17,6 @@ they finish work already accepted, and they go first in the write queue (api/db.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -63,45 +58,11 @@ class StandingDelay:
         return self._last
 
 
-class LoopLag:
-    """How late the event loop runs its timers: a tick every TICK_S records how much later than asked it ran,
-    into a StandingDelay (a burst that the loop catches up on is fine; lateness that never drops is overload)."""
-
-    TICK_S = 0.02
-
-    def __init__(self, window_s: float = 0.5) -> None:
-        self.delay = StandingDelay(window_s)
-        self._handle: asyncio.TimerHandle | None = None
-        self._due = 0.0
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._due = loop.time() + self.TICK_S
-        self._handle = loop.call_at(self._due, self._tick, loop)
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
-        now = loop.time()
-        self.delay.observe(max(0.0, now - self._due))
-        self._due = now + self.TICK_S
-        self._handle = loop.call_at(self._due, self._tick, loop)
-
-    def standing_s(self) -> float:
-        return self.delay.standing_s()
-
-
 class Admission:
-    def __init__(self, delay: StandingDelay, max_creating: int, max_queue_ms: float,
-                 lag: LoopLag | None = None, max_loop_lag_ms: float = 100.0) -> None:
+    def __init__(self, delay: StandingDelay, max_creating: int, max_queue_ms: float) -> None:
         self.delay = delay
         self.max_creating = max_creating
         self.max_queue_s = max_queue_ms / 1000
-        self.lag = lag or LoopLag()
-        self.max_lag_s = max_loop_lag_ms / 1000
         self.creating = 0
         self.refused = 0
 
@@ -114,10 +75,6 @@ class Admission:
         if standing > self.max_queue_s:
             self.refused += 1
             raise Overloaded(f"busy: the database queue has stood {standing * 1000:.0f} ms; retry shortly")
-        behind = self.lag.standing_s()
-        if behind > self.max_lag_s:
-            self.refused += 1
-            raise Overloaded(f"busy: this process runs {behind * 1000:.0f} ms behind; retry shortly")
 
     @contextmanager
     def creating_one(self) -> Iterator[None]:

@@ -141,8 +141,7 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
                    rides=RideService(db, commands_, events_), rights=Rights(db, settings),
                    users=users,
                    fleet=fleet,
-                   admission=Admission(db.write_delay, settings.admit_max_creating, settings.admit_max_queue_ms,
-                                       max_loop_lag_ms=settings.admit_max_loop_lag_ms),
+                   admission=Admission(db.write_delay, settings.admit_max_creating, settings.admit_max_queue_ms),
                    notifications=notifications)
 
 
@@ -206,8 +205,6 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
             parts.push_async_callback(runtime.fleet.stop)   # before the sweeper releases the lease and the link stops
             runtime.fleet.start()   # after the sweeper: the rollout shares its lease
             parts.callback(runtime.events.close_all, "server shutting down")
-            runtime.admission.lag.start()   # admission watches how late the loop runs (api/admission.py)
-            parts.callback(runtime.admission.lag.stop)
             yield
 
     app = FastAPI(title="Latch", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,

@@ -112,7 +112,6 @@ class Settings(BaseSettings):
     # admission control for commands (api/admission.py): refuse at once (503) what cannot be finished in time
     admit_max_creating: int = 64           # commands being created at once in this process
     admit_max_queue_ms: float = 100.0      # the database writer's standing queue above which new commands wait outside
-    admit_max_loop_lag_ms: float = 100.0   # the event loop's standing lateness above which new commands are refused
 
     # the HTTP boundary (api/boundary.py, api/security_headers.py)
     max_body_bytes: int = 64 * 1024        # larger request bodies get 413 before they are read
