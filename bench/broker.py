@@ -38,7 +38,6 @@ import os
 import platform
 import resource
 import shutil
-import socket
 import struct
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.ports import free_port
 from bench.procs import pct, rss_kib
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,12 +56,6 @@ P99_GOAL_MS = 25.0
 
 
 # --------------------------------------------------------------------------- brokers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 async def wait_port(port: int, proc: asyncio.subprocess.Process, timeout: float = 20) -> None:

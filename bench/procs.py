@@ -10,14 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-
-def free_port() -> int:
-    """A free TCP port on loopback (racy by nature: bind it soon)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.ports import free_port  # noqa: F401  (re-exported: the benchmarks' one way to a server port)
 
 
 def pct(values: list[float], p: float) -> float:

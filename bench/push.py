@@ -36,7 +36,6 @@ import json
 import os
 import re
 import resource
-import socket
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ from typing import Any
 
 import httpx
 
+from bench.ports import free_port
 from bench.procs import Proc, rss_kib
 
 RESULTS = Path(__file__).parent / "results"
@@ -215,7 +215,7 @@ class Result:
 
 
 async def run(transport: str, n: int, rate: float, duration: float, data_dir: Path) -> Result:
-    port = _free_port()
+    port = free_port()
     serve = await Proc.start("serve", "serve", "--demo-fleet", "10", "--http-port", str(port), "--mqtt-port", "0",
                              "--data-dir", str(data_dir), "--log-level", "WARNING", env={"LATCH_ADMIN_TOKEN": TOKEN})
     try:
@@ -301,12 +301,6 @@ async def run(transport: str, n: int, rate: float, duration: float, data_dir: Pa
                       server_cpu_pct=round(cpu, 1), client_cpu_pct=round(ccpu, 1), connect_s=round(connect_s, 1))
     finally:
         await serve.stop()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def show(r: Result) -> None:
@@ -559,7 +553,7 @@ class Servers:
 
 
 async def _single(data_dir: Path) -> Servers:
-    port = _free_port()
+    port = free_port()
     serve = await Proc.start("serve", "serve", "--demo-fleet", "2", "--http-port", str(port), "--mqtt-port", "0",
                              "--data-dir", str(data_dir), "--log-level", "WARNING",
                              env={"LATCH_ADMIN_TOKEN": TOKEN, "LATCH_JWT_SECRET": JWT_SECRET})
@@ -591,7 +585,7 @@ async def _cluster(data_dir: Path, admin_url: str, replicas: int) -> Servers:
         broker.drain()
         ports = []
         for i in range(replicas):
-            port = _free_port()
+            port = free_port()
             p = await Proc.start(f"api-{i + 1}", "api", "--data-dir", str(data_dir / f"api-{i + 1}"), "--mqtt-port",
                                  mqtt_port, "--http-port", str(port), "--api-client-id", f"latch-api-{i + 1}",
                                  "--log-level", "WARNING", env=env)

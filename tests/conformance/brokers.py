@@ -38,7 +38,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -46,6 +45,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncContextManager
+
+from bench.ports import free_port
 
 HOST = "127.0.0.1"
 START_DEADLINE = 10.0
@@ -78,17 +79,6 @@ def register_broker(name: str, *, available: Callable[[], str | None] = lambda: 
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-def free_port(host: str = HOST) -> int:
-    """A port that was free a moment ago (bind to 0, read it, close).
-
-    Racy by nature (another process may grab it before the broker binds);
-    ``mosquitto`` needs an explicit port, so callers retry on bind failure.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 async def wait_port_open(host: str, port: int, deadline: float, proc: asyncio.subprocess.Process | None = None) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.ports import free_port  # noqa: F401  (the firmware tests' broker and API ports)
+
 REPO = Path(__file__).resolve().parents[2]
 MP_DIR = Path(__file__).resolve().parent / "mp"
 if str(MP_DIR) not in sys.path:
@@ -66,12 +68,6 @@ def run_mp(micropython, script, *args, heap=None, timeout=120, extra_paths=(), c
     cmd += [str(script), *map(str, args)]
     return subprocess.run(cmd, env=mp_env(extra_paths), cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, input=input)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def device_config(reg: dict, host: str, port: int, workdir: Path, **overrides) -> dict:
