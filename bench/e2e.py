@@ -32,7 +32,7 @@ import aiohttp
 import httpx
 
 from bench.cpu_quota import CpuQuota
-from bench.procs import (Proc, cpu_seconds, cpu_seconds_named, free_port, machine_busy_seconds,
+from bench.procs import (Proc, cpu_seconds, cpu_seconds_named, free_port, machine_busy_seconds, sys_cpu_seconds,
                          machine_steal_seconds, pct)
 
 RESULTS = Path(__file__).parent / "results"
@@ -62,6 +62,7 @@ class RunResult:
     api_to_broker_cpu: float | None = None       # the API's CPU per command over the broker's, same run (goal: <= 2)
     ceiling_per_s: float | None = None           # the machine's cores / CPU per command of every process together
     share_of_ceiling: float | None = None        # achieved / ceiling (goal at p99 < 50 ms: >= 0.8)
+    kernel_ms_per_command: dict[str, float] | None = None   # of cpu_ms_per_command, the kernel's (I/O, sockets)
 
 
 @dataclass
@@ -185,6 +186,7 @@ class Bench:
         n = int(rate * duration)
         writes_before = self._db_writes()
         cpu_before = {name: p.cpu_s for name, p in self.procs.items()}
+        sys_before = {name: sys_cpu_seconds(p.proc.pid) for name, p in self.procs.items()}
         own_before = cpu_seconds(os.getpid())
         pg_before = cpu_seconds_named("postgres") if self.database_url else 0.0
         busy_before, steal_before, wall_before = machine_busy_seconds(), machine_steal_seconds(), time.monotonic()
@@ -230,6 +232,8 @@ class Bench:
         per = max(succeeded, 1)
         writes_after = self._db_writes()
         cpu = {name: round((p.cpu_s - cpu_before[name]) * 1000 / per, 2) for name, p in self.procs.items()}
+        kernel = {name: round((sys_cpu_seconds(p.proc.pid) - sys_before[name]) * 1000 / per, 2)
+                  for name, p in self.procs.items()}
         cpu["load_generator"] = round((cpu_seconds(os.getpid()) - own_before) * 1000 / per, 2)
         if self.database_url:   # the PostgreSQL server on this machine (a remote one shows as 0)
             cpu["postgres"] = round((cpu_seconds_named("postgres") - pg_before) * 1000 / per, 2)
@@ -246,7 +250,8 @@ class Bench:
             max_ms=round(max(latencies, default=float("nan")), 1),
             broker_rss_mib=round(self.procs["broker"].rss_kib / 1024, 1),
             api_rss_mib=round(sum(p.rss_kib for name, p in self.procs.items() if name.startswith("api")) / 1024, 1),
-            sim_rss_mib=round(self.procs["sim"].rss_kib / 1024, 1), cpu_ms_per_command=cpu, replicas=self.replicas,
+            sim_rss_mib=round(self.procs["sim"].rss_kib / 1024, 1), cpu_ms_per_command=cpu,
+            kernel_ms_per_command=kernel, replicas=self.replicas,
             db_writes_per_command=(round((writes_after - writes_before) / per, 1)
                                    if writes_before is not None and writes_after is not None else None),
             machine_busy_cores=round(busy, 2), machine_steal_cores=round(steal, 2),
@@ -259,7 +264,7 @@ def show(r: RunResult) -> None:
     print(f"  {r.rate:>6.0f}/s for {r.duration_s:>5.1f}s: {r.succeeded}/{r.sent} ok, {r.errors} errors "
           f"{r.other_final or ''}| achieved {r.achieved_per_s}/s | p50 {r.p50_ms} ms  p95 {r.p95_ms} ms  "
           f"p99 {r.p99_ms} ms  max {r.max_ms} ms | RSS broker {r.broker_rss_mib} MiB, api {r.api_rss_mib} MiB, "
-          f"sim {r.sim_rss_mib} MiB | CPU ms/command {r.cpu_ms_per_command}"
+          f"sim {r.sim_rss_mib} MiB | CPU ms/command {r.cpu_ms_per_command} (kernel {r.kernel_ms_per_command})"
           + (f" | machine busy {r.machine_busy_cores} cores, stolen by the host {r.machine_steal_cores}"
              if r.machine_busy_cores is not None else "")
           + (f" | API/broker CPU {r.api_to_broker_cpu}x, ceiling {r.ceiling_per_s}/s, carried "
