@@ -26,6 +26,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -63,6 +64,39 @@ class RunResult:
     ceiling_per_s: float | None = None           # the machine's cores / CPU per command of every process together
     share_of_ceiling: float | None = None        # achieved / ceiling (goal at p99 < 50 ms: >= 0.8)
     kernel_ms_per_command: dict[str, float] | None = None   # of cpu_ms_per_command, the kernel's (I/O, sockets)
+    # where a succeeded command's time went, from its own history (PHASES), p50 and p99 in ms
+    phase_ms: dict[str, dict[str, float]] | None = None
+    # when the slowest 1 % of succeeded commands were due (seconds into the run, 0.1 s bins: count): a tail
+    # bunched at the start is the connection ramp, one bunched at one moment a stall, a spread one a queue
+    slowest_due_s: dict[str, int] | None = None
+
+
+# A succeeded command's time, split at the points its history records (api/command_states.py events):
+# "generator" from the time it was due to be sent until the load generator began sending it (its own lag),
+# "intake" from then to its creation (connecting, the kernel's queues, the HTTP stack, admission, the
+# create's write), "dispatch" until it was published to its lock (waiting behind the lock's
+# earlier command is here), "to_lock" until the lock said received (broker, simulator), "actuate" until it
+# said succeeded, "answer" until the load generator had the response. Clocks: the history's wall-clock
+# milliseconds against the load generator's wall clock, on one machine.
+PHASES = (("generator", None, "start"), ("intake", "start", "created"), ("dispatch", "created", "dispatch"),
+          ("to_lock", "dispatch", "device_received"),
+          ("actuate", "device_received", "device_succeeded"), ("answer", "device_succeeded", None))
+
+
+def phases_of(history: list[dict], due_at: float, started_at: float, done_at: float) -> dict[str, float] | None:
+    """Milliseconds per PHASES entry for one succeeded command (None if its history lacks a point)."""
+    at: dict[str, float] = {"start": started_at}
+    for h in history:
+        if h.get("applied", True) and h["event"] not in at:
+            at[h["event"]] = datetime.fromisoformat(h["at"]).timestamp()
+    out = {}
+    for name, start, end in PHASES:
+        a = due_at if start is None else at.get(start)
+        b = done_at if end is None else at.get(end)
+        if a is None or b is None:
+            return None
+        out[name] = (b - a) * 1000
+    return out
 
 
 @dataclass
@@ -191,6 +225,8 @@ class Bench:
         pg_before = cpu_seconds_named("postgres") if self.database_url else 0.0
         busy_before, steal_before, wall_before = machine_busy_seconds(), machine_steal_seconds(), time.monotonic()
         latencies: list[float] = []
+        phases: list[dict[str, float]] = []
+        due: list[tuple[float, float]] = []   # (latency ms, seconds into the run it was due) per succeeded command
         finals: dict[str, int] = {}
         errors = 0
         connector = aiohttp.TCPConnector(limit=2000)
@@ -203,6 +239,7 @@ class Bench:
 
             async def one(i: int, scheduled: float) -> None:
                 nonlocal errors
+                began = loop.time()
                 device = f"sim-{i % self.devices + 1:04d}"
                 action = "unlock" if (i // self.devices) % 2 == 0 else "lock"
                 try:
@@ -216,6 +253,11 @@ class Bench:
                 finals[status] = finals.get(status, 0) + 1
                 if status == "succeeded":
                     latencies.append((done - scheduled) * 1000)
+                    wall = time.time()
+                    if (split := phases_of(body.get("history") or [], wall - (done - scheduled),
+                                           wall - (done - began), wall)) is not None:
+                        phases.append(split)
+                    due.append((latencies[-1], scheduled - start))
                 else:
                     errors += 1
 
@@ -257,7 +299,22 @@ class Bench:
             machine_busy_cores=round(busy, 2), machine_steal_cores=round(steal, 2),
             api_to_broker_cpu=round(api_ms / cpu["broker"], 1) if cpu.get("broker") else None,
             ceiling_per_s=round(ceiling, 1) if ceiling else None,
-            share_of_ceiling=round(succeeded / elapsed / ceiling, 2) if ceiling else None)
+            share_of_ceiling=round(succeeded / elapsed / ceiling, 2) if ceiling else None,
+            phase_ms={name: {"p50": round(pct([p[name] for p in phases], 50), 1),
+                             "p99": round(pct([p[name] for p in phases], 99), 1)} for name, _, _ in PHASES}
+            if phases else None,
+            slowest_due_s=slowest_due(due))
+
+
+def slowest_due(due: list[tuple[float, float]]) -> dict[str, int] | None:
+    """RunResult.slowest_due_s from (latency, due second) pairs."""
+    if not due:
+        return None
+    bins: dict[str, int] = {}
+    for _, at in sorted(due, reverse=True)[:max(1, len(due) // 100)]:
+        key = f"{at:.1f}"
+        bins[key] = bins.get(key, 0) + 1
+    return dict(sorted(bins.items(), key=lambda kv: float(kv[0])))
 
 
 def show(r: RunResult) -> None:
@@ -268,7 +325,10 @@ def show(r: RunResult) -> None:
           + (f" | machine busy {r.machine_busy_cores} cores, stolen by the host {r.machine_steal_cores}"
              if r.machine_busy_cores is not None else "")
           + (f" | API/broker CPU {r.api_to_broker_cpu}x, ceiling {r.ceiling_per_s}/s, carried "
-             f"{r.share_of_ceiling:.0%} of it" if r.ceiling_per_s and r.share_of_ceiling is not None else ""),
+             f"{r.share_of_ceiling:.0%} of it" if r.ceiling_per_s and r.share_of_ceiling is not None else "")
+          + (" | p50/p99 ms by phase: " + ", ".join(f"{k} {v['p50']}/{v['p99']}" for k, v in r.phase_ms.items())
+             if r.phase_ms else "")
+          + (f" | slowest 1 % due at s: {r.slowest_due_s}" if r.slowest_due_s else ""),
           flush=True)
 
 
