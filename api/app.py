@@ -41,7 +41,7 @@ from api.sweeper import Sweeper
 from api.users import UserService
 from api.waiters import Waiters
 from broker.identity import SERVICE_USERNAME
-from latch.settings import Settings
+from foundation.settings import Settings
 from protocol import messages, topics
 
 log = logging.getLogger("latch.app")
@@ -122,7 +122,7 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     async def drop_connections(device_id: str, change: str) -> None:
         # Latch's broker closes a revoked or rotated device's open connections at once (broker/core.py
         # drop_device); an external Mosquitto drops them on the reload its files' rewrite causes
-        # (latch/mosquitto_config.py), and this message is routed to nobody there
+        # (api/mosquitto_config.py), and this message is routed to nobody there
         if change in (ROTATED, REVOKED) and link.is_connected:
             link.publish(topics.drop_topic(device_id), change.encode(), qos=1)
 
@@ -159,7 +159,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
 
     mosquitto = None
     if settings.mosquitto_config_dir is not None:   # an external Mosquitto reads the registry from files
-        from latch.mosquitto_config import MosquittoSync
+        from api.mosquitto_config import MosquittoSync
 
         mosquitto = MosquittoSync(database, settings)
         runtime.registry.after_change.append(mosquitto.device_changed)

@@ -31,7 +31,7 @@ from api.metrics import Metrics
 from api.models import (Command, CommandCreate, CommandEvent, CommandPublic, CommandRecord, CommandRow, Device,
                         HistoryEntry, HistoryRecord, HistoryRow)
 from api.waiters import Waiters
-from latch.settings import Settings
+from foundation.settings import Settings
 from protocol import messages, topics
 
 log = logging.getLogger("latch.commands")

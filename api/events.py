@@ -63,7 +63,7 @@ from api.heap import HeapKeeper
 from api.metrics import Metrics
 from api.nats_bus import NatsBus
 from api.pg_bus import EVENTS as EVENTS_CHANNEL
-from latch.settings import Settings
+from foundation.settings import Settings
 
 log = logging.getLogger("latch.events")
 

@@ -93,7 +93,7 @@ from api.fleet_models import (
 )
 from api.lease import LEASE_RETRY_S, Lease
 from api.models import Command, CommandCreate, Device, DeviceTag
-from latch.settings import Settings
+from foundation.settings import Settings
 
 log = logging.getLogger("latch.fleet")
 

@@ -21,7 +21,7 @@ from api.models import CommandRow, Device, HistoryRow
 from api.rider_models import RideStatus
 from api.rides import move, open_ride_for_device, ride_data, settle_unlock
 from api.rights import audience_of_owner
-from latch.settings import Settings
+from foundation.settings import Settings
 
 
 class Journal:

@@ -30,6 +30,8 @@ import hashlib
 import hmac
 import os
 
+from foundation.settings import command_key_secret_for
+
 PREFIX = "k1"
 NONCE_BYTES = 16
 TAG_BYTES = 16
@@ -87,18 +89,17 @@ class KeySeal:
         return bytes(a ^ b for a, b in zip(ct, _prf(self._enc, nonce, device_id.encode()))).hex()
 
 
-_BY_URL: dict[str, KeySeal] = {}
-
-
-def register(database_url: str, master: str) -> KeySeal:
-    """The seal for the database at `database_url` in this process (Settings.ensure_secrets calls this)."""
-    seal = _BY_URL[database_url] = KeySeal(master)
-    return seal
+_BY_MASTER: dict[str, KeySeal] = {}   # one seal per master secret (deriving its keys costs a few hashes)
 
 
 def for_url(database_url: str) -> KeySeal:
-    try:
-        return _BY_URL[database_url]
-    except KeyError:
+    """The seal for the database at `database_url`: made from the master secret Settings.ensure_secrets() found
+    for that database in this process (foundation/settings.py), once per secret."""
+    master = command_key_secret_for(database_url)
+    if master is None:
         raise RuntimeError(f"no command-key master key for {database_url.split('@')[-1]}: "
-                           "call Settings.ensure_secrets() before building the registry") from None
+                           "call Settings.ensure_secrets() before building the registry")
+    seal = _BY_MASTER.get(master)
+    if seal is None:
+        seal = _BY_MASTER[master] = KeySeal(master)
+    return seal

@@ -44,7 +44,7 @@ from api.broker_auth import ALL, PUBLISH, SUBSCRIBE, BrokerAuth, grants
 from api.db import Database
 from api.devices import REVOKED, ROTATED
 from broker.identity import SERVICE_USERNAME, Identity, Role
-from latch.settings import Settings
+from foundation.settings import Settings
 
 log = logging.getLogger("latch.nats_auth")
 

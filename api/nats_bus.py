@@ -54,7 +54,7 @@ from api.db import Database, Priority
 from api.event_models import RIDERS, EventOutbox, LogEvent
 from api.metrics import Metrics
 from broker.identity import SERVICE_USERNAME
-from latch.settings import Settings
+from foundation.settings import Settings
 from protocol import topics
 
 if TYPE_CHECKING:

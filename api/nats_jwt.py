@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import time
 from typing import Any
 
@@ -21,6 +20,8 @@ import nacl.exceptions
 import nacl.signing
 import nkeys
 import orjson
+
+from foundation.settings import new_nats_account_seed
 
 HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
 
@@ -42,8 +43,8 @@ def _unb64(text: str) -> bytes:
 
 
 def new_account_seed() -> bytes:
-    """A fresh account nkey seed (``SA...``): the auth callout's issuer."""
-    return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT))
+    """A fresh account nkey seed (``SA...``): the auth callout's issuer (made where the data dir's secrets are)."""
+    return new_nats_account_seed()
 
 
 def public_key(seed: bytes) -> str:

@@ -1,7 +1,7 @@
 """The request id: taken from `X-Request-ID` (when it is a sane one) or made here, returned on every response.
 
 A pure ASGI middleware (no response buffering: event streams and WebSockets pass straight through). The id
-is set in latch.logs.request_id for the request's whole handling, so every log line the request causes
+is set in foundation.logs.request_id for the request's whole handling, so every log line the request causes
 carries it; one DEBUG line per HTTP request says method, path (never the query string: stream tokens
 travel there), status and time.
 
@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from latch.logs import request_id
+from foundation.logs import request_id
 
 HEADER = b"x-request-id"
 _VALID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")

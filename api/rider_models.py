@@ -36,7 +36,7 @@ class User(SQLModel, table=True):
     # set by DELETE /v1/users/{id}: the row stays (rides and commands still name it), every session is
     # refused, the email is released for a new account
     deleted_at: int | None = Field(default=None, sa_column=Column(BigInteger))
-    # when the rider's app last logged into the broker (at most hourly: broker/credentials.py); a notification's
+    # when the rider's app last logged into the broker (at most hourly: api/registry_credentials.py); a notification's
     # MQTT copies go to riders who did within LATCH_NOTIFY_MQTT_SESSION_S (api/notifications/service.py)
     mqtt_login_at: int | None = Field(default=None, sa_column=Column(BigInteger, index=True))
 

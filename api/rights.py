@@ -17,7 +17,7 @@ from api.db import Database
 from api.models import Command
 from api.ratelimit import RateLimiter
 from api.rider_models import OPEN_RIDE, Ride
-from latch.settings import Settings
+from foundation.settings import Settings
 
 RIDER_ACTIONS = ("unlock", "lock", "locate")
 

@@ -19,7 +19,7 @@ from api.rights import Rights
 from api.sweeper import Sweeper
 from api.users import UserService
 from api.waiters import Waiters
-from latch.settings import Settings
+from foundation.settings import Settings
 
 
 @dataclass

@@ -12,7 +12,7 @@ changes a few times in a session's life. Anything revoked through this process d
 so here it takes effect on the next request; another replica sharing the database sees it within
 `session_cache_s`. That bound is the price, and 5 s is shorter than any human round trip between "log out"
 and "try the old token" that would matter (a stolen token is replayed in minutes, not milliseconds).
-The broker reads the same rows without a cache (broker/credentials.py): an MQTT login is rarer than a request.
+The broker reads the same rows without a cache (api/registry_credentials.py): an MQTT login is rarer than a request.
 """
 
 from __future__ import annotations

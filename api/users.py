@@ -16,7 +16,7 @@ from api.db import Database
 from api.hashing import HashPool
 from api.rider_models import SignUp, StreamTokenPublic, TokenPublic, User, UserPublic
 from api.sessions import Sessions
-from latch.settings import Settings
+from foundation.settings import Settings
 
 
 class EmailTaken(Exception):

@@ -27,7 +27,7 @@ from api.command_states import Event
 from api.db import Database
 from api.models import CommandCreate, DeviceCreate
 from bench.procs import cpu_seconds
-from latch.settings import Settings
+from foundation.settings import Settings
 
 RESULTS = Path(__file__).parent / "results"
 

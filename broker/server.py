@@ -258,7 +258,7 @@ def run(main: Callable[[], Awaitable[T]]) -> T:
 
 
 def broker_options(settings: Any) -> BrokerOptions:
-    """BrokerOptions from latch.settings.Settings (`latch broker` and `latch serve` alike)."""
+    """BrokerOptions from foundation.settings.Settings (`latch broker` and `latch serve` alike)."""
     d = Limits()
     limits = Limits(
         connect_timeout=getattr(settings, "mqtt_connect_timeout_s", d.connect_timeout),

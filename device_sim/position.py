@@ -11,8 +11,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from firmware.controller import LockController
-from latch.geo import parse_area, seeded_position
-from latch.settings import Settings
+from foundation.geo import parse_area, seeded_position
+from foundation.settings import Settings
 
 
 @lru_cache(maxsize=1)

@@ -20,7 +20,7 @@ import httpx
 
 from device_sim.fleet import Fleet
 from device_sim.lock import Behaviour, Credentials
-from latch.settings import Settings, broker_tls_context, parse_brokers
+from foundation.settings import Settings, broker_tls_context, parse_brokers
 
 T = TypeVar("T")
 
@@ -118,7 +118,7 @@ async def run_sim(api_url: str, token: str, broker: str, n: int, prefix: str, be
     default LATCH_BROKER_CA, else the system's trust store); several, comma-separated, are one clustered broker's
     nodes (each lock moves to the next when its node goes away). `ephemeral`: revoke the registered locks
     through the API when the simulator stops."""
-    from latch.logs import shutting_down
+    from foundation.logs import shutting_down
 
     ids = [f"{prefix}{i:04d}" for i in range(1, n + 1)]
     (host, port), *others = [(b.host, b.port) for b in parse_brokers(broker)]   # a cluster's nodes: comma-separated

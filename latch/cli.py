@@ -13,12 +13,12 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from latch import logs
+from foundation import logs
 
 if TYPE_CHECKING:
-    from latch.settings import Settings
+    from foundation.settings import Settings
 
 log = logging.getLogger("latch")
 
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="revoke the locks it registered through the API when it stops (Ctrl-C)")
     _log_opts(sim)
 
-    _broker_config_parser(sub)   # `latch broker-config mosquitto --out DIR` (latch/mosquitto_config.py)
+    _broker_config_parser(sub)   # `latch broker-config mosquitto --out DIR` (api/mosquitto_config.py)
 
     try:
         from firmware.tools import add_parser as add_firmware
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _broker_config_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """`latch broker-config mosquitto ...`; its work is latch/mosquitto_config.py cli_main, imported when run."""
+    """`latch broker-config mosquitto ...`; its work is api/mosquitto_config.py cli_main, imported when run."""
     p = sub.add_parser("broker-config", help="write an external broker's configuration from Latch's registry",
                        description="Write Mosquitto's password_file, acl_file and latch.conf from the device "
                                    "registry, or a NATS cluster's node files (docs/external-brokers.md).")
@@ -233,14 +233,14 @@ def _broker_config_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
         if args.flavour == "nats":
             from latch import nats_config
             return nats_config.cli_main(args)
-        from latch.mosquitto_config import cli_main
+        from api.mosquitto_config import cli_main
         return cli_main(args)
 
     p.set_defaults(func=run)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    from latch.settings import Settings
+    from foundation.settings import Settings
 
     overrides = {k: v for k, v in vars(args).items()
                  if v is not None and k in Settings.model_fields}
@@ -329,7 +329,7 @@ def _token_shell(settings: Settings) -> str:
 async def _broker(settings: Settings) -> None:
     from api import schema
     from api.db import Database
-    from broker.credentials import SqlCredentialStore
+    from api.registry_credentials import SqlCredentialStore
     from broker.server import EmbeddedBroker, broker_options, tune_gc
 
     settings.ensure_secrets()
@@ -374,7 +374,7 @@ async def _db(settings: Settings, what: str) -> None:
 async def _sim(args: argparse.Namespace) -> None:
     from device_sim.lock import Behaviour
     from device_sim.provision import SimError, cache_file, cleanup, run_sim
-    from latch.settings import Settings, parse_broker
+    from foundation.settings import Settings, parse_broker
 
     try:
         parse_broker(args.broker)
@@ -419,7 +419,7 @@ def _check(command: str, settings: Settings) -> None:
         if value is not None and not 0 <= value <= 65535:
             bad("--" + name.replace("_", "-"), f"{value} is not a port number (0-65535)")
     if settings.broker is not None:
-        from latch.settings import parse_brokers
+        from foundation.settings import parse_brokers
         try:
             parse_brokers(settings.broker)
         except ValueError as e:

@@ -19,12 +19,12 @@ from api.app import create_app
 from api.db import Database
 from api.devices import DeviceExists, DeviceRegistry
 from api.models import DeviceCreate
-from broker.credentials import SqlCredentialStore
+from api.registry_credentials import SqlCredentialStore
 from broker.server import EmbeddedBroker, broker_options
 from device_sim.fleet import Fleet
 from device_sim.lock import Behaviour, Credentials
 from device_sim.provision import sim_dir
-from latch.settings import Settings
+from foundation.settings import Settings
 
 log = logging.getLogger("latch")
 

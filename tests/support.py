@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
-from latch.settings import Settings
+from foundation.settings import Settings
 from latch.stack import Stack
 
 REQUIRE_ALL = bool(os.environ.get("LATCH_REQUIRE_ALL"))

@@ -42,7 +42,7 @@ from api.notifications.models import (Action, Category, HeldCounts, Notification
 from api.notifications.rules import RiderPrefs
 from api.rider_models import OPEN_RIDE, Ride, User
 from api.rights import Refused
-from latch.settings import Settings
+from foundation.settings import Settings
 from mqtt_client import MqttError
 from protocol import topics
 

@@ -1,7 +1,7 @@
 """GET /v1/bikes/nearby: the bikes a rider can take, nearest first, a page at a time, with positions.
 
 Owns the rider's "bikes near you": free bikes (online, not revoked, in nobody's ride) and the caller's
-own, each with the position its lock reports (`reported.pos`, latch/geo.py) and its distance from the
+own, each with the position its lock reports (`reported.pos`, foundation/geo.py) and its distance from the
 point asked for. Bikes whose lock has not reported a position come last, by id. Without `lat`/`lon`
 distances are measured from the centre of the configured area (settings.sim_area).
 """
@@ -15,7 +15,7 @@ from sqlmodel import Session, col, select
 from api.deps import CallerDep, RuntimeDep
 from api.models import Device
 from api.rider_models import OPEN_RIDE, Ride
-from latch.geo import distance_m, parse_area, valid_position
+from foundation.geo import distance_m, parse_area, valid_position
 
 router = APIRouter(tags=["rides"])
 

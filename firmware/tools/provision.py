@@ -67,7 +67,7 @@ def credentials(api: str, token: str | None, device_id: str, path: Path, log=pri
 def broker_addresses(urls: str, ca: Path | None) -> list[tuple[str, int]]:
     """`--broker`: mqtt[s]://HOST:PORT, a clustered broker's nodes comma-separated (as LATCH_BROKER), all
     mqtts:// (TLS: the lock checks them against --ca, it has no other trust store) or all mqtt://."""
-    from latch.settings import parse_brokers
+    from foundation.settings import parse_brokers
     try:
         nodes = parse_brokers(urls)
     except ValueError as e:

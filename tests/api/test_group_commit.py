@@ -23,7 +23,7 @@ from sqlmodel import Session
 from api.db import Database, Priority
 from api.group_commit import BatchRunner, after_durable
 from api.loop_commit import LoopGroupCommitWriter
-from latch.settings import Settings
+from foundation.settings import Settings
 from tests.dbs import run_database_url
 from tests.procs import drain, read_until, running
 

@@ -1,10 +1,10 @@
 """GET /v1/bikes/nearby (api/routes/nearby.py): free bikes nearest first, your own bike on top, taken and
 offline bikes left out, pages that reach every bike, a clear 422 for a point off the globe. Positions
-are what the locks report (`pos`, latch/geo.py)."""
+are what the locks report (`pos`, foundation/geo.py)."""
 
 from __future__ import annotations
 
-from latch.geo import distance_m, parse_area, seeded_position
+from foundation.geo import distance_m, parse_area, seeded_position
 from tests.support import LiveStack, eventually
 
 

@@ -14,8 +14,8 @@ import httpx
 
 from api import schema
 from api.db import Database
-from latch import mosquitto_config
-from latch.settings import Settings
+from api import mosquitto_config
+from foundation.settings import Settings
 from latch.stack import Stack
 from mqtt_client import MqttClient
 from tests.external.mosquitto import Mosquitto, Tls, running_mosquitto

@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 from broker.identity import PBKDF2_ITERATIONS, hash_secret, is_mosquitto_hash, new_secret, secret_matches
-from latch.mosquitto_config import DeviceRow, password_file_text
+from api.mosquitto_config import DeviceRow, password_file_text
 from tests.support import require
 
 MOSQUITTO_PBKDF2 = re.compile(r"^\$7\$(\d+)\$([A-Za-z0-9+/]+=*)\$([A-Za-z0-9+/]+=*)$")

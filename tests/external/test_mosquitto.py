@@ -22,7 +22,7 @@ from api.devices import DeviceRegistry
 from api.models import DeviceCreate
 from broker.identity import SERVICE_USERNAME
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
-from latch import mosquitto_config
+from api import mosquitto_config
 from mqtt_client import MqttClient, MqttConnectError
 from protocol import topics
 from tests.external.mosquitto import require_mosquitto, running_mosquitto

@@ -29,7 +29,7 @@ from api.nats_auth import NatsAuth
 from broker.identity import SERVICE_USERNAME
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
 from latch import nats_config
-from latch.settings import Settings
+from foundation.settings import Settings
 from latch.stack import Stack
 from mqtt_client import MqttClient, MqttConnectError
 from protocol import topics

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from latch.settings import Settings
+from foundation.settings import Settings
 from mqtt_client import MqttClient, MqttConnectError
 from protocol import topics
 from tests.natsserver import NatsServer

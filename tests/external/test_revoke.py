@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from latch.settings import Settings, broker_tls_context, parse_broker, parse_broker_url
+from foundation.settings import Settings, broker_tls_context, parse_broker, parse_broker_url
 from mqtt_client import MqttClient, MqttConnectError
 from protocol import topics
 from tests.support import LiveStack

@@ -11,7 +11,7 @@ import pytest
 
 from broker.identity import SERVICE_USERNAME
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
-from latch.settings import broker_tls_context
+from foundation.settings import broker_tls_context
 from mqtt_client import MqttClient, MqttConnectError
 from tests.broker.test_listeners import CA, x509
 from tests.external.mosquitto import Mosquitto, Tls, require_mosquitto

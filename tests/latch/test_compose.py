@@ -29,7 +29,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from latch.cli import build_parser
-from latch.settings import Settings, parse_broker_url
+from foundation.settings import Settings, parse_broker_url
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -375,7 +375,7 @@ def test_latch_environment_names_only_settings() -> None:
         for key in _env(_services()[name]):
             assert key.startswith("LATCH_"), f"{name}: {key}"
             assert key.removeprefix("LATCH_").lower() in Settings.model_fields, \
-                f"{name}: {key} is no setting (latch/settings.py) and would be ignored"
+                f"{name}: {key} is no setting (foundation/settings.py) and would be ignored"
 
 
 # ---------------------------------------------------------------------------------------------- order

@@ -49,7 +49,7 @@ async def test_a_client_whose_node_goes_away_moves_to_the_next(tmp_path: Path) -
 
 
 def test_settings_take_a_clusters_nodes_comma_separated() -> None:
-    from latch.settings import Settings
+    from foundation.settings import Settings
 
     s = Settings(broker="mqtt://n1:1883, mqtt://n2:1884,n3:1885")
     assert s.broker_addresses() == [("n1", 1883), ("n2", 1884), ("n3", 1885)] and s.broker_address() == ("n1", 1883)

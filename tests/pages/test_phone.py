@@ -292,7 +292,7 @@ async def test_bikes_nearest_first_on_a_map(served: Served, browser) -> None:  #
             await expect(page.locator("#bike-list li")).to_have_count(13)
             await expect(page.locator("#more-btn")).to_be_hidden()
             # the order is by distance from where the rider stands
-            from latch.geo import distance_m
+            from foundation.geo import distance_m
             order = [await li.get_attribute("data-bike") for li in await page.locator("#bike-list li").all()]
             dists = [distance_m(tuple(here), tuple(where[i])) for i in order]  # type: ignore[arg-type]
             assert dists == sorted(dists) and order[:10] == shown

@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     nats_issuer_seed: str | None = None    # the account nkey seed that signs the callout's answers ("SA...")
 
     demo_fleet: int = 0
-    # the simulated city: locks report a position inside this disc, "lat,lon,radius_m" (latch/geo.py);
+    # the simulated city: locks report a position inside this disc, "lat,lon,radius_m" (foundation/geo.py);
     # the rider page centres its map here until the browser gives a location
     sim_area: str = "52.5200,13.4050,2500"
 
@@ -173,14 +173,12 @@ class Settings(BaseSettings):
 
     def ensure_nats_auth_secrets(self) -> None:
         """The NATS auth callout's secrets, from the data dir or generated there (0600)."""
-        from api import nats_jwt
-
         _private_dir(self.data_dir)
         if self.nats_auth_secret is None:
             self.nats_auth_secret = _stored_secret(self.data_dir / "nats-auth.secret")
         if self.nats_issuer_seed is None:
             self.nats_issuer_seed = _stored_secret(self.data_dir / "nats-issuer.seed",
-                                                   lambda: nats_jwt.new_account_seed().decode())
+                                                   lambda: new_nats_account_seed().decode())
 
     def nats_auth_servers(self) -> list[str]:
         return [u.strip() for u in (self.nats_auth_url or "").split(",") if u.strip()]
@@ -207,9 +205,8 @@ class Settings(BaseSettings):
             self.command_key_secret = _stored_secret(self.data_dir / "command-keys.secret")
         if self.nats_auth_url is not None:   # the API decides a NATS cluster's MQTT logins (api/nats_auth.py)
             self.ensure_nats_auth_secrets()
-        from api import keyseal   # the registry finds the seal for its database here
-
-        keyseal.register(self.resolved_database_url(), self.command_key_secret)
+        # the registry finds the master key of its database's command-key seal here (api/keyseal.py)
+        _COMMAND_KEY_SECRETS[self.resolved_database_url()] = self.command_key_secret
         databases = [self.data_dir / "broker.db"]
         sqlite_file = _sqlite_file(self.resolved_database_url())   # also a SQLite database outside the data dir
         if sqlite_file is not None:
@@ -325,3 +322,19 @@ def _stored_secret_of(path: Path, make: Callable[[], str] = lambda: secrets.toke
 
 def _stored_secret(path: Path, make: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> str:
     return _stored_secret_of(path, make)[0]
+
+
+_COMMAND_KEY_SECRETS: dict[str, str] = {}   # database URL -> the command-key master secret ensure_secrets() found
+
+
+def command_key_secret_for(database_url: str) -> str | None:
+    """The command-key master secret of the database at `database_url`, once Settings.ensure_secrets() ran for it
+    in this process (api/keyseal.py seals the locks' command keys with it)."""
+    return _COMMAND_KEY_SECRETS.get(database_url)
+
+
+def new_nats_account_seed() -> bytes:
+    """A fresh NATS account nkey seed (``SA...``): the auth callout's issuer (api/nats_jwt.py signs with it)."""
+    import nkeys
+
+    return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT))

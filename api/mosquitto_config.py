@@ -46,7 +46,7 @@ from api.broker_auth import PUBLISH, SERVICE_FILTER, SUBSCRIBE, device_grants
 from api.db import Database
 from api.devices import REVOKED, ROTATED
 from broker.identity import SERVICE_USERNAME, hash_secret, is_mosquitto_hash, secret_matches
-from latch.settings import Settings
+from foundation.settings import Settings
 from protocol import topics
 
 log = logging.getLogger("latch.mosquitto")
@@ -82,7 +82,7 @@ class Written:
 
 
 async def registry_rows(db: Database) -> list[DeviceRow]:
-    """id, secret_hash, revoked of every device, with plain SQL (as broker/credentials.py reads them)."""
+    """id, secret_hash, revoked of every device, with plain SQL (as api/registry_credentials.py reads them)."""
     rows = await db.read(lambda s: s.connection().execute(
         text("SELECT id, secret_hash, revoked FROM device ORDER BY id")).all())
     return [DeviceRow(r[0], r[1], bool(r[2])) for r in rows]
