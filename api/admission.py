@@ -21,13 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-
-class Overloaded(Exception):
-    """This process cannot take another command now; str(e) is the 503's message."""
-
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+from api.errors import Overloaded
 
 
 class StandingDelay:

@@ -7,19 +7,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 
-from api import event_models as ek, openapi_doc, pg_bus, schema, security_headers, wire
-from api.admission import Admission, Overloaded
+from api import errors, event_models as ek, openapi_doc, pg_bus, schema, security_headers, wire
+from api.admission import Admission
 from api.background import reraise_if_stopping
 from api.boundary import BodyGuard, validation_error_handler
 from api.command_log import CommandLog
-from api.commands import CommandService, CommandTooLarge
+from api.commands import CommandService
 from api.db import Database
 from api.devices import REVOKED, ROTATED, DeviceRegistry
-from api.events import EventLog, LiveEvent, TooManyStreams
+from api.events import EventLog, LiveEvent
 from api.fleet import FleetService
 from api.hooks import AllHooks
 from api.ingest import Ingest
@@ -232,17 +231,4 @@ def _map_errors(app: FastAPI) -> None:
     """Errors the services raise, mapped to HTTP in one place."""
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 
-    async def too_large(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=413)
-
-    async def too_many_streams(request: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=429,
-                            headers={"Retry-After": str(TooManyStreams.retry_after_s)})
-
-    async def overloaded(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, Overloaded)
-        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)})
-
-    app.add_exception_handler(CommandTooLarge, too_large)
-    app.add_exception_handler(Overloaded, overloaded)
-    app.add_exception_handler(TooManyStreams, too_many_streams)
+    errors.install(app)   # every LatchError: its status, {"detail": why}, Retry-After where it has one

@@ -26,6 +26,7 @@ from api.command_states import Event, Status, advance, is_final
 from api.command_priority import action_priority
 from api.db import Database, Priority
 from api.devices import merge_reported
+from api.errors import TooLarge
 from api.hooks import NO_HOOKS, ChangeHooks
 from api.metrics import Metrics
 from api.models import (Command, CommandCreate, CommandEvent, CommandPublic, CommandRecord, CommandRow, Device,
@@ -42,8 +43,8 @@ PUBLISH_FAILED_REASON = "the command could not be handed to the broker"
 MAX_TIMEOUT_HOLD_S = 60.0   # the longest a timeout waits past its deadline while acks are applied late
 
 
-class CommandTooLarge(ValueError):
-    """The signed command would not fit what a lock reads; str(e) says by how much."""
+class CommandTooLarge(TooLarge, ValueError):
+    """The signed command would not fit what a lock reads; str(e) says by how much (413)."""
 
 
 def signed_payload(cmd: CommandRow, command_key: str) -> bytes:

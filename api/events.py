@@ -63,6 +63,7 @@ from api.heap import HeapKeeper
 from api.metrics import Metrics
 from api.nats_bus import NatsBus
 from api.pg_bus import EVENTS as EVENTS_CHANNEL
+from api.errors import RateLimited
 from foundation.settings import Settings
 
 log = logging.getLogger("latch.events")
@@ -85,10 +86,11 @@ HOUSEKEEPING_S = 1.0
 OPEN_FILES_WANTED = 262_144   # file descriptors this process asks for (streams are sockets)
 
 
-class TooManyStreams(Exception):
+class TooManyStreams(RateLimited):
     """The user already holds LATCH_MAX_STREAMS_PER_USER open streams; str(e) is the 429's message."""
 
-    retry_after_s = 5
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, retry_after_s=5)
 
 
 def parse_cursor(raw: str | None, head: int) -> int | None:

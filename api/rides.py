@@ -27,7 +27,7 @@ from api.db import Database
 from api.events import EventLog
 from api.models import Command, CommandCreate, CommandRow, Device
 from api.rider_models import OPEN_RIDE, BikePublic, Ride, RideCreate, RidePublic, RideStatus
-from api.rights import Refused
+from api.errors import Conflict, Forbidden, NotFound
 
 UNLOCK_TTL_S = 30
 
@@ -93,7 +93,7 @@ class RideService:
 
     async def start(self, who: Principal, body: RideCreate) -> tuple[Ride, Command]:
         if who.user_id is None:
-            raise Refused(403, "the admin token has no rider account: sign up or log in as a user to ride")
+            raise Forbidden("the admin token has no rider account: sign up or log in as a user to ride")
         user_id = who.user_id
         now = now_ms()
         ride = Ride(id=uuid.uuid4().hex, user_id=user_id, device_id=body.bike_id, status=RideStatus.STARTING,
@@ -102,22 +102,22 @@ class RideService:
         def insert(s: Session) -> Device:
             device = s.get(Device, body.bike_id)
             if device is None:
-                raise Refused(404, f"no bike {body.bike_id!r}")
+                raise NotFound(f"no bike {body.bike_id!r}")
             if device.revoked:
-                raise Refused(409, f"bike {body.bike_id} is out of service")
+                raise Conflict(f"bike {body.bike_id} is out of service")
             if not device.online:
-                raise Refused(409, f"bike {body.bike_id} is offline: choose another bike")
+                raise Conflict(f"bike {body.bike_id} is offline: choose another bike")
             mine = open_ride_for_user(s, user_id)
             if mine is not None:
-                raise Refused(409, f"you already have an open ride ({mine.id} on {mine.device_id}): end it first")
+                raise Conflict(f"you already have an open ride ({mine.id} on {mine.device_id}): end it first")
             if open_ride_for_device(s, body.bike_id) is not None:
-                raise Refused(409, f"bike {body.bike_id} is in use by another rider")
+                raise Conflict(f"bike {body.bike_id} is in use by another rider")
             s.add(ride)
             self.events.append(s, ek.RIDE, ride_data(ride), user_id, at=now)
             try:
                 s.commit()
             except IntegrityError as e:   # a racing start won
-                raise Refused(409, f"bike {body.bike_id} was just taken, or you started another ride") from e
+                raise Conflict(f"bike {body.bike_id} was just taken, or you started another ride") from e
             return device
 
         device = await self.db.write(insert)
@@ -144,20 +144,20 @@ class RideService:
         def unit(s: Session) -> tuple[Ride, Device | None]:
             ride = s.get(Ride, ride_id)
             if ride is None:
-                raise Refused(404, f"no ride {ride_id!r}")
+                raise NotFound(f"no ride {ride_id!r}")
             if not who.sees(ride.user_id):
-                raise Refused(403, f"ride {ride_id} is not yours")
+                raise Forbidden(f"ride {ride_id} is not yours")
             if ride.status == RideStatus.STARTING:
-                raise Refused(409, "the ride is still starting: wait for the unlock to finish")
+                raise Conflict("the ride is still starting: wait for the unlock to finish")
             if ride.status != RideStatus.ACTIVE:
-                raise Refused(409, f"the ride has already {ride.status}")
+                raise Conflict(f"the ride has already {ride.status}")
             s.expunge(ride)
             device = s.get(Device, ride.device_id)
             needs_lock = device is not None and device.reported.get("locked") is False
             reason = "ended by the rider" if who.user_id == ride.user_id else f"ended by operator {who.name}"
             if not move(s, ride, (RideStatus.ACTIVE,), RideStatus.ENDED, reason, now_ms(),
                         end_command_id=lock_id if needs_lock else None):
-                raise Refused(409, "the ride changed meanwhile: look again")
+                raise Conflict("the ride changed meanwhile: look again")
             self.events.append(s, ek.RIDE, ride_data(ride), ride.user_id)
             s.commit()
             return ride, device if needs_lock else None
@@ -171,16 +171,16 @@ class RideService:
     async def get(self, who: Principal, ride_id: str) -> Ride:
         ride = await self.db.read(lambda s: s.get(Ride, ride_id))
         if ride is None:
-            raise Refused(404, f"no ride {ride_id!r}")
+            raise NotFound(f"no ride {ride_id!r}")
         if not who.sees(ride.user_id):
-            raise Refused(403, f"ride {ride_id} is not yours")
+            raise Forbidden(f"ride {ride_id} is not yours")
         return ride
 
     async def list(self, who: Principal, limit: int, offset: int, user_id: str | None = None,
                    open_only: bool = False) -> list[Ride]:
         if not who.is_operator:
             if user_id is not None and user_id != who.user_id:
-                raise Refused(403, "riders see only their own rides")
+                raise Forbidden("riders see only their own rides")
             user_id = who.user_id
 
         def load(s: Session) -> list[Ride]:

@@ -10,7 +10,6 @@ from api.notifications.models import NotificationCreate, NotificationCreated, No
     ReceiptCreate, ReceiptPublic
 from api.notifications.service import NotificationService
 from api.paging import OffsetQuery
-from api.rights import Refused
 from api.runtime import Runtime
 
 router = APIRouter(tags=["notifications"])
@@ -32,10 +31,7 @@ async def send(body: NotificationCreate, rt: RuntimeDep, who: OperatorDep) -> No
     silently by the app) to every rider, a list of riders, or the riders on a ride now. Written once;
     each rider receives it on every transport as an event of kind `notification`, subject to their
     preferences (opt-out, quiet hours) and the daily cap, while `ttl_s` lasts."""
-    try:
-        return await _svc(rt).send(who, body)
-    except Refused as e:
-        raise e.http()
+    return await _svc(rt).send(who, body)
 
 
 @router.get("/v1/notifications/{notification_id}", response_model=NotificationPublic,
@@ -44,10 +40,7 @@ async def detail(rt: RuntimeDep, who: OperatorDep, notification_id: str = IdPath
                  limit: int = Query(100, ge=1, le=1000), offset: OffsetQuery = 0) -> NotificationPublic:
     """The notification with its counts (audience, delivered, seen, actions pressed, held by each rule,
     expired) and a page of receipts: one row per rider who answered."""
-    try:
-        return await _svc(rt).detail(notification_id, limit, offset)
-    except Refused as e:
-        raise e.http()
+    return await _svc(rt).detail(notification_id, limit, offset)
 
 
 @router.post("/v1/notifications/{notification_id}/receipt", response_model=ReceiptPublic,
@@ -60,19 +53,13 @@ async def receipt(body: ReceiptCreate, rt: RuntimeDep, who: CallerDep,
     (`{"action": "<id>"}`, which also means seen). Repeating a report changes nothing."""
     if who.is_operator:
         raise HTTPException(403, "receipts come from the riders it was sent to")
-    try:
-        return await _svc(rt).receipt(who, notification_id, body)
-    except Refused as e:
-        raise e.http()
+    return await _svc(rt).receipt(who, notification_id, body)
 
 
 @router.get("/v1/me/notification-prefs", response_model=Prefs)
 async def get_prefs(rt: RuntimeDep, who: CallerDep) -> Prefs:
     """Your delivery preferences (defaults when never set: nothing opted out, no quiet hours, UTC)."""
-    try:
-        return await _svc(rt).get_prefs(who)
-    except Refused as e:
-        raise e.http()
+    return await _svc(rt).get_prefs(who)
 
 
 @router.put("/v1/me/notification-prefs", response_model=Prefs,
@@ -80,7 +67,4 @@ async def get_prefs(rt: RuntimeDep, who: CallerDep) -> Prefs:
 async def put_prefs(body: Prefs, rt: RuntimeDep, who: CallerDep) -> Prefs:
     """Replace your preferences: `opt_out` (service, marketing; transactional cannot be opted out of),
     `quiet_hours` {start, end} in local time (marketing is held until they end), `timezone` (IANA)."""
-    try:
-        return await _svc(rt).put_prefs(who, body)
-    except Refused as e:
-        raise e.http()
+    return await _svc(rt).put_prefs(who, body)

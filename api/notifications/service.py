@@ -41,7 +41,7 @@ from api.notifications.models import (Action, Category, HeldCounts, Notification
                                       format_clock, parse_clock)
 from api.notifications.rules import RiderPrefs
 from api.rider_models import OPEN_RIDE, Ride, User
-from api.rights import Refused
+from api.errors import Conflict, Forbidden, Invalid, LatchError, NotFound
 from foundation.settings import Settings
 from mqtt_client import MqttError
 from protocol import topics
@@ -128,7 +128,7 @@ class NotificationService:
     # ---- sending ----------------------------------------------------------------------
     async def send(self, who: Principal, body: NotificationCreate) -> NotificationCreated:
         if body.ttl_s > self.max_ttl_s:
-            raise Refused(422, f"ttl_s {body.ttl_s} is above the most allowed, {self.max_ttl_s} s "
+            raise Invalid(f"ttl_s {body.ttl_s} is above the most allowed, {self.max_ttl_s} s "
                                f"(LATCH_NOTIFY_MAX_TTL_S)")
         nid, now = uuid.uuid4().hex, now_ms()
         expires = now + body.ttl_s * 1000
@@ -141,7 +141,7 @@ class NotificationService:
                                                          col(User.deleted_at).is_(None))).all())
                 missing = [u for u in wanted if u not in found]
                 if missing:
-                    raise Refused(400, f"audience.users: {missing[0][:32]!r} is not a rider"
+                    raise LatchError(f"audience.users: {missing[0][:32]!r} is not a rider"
                                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
                 audience: dict[str, Any] = {"users": list(wanted)}
                 size = len(wanted)
@@ -277,7 +277,7 @@ class NotificationService:
     @staticmethod
     def _mine(who: Principal) -> str:
         if who.user_id is None:
-            raise Refused(403, "the admin token has no account: preferences and receipts belong to users")
+            raise Forbidden("the admin token has no account: preferences and receipts belong to users")
         return who.user_id
 
     async def get_prefs(self, who: Principal) -> Prefs:
@@ -313,9 +313,9 @@ class NotificationService:
         uid = self._mine(who)
         row = await self.db.read(lambda s: s.get(Notification, nid))
         if row is None or not _includes(row.audience, uid, who):
-            raise Refused(404, f"no notification {nid[:40]!r} for you")
+            raise NotFound(f"no notification {nid[:40]!r} for you")
         if body.action is not None and body.action not in [a["id"] for a in row.actions]:
-            raise Refused(422, f"notification {nid} has no action {body.action[:32]!r}")
+            raise Invalid(f"notification {nid} has no action {body.action[:32]!r}")
         now = now_ms()
 
         def unit(s: Session) -> NotificationReceipt:
@@ -323,7 +323,7 @@ class NotificationService:
             r.seen_at = r.seen_at or now   # pressing an action means it was seen
             if body.action is not None:
                 if r.action is not None and r.action != body.action:
-                    raise Refused(409, f"you already answered {r.action!r} to notification {nid}")
+                    raise Conflict(f"you already answered {r.action!r} to notification {nid}")
                 if r.action is None:
                     r.action, r.action_at = body.action, now
             s.add(r)
@@ -353,7 +353,7 @@ class NotificationService:
 
         row, seen, pressed, receipts = await self.db.read(load)
         if row is None:
-            raise Refused(404, f"no notification {nid[:40]!r}")
+            raise NotFound(f"no notification {nid[:40]!r}")
         extra = self.fanout.unflushed(nid)   # this process's counts not flushed yet
 
         def n(column: str) -> int:

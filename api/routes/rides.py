@@ -5,7 +5,6 @@ from api.commands import public as command_public
 from api.deps import CallerDep, RuntimeDep
 from api.rider_models import BikePublic, RideCreate, RidePublic, RideStarted
 from api.rides import public
-from api.rights import Refused
 
 router = APIRouter(tags=["rides"])
 
@@ -23,12 +22,9 @@ async def bikes(rt: RuntimeDep, who: CallerDep, limit: int = Query(1000, ge=1, l
 async def start_ride(body: RideCreate, rt: RuntimeDep, who: CallerDep) -> RideStarted:
     """Start a ride: the bike must be free and online; its unlock is sent at once. Follow the unlock
     on the event stream (or GET /v1/commands/{unlock.id}?wait=): the ride turns active when it succeeds."""
-    try:
-        rt.rights.check_rate(who)
-        with rt.admission.creating_one():   # the ride's unlock is a command: 503 when overloaded
-            ride, cmd = await rt.rides.start(who, body)
-    except Refused as e:
-        raise e.http()
+    rt.rights.check_rate(who)
+    with rt.admission.creating_one():   # the ride's unlock is a command: 503 when overloaded
+        ride, cmd = await rt.rides.start(who, body)
     return RideStarted(**public(ride).model_dump(), unlock=command_public(cmd))
 
 
@@ -36,26 +32,17 @@ async def start_ride(body: RideCreate, rt: RuntimeDep, who: CallerDep) -> RideSt
 async def list_rides(rt: RuntimeDep, who: CallerDep, user_id: str | None = None, open: bool = False,
                      limit: int = Query(50, ge=1, le=500), offset: OffsetQuery = 0) -> list[RidePublic]:
     """Your rides (operators: everyone's, or one user's with `user_id`), newest first."""
-    try:
-        return [public(r) for r in await rt.rides.list(who, limit, offset, user_id, open)]
-    except Refused as e:
-        raise e.http()
+    return [public(r) for r in await rt.rides.list(who, limit, offset, user_id, open)]
 
 
 @router.get("/v1/rides/{ride_id}", response_model=RidePublic)
 async def get_ride(ride_id: str, rt: RuntimeDep, who: CallerDep) -> RidePublic:
-    try:
-        return public(await rt.rides.get(who, ride_id))
-    except Refused as e:
-        raise e.http()
+    return public(await rt.rides.get(who, ride_id))
 
 
 @router.post("/v1/rides/{ride_id}/end", response_model=RidePublic,
              responses={403: {"description": "not your ride"}, 409: {"description": "not active"}})
 async def end_ride(ride_id: str, rt: RuntimeDep, who: CallerDep) -> RidePublic:
     """End your active ride. If the lock reports the bike unlocked, a lock command goes out (end_command_id)."""
-    try:
-        rt.rights.check_rate(who)
-        return public(await rt.rides.end(who, ride_id))
-    except Refused as e:
-        raise e.http()
+    rt.rights.check_rate(who)
+    return public(await rt.rides.end(who, ride_id))

@@ -36,12 +36,10 @@ from starlette.responses import JSONResponse
 from api import tokens
 from api.auth import AuthError, Principal, bearer_token, resolve
 from api.commands import IdempotencyConflict, public
-from api.admission import Overloaded
 from api.boundary import BadJson, check_json
-from api.commands import CommandTooLarge
+from api.errors import Conflict, LatchError, NotFound, Overloaded
 from api.events import SESSION_ENDED, CursorError, Subscription, TooManyStreams
 from api.models import CommandCreate
-from api.rights import Refused
 from api.runtime import Runtime
 from api.ws_detach import CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, MAX_MESSAGE as MAX_FRAME, detachable_ws_wire
 
@@ -230,21 +228,18 @@ class Connection:
             await self.rt.rights.check_command(self.who, device_id, body.action)
             device = await self.rt.registry.get(device_id)
             if device is None:
-                raise Refused(404, f"no device {device_id!r}")
+                raise NotFound(f"no device {device_id!r}")
             if device.revoked:
-                raise Refused(409, f"device {device_id!r} is revoked")
+                raise Conflict(f"device {device_id!r} is revoked")
             key = msg.get("idempotency_key")
             with self.rt.admission.creating_one():
                 cmd, created = await self.rt.commands.create(device, body, self.who.name,
                                                              key if isinstance(key, str) else None)
-        except Refused as e:
-            await self.reply(request_id, False, e.status, error=e.reason)
-            return
-        except CommandTooLarge as e:
-            await self.reply(request_id, False, 413, error=str(e))
-            return
         except Overloaded as e:
-            await self.reply(request_id, False, 503, error=str(e), retry_after_s=e.retry_after_s)
+            await self.reply(request_id, False, e.status, error=e.reason, retry_after_s=e.retry_after_s)
+            return
+        except LatchError as e:   # not allowed, no such device, revoked, too large, too fast
+            await self.reply(request_id, False, e.status, error=e.reason)
             return
         except IdempotencyConflict as e:
             await self.reply(request_id, False, 409, error=f"idempotency_key was already used for command {e.args[0]}")
