@@ -549,7 +549,8 @@ def audit(accepted: Iterable[str], rows: dict[str, Row], actuations: list[Actuat
         by_id.setdefault(a.command_id, []).append(a)
     lost = sorted(cid for cid in set(accepted) if cid not in rows or rows[cid].status not in FINAL_STATUSES)
     twice = sorted(cid for cid, acts in by_id.items() if len(acts) > 1)
-    late = sorted({a.command_id for a in actuations if a.command_id in rows and a.at_ms > rows[a.command_id].expires_at})
+    late = sorted({a.command_id for a in actuations
+                   if a.command_id in rows and a.at_ms > rows[a.command_id].expires_at})
     phantom = sorted({a.command_id for a in actuations
                       if a.command_id not in rows or rows[a.command_id].device_id != a.device
                       or ACTUATION.get(rows[a.command_id].action) != a.action})

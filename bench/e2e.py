@@ -33,8 +33,16 @@ import aiohttp
 import httpx
 
 from bench.cpu_quota import CpuQuota
-from bench.procs import (Proc, cpu_seconds, cpu_seconds_named, free_port, machine_busy_seconds, sys_cpu_seconds,
-                         machine_steal_seconds, pct)
+from bench.procs import (
+    Proc,
+    cpu_seconds,
+    cpu_seconds_named,
+    free_port,
+    machine_busy_seconds,
+    machine_steal_seconds,
+    pct,
+    sys_cpu_seconds,
+)
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -24,9 +24,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("file", type=Path)
     ap.add_argument("--top", type=int, default=40)
-    ap.add_argument("--match", default="", help="comma-separated substrings: share of samples with a frame matching each")
-    ap.add_argument("--idle", default="select (selectors.py,_worker (concurrent/futures,get (queue.py,wait (threading.py,"
-                    "_work (api/db.py",
+    ap.add_argument("--match", default="",
+                    help="comma-separated substrings: share of samples with a frame matching each")
+    ap.add_argument("--idle", default="select (selectors.py,_worker (concurrent/futures,get (queue.py,"
+                    "wait (threading.py,_work (api/db.py",
                     help="leaf frames that are waiting, not working (left out of the busy total)")
     args = ap.parse_args()
     idle = [x for x in args.idle.split(",") if x]

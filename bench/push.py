@@ -637,7 +637,8 @@ async def notify_run(transport: str, n: int, rate: float, duration: float, data_
     PostgreSQL admin URL): that many API replicas with events on NATS JetStream, the riders spread over them."""
     import multiprocessing
 
-    from bench.procs import cpu_seconds as cpu_s, machine_busy_seconds, machine_steal_seconds, sys_cpu_seconds
+    from bench.procs import cpu_seconds as cpu_s
+    from bench.procs import machine_busy_seconds, machine_steal_seconds, sys_cpu_seconds
 
     loadavg = Path("/proc/loadavg").read_text().strip()
     if replicas > 1:
@@ -786,7 +787,8 @@ def _top(path: Path, n: int = 25) -> list[tuple[str, float]]:
                 incl[frame] = incl.get(frame, 0) + int(k)
 
     def top(d: dict[str, int], tag: str) -> list[tuple[str, float]]:
-        return [(f"{tag} {f}", round(c / max(1, total) * 100, 1)) for f, c in sorted(d.items(), key=lambda x: -x[1])[:n]]
+        return [(f"{tag} {f}", round(c / max(1, total) * 100, 1))
+                for f, c in sorted(d.items(), key=lambda x: -x[1])[:n]]
 
     return top(self_, "self") + top(incl, "incl")
 
@@ -796,8 +798,10 @@ def show_notify(r: NotifyResult) -> None:
           f"{r.deliveries}/{r.expected_deliveries} deliveries (lost {r.lost}) | latency p50 {r.p50_ms} ms "
           f"p99 {r.p99_ms} ms max {r.max_ms} ms | to all p50 {r.to_all_p50_ms} p99 {r.to_all_p99_ms} ms | "
           f"RSS {r.server_rss_mib} MiB, {r.rss_per_subscriber_kib} KiB/subscriber ({r.rss_per_subscriber_after_kib} "
-          f"after), {r.server_fds} fds | server CPU {r.server_cpu_pct}%, {r.server_cpu_us_per_delivery} us/delivery ({r.server_sys_share:.0%} kernel) | "
-          f"clients {r.clients_cores} cores | machine {r.machine_busy_cores} cores busy, steal {r.steal_cores}; load before {r.loadavg_before}",
+          f"after), {r.server_fds} fds | server CPU {r.server_cpu_pct}%, {r.server_cpu_us_per_delivery} us/delivery "
+          f"({r.server_sys_share:.0%} kernel) | "
+          f"clients {r.clients_cores} cores | machine {r.machine_busy_cores} cores busy, steal {r.steal_cores}; "
+          f"load before {r.loadavg_before}",
           flush=True)
     if r.replicas > 1:
         print(f"      {r.replicas} replicas on NATS JetStream: CPU us/delivery by process "

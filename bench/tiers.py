@@ -58,7 +58,8 @@ client was on killed for 20 s; 7 runs, `--linger 40`):
   waits on a JetStream lookup that gives up after 5 s ("unable to connect: lookup sessions stream ... timeout
   after 5s"), so a client needs two or three tries. Meanwhile the API, with no broker link, fails unlocks at
   once ("broker unreachable"), as designed. Nothing is lost, executed twice or after its expiry.
-- In all 4 runs without authorization (and in a 5th, at 15 s down), 5-24 unlocks that the lock did execute ended `timed_out` at the API
+- In all 4 runs without authorization (and in a 5th, at 15 s down), 5-24 unlocks that the lock did execute ended
+  `timed_out` at the API
   (false successes of the kind "lock actuated, API not succeeded"): the locks' answers to commands sent in the
   second after the API's session resumed on another node reached the API 30-31 s after they were sent
   (`late_answers`). The API's acks consumer (`broker_diagnostics.api_ack_consumer_samples`, sampled every
@@ -67,7 +68,8 @@ client was on killed for 20 s; 7 runs, `--linger 40`):
   JetStream had handed them to the API's session while it moved, the API's new connection never received them,
   and nats-server sends a QoS 1 message again only after the MQTT listener's `ack_wait` (30 s by default),
   not when the session resumes. 0 such answers in 2 runs on the generated (callout) configuration and in 2 runs
-  with `--nats-ack-wait 5` (one of each): too few runs to say either removes them. An `ack_wait` below the API's grace for a
+  with `--nats-ack-wait 5` (one of each): too few runs to say either removes them.
+  An `ack_wait` below the API's grace for a
   late answer (LATCH_SETTLE_GRACE_S) would turn such a late answer into a slow success (the API applies an
   answer once, however often it comes).
 
@@ -98,8 +100,22 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.chaos import (ENV, RESULTS, TOKEN, App, Config, Row, Service, Tap, offer_taps, read_actuations,
-                         read_rows, tally, wait_all_final, wait_online)
+from bench.chaos import (
+    ENV,
+    RESULTS,
+    TOKEN,
+    App,
+    Config,
+    Row,
+    Service,
+    Tap,
+    offer_taps,
+    read_actuations,
+    read_rows,
+    tally,
+    wait_all_final,
+    wait_online,
+)
 from bench.natsserver import nats_server_binary
 from bench.procs import Lives, Proc, cpu_seconds, free_port, machine_busy_seconds, machine_steal_seconds, pct
 
@@ -351,7 +367,8 @@ async def start_nats_tier(directory: Path, devices: int, n: int = 3, auth: str =
             d.mkdir(parents=True, exist_ok=True)
             if mqtt_ack_wait_s is not None:
                 conf = directory / "conf" / f"node-{i + 1}.conf"
-                conf.write_text(re.sub(r'ack_wait: "[^"]*"', f'ack_wait: "{mqtt_ack_wait_s}s"', conf.read_text(), count=1))
+                conf.write_text(re.sub(r'ack_wait: "[^"]*"', f'ack_wait: "{mqtt_ack_wait_s}s"', conf.read_text(),
+                                       count=1))
             nodes.append(Exe(f"nats-n{i + 1}", [binary, "-c", str(directory / "conf" / f"node-{i + 1}.conf")],
                              r"Server is ready", d / "nats.log"))
     elif auth == "none":
@@ -504,7 +521,8 @@ def longest_failure_window(taps: list[Tap], rows: dict[str, Row], t0: float, end
 
 
 def phase_figures(taps: list[Tap], rows: dict[str, Row], t0: float, lo: float, hi: float, wall_of: float) -> dict:
-    """Taps made in [lo, hi) (the load's clock, 0 = `t0`): how many, how many succeeded, the app's latency of those; and the
+    """Taps made in [lo, hi) (the load's clock, 0 = `t0`): how many, how many succeeded,
+    the app's latency of those; and the
     unlocks the API completed in [lo, hi) per second (`wall_of`: the wall clock, ms, at load time 0)."""
     made = [t for t in taps if lo <= t.scheduled - t0 < hi]
     ok = [t for t in made if succeeded(t, rows)]
@@ -604,7 +622,8 @@ async def run_tier(name: str, cfg: TiersConfig, data_dir: Path, progress: bool =
                 fault["restart_from_s"] = round(loop.time() - t0, 2)
                 await tier.restart()
                 fault["back_at_s"] = round(loop.time() - t0, 2)
-                say(f"  {fault['back_at_s']:7.1f}s  started again (took {fault['back_at_s'] - fault['restart_from_s']:.2f} s)")
+                say(f"  {fault['back_at_s']:7.1f}s  started again "
+                    f"(took {fault['back_at_s'] - fault['restart_from_s']:.2f} s)")
 
             fault_task = loop.create_task(kill_and_restart())
             watch_task = loop.create_task(tier.watch(t0, watched, watch_stop))
@@ -702,7 +721,8 @@ def show(result: dict) -> None:
 
     rows: list[tuple[str, list[str]]] = [
         ("killed", [t["fault"].get("killed", "-") for t in tiers]),
-        ("kill / back at (s)", [f"{t['fault'].get('killed_at_s', '-')} / {t['fault'].get('back_at_s', '-')}" for t in tiers]),
+        ("kill / back at (s)", [f"{t['fault'].get('killed_at_s', '-')} / {t['fault'].get('back_at_s', '-')}"
+                                for t in tiers]),
         ("offered / accepted / succeeded", [f"{t['commands']['offered']} / {t['commands']['accepted']} / "
                                             f"{t['commands']['final_by_status'].get('succeeded', 0)}" for t in tiers]),
         ("lost", [str(t["counts"]["lost"]) for t in tiers]),
@@ -711,16 +731,21 @@ def show(result: dict) -> None:
         ("phantom opens / false successes", [f"{t['counts']['phantom_opens']} / {t['counts']['false_successes']}"
                                              for t in tiers]),
         ("answers after final (late)", [str(len(t["late_answers"])) for t in tiers]),
-        ("longest failure window", [f"{t['longest_failure_window']['s']:.2f} s ({t['longest_failure_window']['taps']} taps)"
+        ("longest failure window", [f"{t['longest_failure_window']['s']:.2f} s "
+                                    f"({t['longest_failure_window']['taps']} taps)"
                                     for t in tiers]),
         ("before the kill", [ph(t, "before_kill") for t in tiers]),
         ("node down", [ph(t, "node_down") for t in tiers]),
         ("after the restart", [ph(t, "after_restart") for t in tiers]),
-        ("not succeeded, why", ["; ".join(f"{k} {v}" for k, v in list(t["commands"]["not_succeeded_by_reason"].items())[:3])
-                                + (f"; never accepted {t['commands']['never_accepted']}" if t["commands"]["never_accepted"] else "")
+        ("not succeeded, why", ["; ".join(f"{k} {v}"
+                                          for k, v in list(t["commands"]["not_succeeded_by_reason"].items())[:3])
+                                + (f"; never accepted {t['commands']['never_accepted']}"
+                                   if t["commands"]["never_accepted"] else "")
                                 or "-" for t in tiers]),
-        ("CPU s broker / api / sim", [f"{t['cpu_s']['broker']} / {t['cpu_s']['api']} / {t['cpu_s']['sim']}" for t in tiers]),
-        ("unexpected exits", [", ".join(f"{k} {len(v)}" for k, v in t["unexpected_exits"].items()) or "-" for t in tiers]),
+        ("CPU s broker / api / sim", [f"{t['cpu_s']['broker']} / {t['cpu_s']['api']} / {t['cpu_s']['sim']}"
+                                      for t in tiers]),
+        ("unexpected exits", [", ".join(f"{k} {len(v)}" for k, v in t["unexpected_exits"].items()) or "-"
+                              for t in tiers]),
     ]
     try:
         from rich.console import Console

@@ -21,7 +21,6 @@ import pytest
 from tests.dbs import TEST_DATABASE, drop_created, drop_template
 from tests.support import REQUIRE_ALL, SECRETS, LiveStack, live_stack
 
-
 # nodeid prefix -> xdist group: the tests of a group run one at a time, on one worker. "fuzz" and "cpu": tests
 # that keep both cores busy for seconds (fuzzing; a thousand connections, argon2 floods, kill -9 mid-stream) or
 # that measure latency; two groups, so that neither chain of tests is longer than a worker's share of the rest.

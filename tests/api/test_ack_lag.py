@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-
 from api.clock import now_ms
 from api.ingest import AckLag
 from mqtt_client import MqttClient
@@ -32,7 +31,6 @@ def test_ack_lag_is_a_median_and_goes_stale() -> None:
 
 async def test_timeouts_wait_while_acks_arrive_late(tmp_path: Path) -> None:
     async with live_stack(tmp_path, settle_grace_s=0.5) as live:
-        http = live.http
         creds = await live.register("bike-late")
         received: asyncio.Queue[dict] = asyncio.Queue()
 

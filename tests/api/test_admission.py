@@ -7,7 +7,6 @@ import asyncio
 import json
 from pathlib import Path
 
-
 from api.admission import StandingDelay
 from tests.support import live_stack
 

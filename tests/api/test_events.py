@@ -103,7 +103,8 @@ async def test_low_battery_presence_and_lock_state_go_to_the_rider(stack: LiveSt
     rider = await users()
     await ride_to_active(stack, rider, "bike-l")
     for battery in (30, 15, 12):   # one event when it crosses the mark, not one per report
-        lock.client.publish(topics.state_topic("bike-l"), messages.encode_state({"locked": False, "battery": battery}, 0),
+        lock.client.publish(topics.state_topic("bike-l"),
+                            messages.encode_state({"locked": False, "battery": battery}, 0),
                             qos=1, retain=True)
     await lock.stop()
 

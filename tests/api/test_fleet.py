@@ -27,7 +27,6 @@ from tests.api.push_support import sign_up
 from tests.dbs import ON_POSTGRES, empty_postgres_url
 from tests.support import LiveStack, eventually
 
-
 # ---- helpers ---------------------------------------------------------------------------------------
 
 

@@ -7,8 +7,8 @@ import dataclasses
 import time
 from pathlib import Path
 
-from broker.server import BrokerOptions, EmbeddedBroker
 from broker.core import Limits
+from broker.server import BrokerOptions, EmbeddedBroker
 from mqtt_client import MqttClient
 from tests.support import eventually, live_stack
 

@@ -66,7 +66,8 @@ async def test_a_cursor_older_than_the_ring_is_served_from_the_stream(stack: Liv
     assert [e["id"] for e in ops] == list(range(1, log.head + 1))   # every sequence, once, in order
     assert (await stack.metrics())["event_backlog_reads"] > before   # read from the stream, not the ring
     # the database holds each event's sequence: the same cursor whichever way it is read
-    rows = await stack.runtime.db.read(lambda s: s.exec(select(LogEvent.seq, LogEvent.kind).order_by(LogEvent.seq)).all())
+    rows = await stack.runtime.db.read(
+        lambda s: s.exec(select(LogEvent.seq, LogEvent.kind).order_by(LogEvent.seq)).all())
     assert [(seq, kind) for seq, kind in rows] == [(e["id"], e["kind"]) for e in ops]
     # a rider reads only what is theirs, from the stream too
     mine = await everything(rider, 0)

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from amqtt.client import MQTTClient
 from amqtt.mqtt.constants import QOS_1
@@ -264,7 +262,8 @@ def _clock(dt: datetime) -> str:
     return dt.strftime("%H:%M:%S")
 
 
-async def test_quiet_hours_hold_marketing_until_they_end_or_drop_it_when_the_ttl_ends_first(stack: LiveStack, users) -> None:  # type: ignore[no-untyped-def]
+async def test_quiet_hours_hold_marketing_until_they_end_or_drop_it_when_the_ttl_ends_first(  # type: ignore[no-untyped-def]
+        stack: LiveStack, users) -> None:
     rider, late = await users(), await users()
     now = datetime.now(UTC)
     quiet_end = now + timedelta(seconds=4)

@@ -17,7 +17,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from api import tokens
-from api.rider_models import User as UserRow, UserSession
+from api.rider_models import User as UserRow
+from api.rider_models import UserSession
 from tests.support import LiveStack, eventually
 
 SSE_ID = re.compile(rb"id: (\d+)\nevent: ([a-z_]+)\ndata: ")

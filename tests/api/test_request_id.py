@@ -24,7 +24,8 @@ async def test_request_id_is_kept_when_sane_and_made_otherwise(tmp_path: Path) -
         first = (await live.http.get("/v1/devices")).headers["x-request-id"]
         second = (await live.http.get("/v1/devices")).headers["x-request-id"]
         assert GENERATED.fullmatch(first) and first != second
-        assert (await live.http.get("/v1/devices/nope", headers={"X-Request-ID": "r404"})).headers["x-request-id"] == "r404"
+        assert (await live.http.get("/v1/devices/nope",
+                                    headers={"X-Request-ID": "r404"})).headers["x-request-id"] == "r404"
         async with httpx.AsyncClient(base_url=live.api_url) as anon:
             r = await anon.get("/v1/devices", headers={"X-Request-ID": "r401"})
             assert r.status_code == 401 and r.headers["x-request-id"] == "r401"

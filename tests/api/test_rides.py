@@ -141,7 +141,8 @@ async def test_rate_limit_is_429_with_retry_after(tmp_path) -> None:  # type: ig
                 assert r.headers["retry-after"] == "2" and "too many commands" in r.json()["detail"]
                 # the admin token (automation) is not limited
                 for _ in range(5):
-                    assert (await http.post("/v1/devices/bike-x/commands", json={"action": "locate"})).status_code == 404
+                    assert (await http.post("/v1/devices/bike-x/commands",
+                                            json={"action": "locate"})).status_code == 404
             finally:
                 for c in clients:
                     await c.aclose()

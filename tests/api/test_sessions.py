@@ -142,7 +142,8 @@ async def test_a_token_without_a_session_is_refused(stack: LiveStack, users) -> 
 @pytest.fixture
 async def ws_stack(tmp_path: Path) -> AsyncIterator[LiveStack]:
     async with Stack(make_settings(tmp_path, ws_port=0)) as st:
-        async with httpx.AsyncClient(base_url=st.api_url, timeout=30, headers=_bearer(st.settings.admin_token or "")) as http:
+        async with httpx.AsyncClient(base_url=st.api_url, timeout=30,
+                                     headers=_bearer(st.settings.admin_token or "")) as http:
             yield LiveStack(st, http)
 
 

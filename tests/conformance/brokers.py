@@ -6,7 +6,8 @@ connections, and tears the broker down on exit.  Every test gets a fresh
 broker, so no state (retained messages, persistent sessions, a wedged event
 loop) leaks between scenarios.
 
-Registered: ``nats`` (nats-server's MQTT listener, issue 18), ``mosquitto`` (the reference), ``amqtt_plain``/``amqtt_auth`` (amqtt 0.12.1 as shipped, kept as
+Registered: ``nats`` (nats-server's MQTT listener, issue 18), ``mosquitto`` (the reference),
+``amqtt_plain``/``amqtt_auth`` (amqtt 0.12.1 as shipped, kept as
 references for docs/amqtt-defects.md) and ``latch`` (Latch's own broker, broker/, with its durable
 store; it has no known defect here). Adding a broker is one decorated function::
 

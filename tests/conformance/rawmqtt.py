@@ -488,7 +488,8 @@ class RawClient:
             except asyncio.TimeoutError:
                 return predicate() or None
 
-    async def wait_publishes(self, count: int, timeout: float = DEFAULT_TIMEOUT, topic: str | None = None) -> list[Packet]:
+    async def wait_publishes(self, count: int, timeout: float = DEFAULT_TIMEOUT,
+                             topic: str | None = None) -> list[Packet]:
         """Wait until at least ``count`` PUBLISHes (optionally on ``topic``) arrived; return them (maybe fewer)."""
 
         def matching() -> list[Packet]:
@@ -497,7 +498,8 @@ class RawClient:
         await self.wait_for(lambda: len(matching()) >= count, timeout)
         return matching()
 
-    async def wait_publish(self, topic: str, payload: bytes | None = None, timeout: float = DEFAULT_TIMEOUT) -> Packet | None:
+    async def wait_publish(self, topic: str, payload: bytes | None = None,
+                           timeout: float = DEFAULT_TIMEOUT) -> Packet | None:
         def find() -> Packet | None:
             for p in self.publishes:
                 if p.topic == topic and (payload is None or p.payload == payload):

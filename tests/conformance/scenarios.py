@@ -300,7 +300,8 @@ async def zero_length_client_id(host: str, port: int) -> Observation:
             rc = ack2.return_code
         except MQTTClosed:
             rc = None
-        obs["persistent"] = {"connack_rc": rc, "closed_within_deadline": await c2.wait_closed(CLOSE_DEADLINE) is not None}
+        obs["persistent"] = {"connack_rc": rc,
+                             "closed_within_deadline": await c2.wait_closed(CLOSE_DEADLINE) is not None}
     return obs
 
 

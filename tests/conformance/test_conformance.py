@@ -12,10 +12,9 @@ Claims 1-9 refer to docs/amqtt-defects.md.
 
 from __future__ import annotations
 
-import pytest
-
-import scenarios as sc
 import known
+import pytest
+import scenarios as sc
 from known import AMQTT, NATS, defect, not_applicable
 
 pytestmark = pytest.mark.asyncio
@@ -256,17 +255,24 @@ VIOLATIONS.update({
     "wrong_protocol_level": None,          # "MQTT" with level 3: CONNACK 1, then close [MQTT-3.1.2-2]
     "unknown_protocol_name": None,         # [MQTT-3.1.2-1]
     "connect_reserved_flag": None,         # [MQTT-3.1.2-3]
-    "will_topic_with_wildcard": "a will topic with a wildcard is accepted (observed: connection kept)",      # [MQTT-3.1.3-... / 4.7.3]
-    "invalid_utf8_client_id": "client id bytes are not UTF-8 validated (observed: connection kept)",        # [MQTT-1.5.3-1]
+    # [MQTT-3.1.3-... / 4.7.3]
+    "will_topic_with_wildcard": "a will topic with a wildcard is accepted (observed: connection kept)",
+    # [MQTT-1.5.3-1]
+    "invalid_utf8_client_id": "client id bytes are not UTF-8 validated (observed: connection kept)",
     "publish_qos3": "PUBLISH QoS 3 is not rejected (observed: connection kept)",                  # [MQTT-3.3.1-4]
     "invalid_utf8_topic": "topic names are not UTF-8 validated (observed: connection kept)",            # [MQTT-1.5.3-1]
-    "nul_in_topic": "U+0000 in a topic name is not rejected (observed: connection kept)",                  # [MQTT-1.5.3-2]
+    # [MQTT-1.5.3-2]
+    "nul_in_topic": "U+0000 in a topic name is not rejected (observed: connection kept)",
     "reserved_packet_type_15": None,       # [MQTT-2.2.1]
-    "pubrel_reserved_flags": "PUBREL fixed-header flags are not checked (observed: connection kept)",         # [MQTT-3.6.1-1]
-    "unsubscribe_reserved_flags": "UNSUBSCRIBE fixed-header flags are not checked (observed: connection kept)",    # [MQTT-3.10.1-1]
-    "subscribe_invalid_filter": "invalid topic filters are not rejected (observed: connection kept)",      # [MQTT-4.7.1-2]
+    # [MQTT-3.6.1-1]
+    "pubrel_reserved_flags": "PUBREL fixed-header flags are not checked (observed: connection kept)",
+    # [MQTT-3.10.1-1]
+    "unsubscribe_reserved_flags": "UNSUBSCRIBE fixed-header flags are not checked (observed: connection kept)",
+    # [MQTT-4.7.1-2]
+    "subscribe_invalid_filter": "invalid topic filters are not rejected (observed: connection kept)",
     "subscribe_without_filters": "an empty SUBSCRIBE is not rejected (observed: connection kept)",     # [MQTT-3.8.3-3]
-    "subscribe_qos3": "a SUBSCRIBE QoS byte of 3 is not rejected (observed: connection kept)",                # [MQTT-3-8.3-4]
+    # [MQTT-3-8.3-4]
+    "subscribe_qos3": "a SUBSCRIBE QoS byte of 3 is not rejected (observed: connection kept)",
 })
 
 

@@ -52,7 +52,8 @@ async def test_a_thousand_locks_come_online_and_answer(stack: LiveStack, tmp_pat
         save_s = sum(s.save_s for s in states) - sum(b[1] for b in before)
         wait_s = sum(s.wait_s for s in states) - sum(b[2] for b in before)
         print(f"\npersistence at {FLEET} locks: {saves} saves for {len(picks)} unlocks, "
-              f"{1000 * save_s / saves:.2f} ms writing per save, {1000 * wait_s / len(picks):.2f} ms waited per command; "
+              f"{1000 * save_s / saves:.2f} ms writing per save, "
+              f"{1000 * wait_s / len(picks):.2f} ms waited per command; "
               f"{len(picks)} concurrent unlocks p50 {1000 * took[len(took) // 2]:.0f} ms, max {1000 * took[-1]:.0f} ms")
     finally:
         await fleet.stop()

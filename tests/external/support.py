@@ -12,9 +12,8 @@ from typing import Any
 
 import httpx
 
-from api import schema
+from api import mosquitto_config, schema
 from api.db import Database
-from api import mosquitto_config
 from foundation.settings import Settings
 from latch.stack import Stack
 from mqtt_client import MqttClient

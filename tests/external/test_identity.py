@@ -10,8 +10,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from broker.identity import PBKDF2_ITERATIONS, hash_secret, is_mosquitto_hash, new_secret, secret_matches
 from api.mosquitto_config import DeviceRow, password_file_text
+from broker.identity import PBKDF2_ITERATIONS, hash_secret, is_mosquitto_hash, new_secret, secret_matches
 from tests.support import require
 
 MOSQUITTO_PBKDF2 = re.compile(r"^\$7\$(\d+)\$([A-Za-z0-9+/]+=*)\$([A-Za-z0-9+/]+=*)$")
@@ -59,7 +59,8 @@ def test_legacy_sha256_hashes_still_verify_and_garbage_never_does() -> None:
 
 
 def test_a_device_with_a_legacy_hash_is_left_out_of_mosquittos_file_with_the_reason() -> None:
-    devices = [DeviceRow("bike-new", hash_secret("a"), False), DeviceRow("bike-old", hashlib.sha256(b"b").hexdigest(), False),
+    devices = [DeviceRow("bike-new", hash_secret("a"), False),
+               DeviceRow("bike-old", hashlib.sha256(b"b").hexdigest(), False),
                DeviceRow("bike-revoked", hash_secret("c"), True), DeviceRow("latch-service", hash_secret("d"), False)]
     text, count, skipped = password_file_text(hash_secret("service"), devices)
     assert [line.split(":")[0] for line in text.splitlines()] == ["latch-service", "bike-new"] and count == 1

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from api import schema
+from api import mosquitto_config, schema
 from api.db import Database
 from api.devices import DeviceRegistry
 from api.models import DeviceCreate
 from broker.identity import SERVICE_USERNAME
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
-from api import mosquitto_config
 from mqtt_client import MqttClient, MqttConnectError
 from protocol import topics
 from tests.external.mosquitto import require_mosquitto, running_mosquitto

@@ -28,8 +28,8 @@ from api.models import DeviceCreate
 from api.nats_auth import NatsAuth
 from broker.identity import SERVICE_USERNAME
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
-from latch import nats_config
 from foundation.settings import Settings
+from latch import nats_config
 from latch.stack import Stack
 from mqtt_client import MqttClient, MqttConnectError
 from protocol import topics
@@ -328,7 +328,8 @@ async def test_one_cluster_is_both_the_mqtt_broker_and_the_event_stream(tmp_path
             return any(command_id in str(e["data"]) and "succeeded" in str(e["data"]) for e in r.json()["events"])
         await eventually(final_event_streamed, timeout=30, interval=0.2, what="the command's final event")
         assert (await live.http.get("/healthz")).json().get("nats_connected") is True
-        js = await nats.connect(cluster.nats_url.split(","), user=SERVICE_USERNAME, password=live.settings.service_secret or "",
+        js = await nats.connect(cluster.nats_url.split(","), user=SERVICE_USERNAME,
+                                password=live.settings.service_secret or "",
                                 connect_timeout=10, allow_reconnect=False)
         try:
             info = await js.jetstream().stream_info(live.settings.nats_stream)

@@ -5,7 +5,8 @@
   firmware), the API's LATCH_API_CLIENT_ID — uses only [A-Za-z0-9_-], which NATS accepts; the setting refuses
   anything else at start.
 - With nats-server's default limits, once 1,000 devices hold a QoS 1 subscription each, a controller's QoS 1
-  subscription to every device's acks (`latch/v1/d/+/ack`, the API's) is refused ("maximum consumers limit reached (10026)"): every QoS 1 MQTT
+  subscription to every device's acks (`latch/v1/d/+/ack`, the API's) is refused
+  ("maximum consumers limit reached (10026)"): every QoS 1 MQTT
   subscription is a JetStream consumer. The limit that matters is the account's JetStream `max_consumers`:
   left unset, nats-server 2.15 holds an account to 1,000 consumers (the 1,001st was refused, whatever its
   subject); an account that sets it (sized from the fleet) holds the fleet and the API. Writing that

@@ -1,17 +1,17 @@
 """The lock controller and the protocol, under CPython and under MicroPython."""
-import hmac
 import hashlib
+import hmac
 import json
 import random
 import subprocess
 
-import pytest
-
-from tests.firmware.fwsupport import MP_DIR, REPO, mp_env, run_mp
 import clock_cases  # noqa: E402  (tests/firmware/mp, put on sys.path by fwsupport)
 import controller_cases  # noqa: E402
-from protocol import signing, canonical, messages as m
+import pytest
 
+from protocol import canonical, signing
+from protocol import messages as m
+from tests.firmware.fwsupport import MP_DIR, REPO, mp_env, run_mp
 
 MODULES = [controller_cases, clock_cases]
 

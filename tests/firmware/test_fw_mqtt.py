@@ -155,7 +155,8 @@ async def test_mqtt_client_on_the_wire(micropython):
     assert ("silent-rx", 0xC0) in log and ("eof", 1) in log, log
     assert "receive timeout" in text
     # reconnect with a session: no SUBSCRIBE; the unacknowledged message again, DUP, same packet id
-    assert ("connect", 2, 0xEC, 1) in log and not any(e[0] == "subscribe" for e in log[log.index(("connect", 2, 0xEC, 1)):])
+    assert ("connect", 2, 0xEC, 1) in log and not any(e[0] == "subscribe"
+                                                      for e in log[log.index(("connect", 2, 0xEC, 1)):])
     second = [e[2] for e in log if e[0] == "publish" and e[1] == 2]
     assert second[0]["payload"] == b"hello0" and second[0]["dup"] and second[0]["pid"] == first_up["pid"]
     assert second[1]["payload"] == b"hello1" and not second[1]["dup"]

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import datetime, timedelta, timezone
 import os
 import re
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 
-import pytest
-
-
+from firmware.tools.build import build
 from protocol import messages as m
 from protocol import topics
-from firmware.tools.build import build
 from tests.firmware.fwsupport import FirmwareProcess, Injector, device_config, free_port
 from tests.support import eventually
 
@@ -43,7 +40,8 @@ def signed_command(reg, action="unlock", ttl_ms=30000, expires_at=None, key=None
 
 
 def ack_line(cid, result):
-    return r'ack .*"id": "%s".*' % cid if result is None else r'ack (?=.*"id": "%s")(?=.*"result": "%s")' % (cid, result)
+    return (r'ack .*"id": "%s".*' % cid if result is None
+            else r'ack (?=.*"id": "%s")(?=.*"result": "%s")' % (cid, result))
 
 
 async def test_unlock_round_trip(stack, micropython, tmp_path):
@@ -158,10 +156,12 @@ async def test_runs_in_64k_heap(stack, micropython, mpy_cross, tmp_path):
                                    max_records=records)
     n = 3 * records
     ttl_s = 1
+    r = None
     for i in range(n):
         if i and i % records == 0:
             # the id list is full of unexpired commands, which the lock refuses to forget
             # (firmware/controller.py _make_room): wait until the batch's expiry has passed
+            assert r is not None
             expires = datetime.fromisoformat(r.json()["expires_at"].replace("Z", "+00:00"))
             await eventually(lambda: datetime.now(timezone.utc) > expires + timedelta(milliseconds=200),
                              timeout=5, what="the batch to expire")
@@ -274,8 +274,10 @@ async def test_64k_heap_stays_bounded_on_a_link_that_loses_the_way_back(stack, m
         await stack.wait_presence(DEV, True)
         proxy.hold_pubacks = True
         n = 3 * records
+        r = None
         for i in range(n):
             if i and i % records == 0:  # the id list is full of unexpired ids: let the batch expire
+                assert r is not None
                 expires = datetime.fromisoformat(r.json()["expires_at"].replace("Z", "+00:00"))
                 await eventually(lambda: datetime.now(timezone.utc) > expires + timedelta(milliseconds=200),
                                  timeout=5, what="the batch to expire")

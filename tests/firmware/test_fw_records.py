@@ -1,7 +1,8 @@
 """The executed-id memory is bounded, and bounding it never weakens 'actuated at most once'."""
 
 from firmware.controller import REASON_FULL, LockController
-from protocol import messages as m, topics
+from protocol import messages as m
+from protocol import topics
 
 KEY = b"k" * 32
 DEV = "bike-r"

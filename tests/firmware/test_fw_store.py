@@ -1,8 +1,8 @@
 """Atomic state store: CPython behaviour, and power cuts on littlefs/FAT under MicroPython."""
 import pytest
 
-from tests.firmware.fwsupport import MP_DIR, run_mp
 from firmware.store import Store, encode
+from tests.firmware.fwsupport import MP_DIR, run_mp
 
 
 def test_store_roundtrip_and_tmp_recovery(tmp_path):

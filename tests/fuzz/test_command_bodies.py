@@ -23,7 +23,8 @@ import math
 from typing import Any
 
 import httpx
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from protocol import messages
 from tests.fuzz.conftest import BIKE, FUZZ_SETTINGS, World
@@ -175,7 +176,8 @@ def check_body(world: World, client: httpx.Client, body: Any) -> None:
         fail("the lock received other params or action than were accepted")
     final = http.get(f"/v1/commands/{cid}", params={"wait": FINAL_WAIT_S})
     if final.status_code != 200 or final.json()["status"] != "succeeded":
-        fail(f"accepted and delivered, but it ended {final.json().get('status') if final.status_code == 200 else final.status_code}"
+        fail(f"accepted and delivered, but it ended "
+             f"{final.json().get('status') if final.status_code == 200 else final.status_code}"
              f" ({final.json().get('reason') if final.status_code == 200 else ''})")
 
 

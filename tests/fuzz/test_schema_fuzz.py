@@ -18,12 +18,17 @@ import math
 from typing import Any
 
 import schemathesis
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_headers_conformance,
-                                               response_schema_conformance, status_code_conformance)
 from schemathesis.checks import not_a_server_error
 from schemathesis.core import NotSet
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from tests.fuzz.conftest import FUZZ_SETTINGS, World
 from tests.fuzz.report import FAILURES, failure

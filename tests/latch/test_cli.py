@@ -13,6 +13,7 @@ from api.schema import head_revision
 from tests.dbs import ON_POSTGRES, empty_postgres_url, run_database_url
 from tests.procs import LATCH, read_until, run_to_end, running
 
+
 async def test_serve_with_demo_fleet_unlocks_a_bike(tmp_path: Path) -> None:
     async with running("serve", "--data-dir", str(tmp_path), "--http-port", "0", "--mqtt-port", "0",
                        "--demo-fleet", "3") as proc:
@@ -68,8 +69,8 @@ async def test_api_refuses_an_unmigrated_database_and_db_upgrade_fixes_it(tmp_pa
     if not ON_POSTGRES:   # behind the code: at the first revision
         code, out = await run_to_end("db", "upgrade", "--data-dir", str(tmp_path), env=env)
         assert code == 0, out
-        from api.db import Database
         from api import schema as _schema
+        from api.db import Database
         db = Database(url)
         try:
             await db.run_sync(lambda e: _schema.downgrade_engine(e, "0001"))

@@ -62,7 +62,8 @@ def test_a_bad_option_is_one_line_naming_it(tmp_path: Path, argv: list[str], opt
 
 def test_a_bad_environment_variable_is_one_line_naming_it(tmp_path: Path) -> None:
     import os
-    for name, value, says in (("LATCH_HTTP_PORT", "abc", "LATCH_HTTP_PORT"), ("LATCH_MQTT_PORT", "99999", "LATCH_MQTT_PORT"),
+    for name, value, says in (("LATCH_HTTP_PORT", "abc", "LATCH_HTTP_PORT"),
+                              ("LATCH_MQTT_PORT", "99999", "LATCH_MQTT_PORT"),
                               ("LATCH_LOG_FORMAT", "xml", "LATCH_LOG_FORMAT")):
         r = subprocess.run([sys.executable, "-m", "latch.cli", "serve", "--data-dir", str(tmp_path / "d")],
                            capture_output=True, text=True, timeout=60, env={**os.environ, name: value})

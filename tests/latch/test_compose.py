@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 import pytest
 from ruamel.yaml import YAML
 
-from latch.cli import build_parser
 from foundation.settings import Settings, parse_broker_url
+from latch.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -239,7 +239,8 @@ def test_cluster_runs_the_api_replicas_and_the_locks_on_three_nats_nodes() -> No
         assert {parse_broker_url(u)[:2] for u in args.broker.split(",")} == mqtt, "every node, to move to another"
         assert {(u.hostname, u.port) for u in map(urlsplit, env["LATCH_NATS_AUTH_URL"].split(","))} == clients
         assert env["LATCH_NATS_URL"] == env["LATCH_NATS_AUTH_URL"] and env["LATCH_NATS_REPLICAS"] == "3"
-        assert urlsplit(args.database_url).hostname == "cluster-postgres" == urlsplit(env["LATCH_DATABASE_URL"]).hostname
+        assert urlsplit(args.database_url).hostname == "cluster-postgres" \
+            == urlsplit(env["LATCH_DATABASE_URL"]).hostname
         assert {d for d, c in s[name]["depends_on"].items() if c["condition"] == "service_healthy"} \
             == {"cluster-postgres", *NATS_NODES}
     one, two = (_env(s[n]) for n in sorted(CLUSTER_REPLICAS))

@@ -18,7 +18,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-LAYER = {"foundation": 0, "protocol": 0, "mqtt_client": 1, "firmware": 1, "broker": 2, "device_sim": 2, "api": 3, "latch": 4}
+LAYER = {"foundation": 0, "protocol": 0, "mqtt_client": 1, "firmware": 1, "broker": 2, "device_sim": 2, "api": 3,
+         "latch": 4}
 HOST_TOOLS = ("firmware/tools/",)   # `latch firmware ...`: host-side commands, part of the CLI's layer
 
 KNOWN_UPWARD: set[tuple[str, str]] = set()   # emptied by issue 16's first step (docs/architecture.md)

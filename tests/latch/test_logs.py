@@ -84,7 +84,8 @@ async def test_serve_logs_json_traces_commands_and_never_a_secret(tmp_path: Path
             assert await eventually(final, timeout=15, what="the quiet lock's unlock final") == "timed_out"
             r = await http.post("/v1/auth/stream-token")
             found.append(r.json()["token"])
-            found.append(json.dumps(json.loads((tmp_path / "demo-fleet.json").read_text())["bike-0001"]["mqtt_password"]).strip('"'))
+            found.append(json.dumps(
+                json.loads((tmp_path / "demo-fleet.json").read_text())["bike-0001"]["mqtt_password"]).strip('"'))
     finally:
         if lock is not None:
             await lock.stop()

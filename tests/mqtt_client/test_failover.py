@@ -87,7 +87,8 @@ async def test_the_api_and_a_lock_start_on_the_node_that_answers(tmp_path: Path)
                     async def online() -> bool:
                         return (await http.get("/v1/devices/bike-0042")).json()["online"] is True
                     await eventually(online, timeout=20, what="the lock online")
-                    r = await http.post("/v1/devices/bike-0042/commands", params={"wait": 10}, json={"action": "unlock"})
+                    r = await http.post("/v1/devices/bike-0042/commands", params={"wait": 10},
+                                        json={"action": "unlock"})
                     assert r.json()["status"] == "succeeded", r.text
                 finally:
                     await lock.stop()

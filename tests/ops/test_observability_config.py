@@ -31,7 +31,7 @@ def _yaml(path: Path) -> Any:
 
 
 def _compose() -> dict[str, Any]:
-    from tests.latch.test_compose import _compose as compose   # interpolated with every default
+    from tests.latch.test_compose import _compose as compose  # interpolated with every default
     return compose()
 
 

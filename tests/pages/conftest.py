@@ -64,7 +64,7 @@ async def served(tmp_path: Path) -> AsyncIterator[Served]:
             while await proc.stdout.readline():   # type: ignore[union-attr]
                 pass
 
-        drainer = asyncio.ensure_future(drain())
+        _drainer = asyncio.ensure_future(drain())
         yield Served(m.group(1), ADMIN_TOKEN, mqtt.group(1) if mqtt else "", tmp_path / "data")
     finally:
         await stop_process(proc, 20)
@@ -164,7 +164,8 @@ async def sim_locks(served: Served, prefix: str, n: int, *, jam_rate: float = 0.
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     ids = [f"{prefix}{i:04d}" for i in range(1, n + 1)]
     try:
-        async with httpx.AsyncClient(base_url=served.url, headers={"Authorization": f"Bearer {served.admin_token}"}) as h:
+        async with httpx.AsyncClient(base_url=served.url,
+                                     headers={"Authorization": f"Bearer {served.admin_token}"}) as h:
             async def online() -> bool:
                 r = await h.get("/v1/devices", params={"limit": 1000})
                 up = {d["id"] for d in r.json() if d["online"]}

@@ -78,7 +78,8 @@ async def test_overview_backfill_live_feed_commands_and_charts(served: Served, b
             assert (await bad.bounding_box())["height"] < 90   # type: ignore[index]
             # charts: bars for the commands, a line of devices online, each described in words
             await expect(page.locator("#chart-commands svg rect")).not_to_have_count(0)
-            await expect(page.locator("#chart-commands svg")).to_have_attribute("aria-label", re.compile(r"succeeded \d"))
+            await expect(page.locator("#chart-commands svg")).to_have_attribute("aria-label",
+                                                                                re.compile(r"succeeded \d"))
             await expect(page.locator("#chart-online path[data-series=online]")).to_have_count(1)
             await expect(page.locator('#chart-latency path[data-series="total p99"]')).to_have_count(1)
             await expect(page.locator("#chart-commands .legend li[data-series=failed]")).to_contain_text("failed: 1")
@@ -125,7 +126,8 @@ def add_devices(served: Served, n: int, prefix: str = "load-") -> None:
         db.executemany(
             "INSERT INTO device (id, name, secret_hash, command_key, revoked, created_at, online, last_seen, reported,"
             " reported_at) VALUES (?, '', 'x', ?, 0, ?, 0, ?, ?, ?)",
-            [(f"{prefix}{i:05d}", "0" * 64, now, now - i * 1000, f'{{"battery": {5 if i % 10 == 0 else 60}, "locked": true}}', now)
+            [(f"{prefix}{i:05d}", "0" * 64, now, now - i * 1000,
+              f'{{"battery": {5 if i % 10 == 0 else 60}, "locked": true}}', now)
              for i in range(n)])
         db.commit()
     finally:
@@ -412,8 +414,8 @@ async def test_the_console_on_a_narrow_screen(served: Served, browser) -> None: 
         await page.fill("#token", served.admin_token)
         await page.click("#token-btn")
         await expect(page.locator("#conn")).to_have_text("live", timeout=10_000)
-        for view, ready in (("#/", "#commands tr"), ("#/devices", "#devices tr"), ("#/device/bike-0001", "#dev-commands tr"),
-                            ("#/fleet", "#rollouts li")):
+        for view, ready in (("#/", "#commands tr"), ("#/devices", "#devices tr"),
+                            ("#/device/bike-0001", "#dev-commands tr"), ("#/fleet", "#rollouts li")):
             await page.goto(served.url + "/ops" + view)
             await expect(page.locator(ready).first).to_be_visible(timeout=10_000)
             wide = await page.evaluate("() => document.scrollingElement.scrollWidth - window.innerWidth")
@@ -431,7 +433,8 @@ async def test_the_console_on_a_narrow_screen(served: Served, browser) -> None: 
 
 async def test_an_operator_account_logs_in_and_is_named_as_the_issuer(served: Served, browser) -> None:  # type: ignore[no-untyped-def]
     async with operator(served) as h:
-        r = await h.post("/v1/users", json={"email": "ops@example.org", "password": "long password", "role": "operator"})
+        r = await h.post("/v1/users",
+                         json={"email": "ops@example.org", "password": "long password", "role": "operator"})
         assert r.status_code == 201, r.text
     context = await browser.new_context(viewport=DESKTOP)
     page = await context.new_page()

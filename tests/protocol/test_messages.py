@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from protocol import canonical, messages as m, signing
+from protocol import canonical, signing
+from protocol import messages as m
 
 KEY = bytes(range(32))
 

@@ -50,7 +50,8 @@ class Cluster:
 
         async def online_everywhere() -> bool:
             for rep in self.replicas:
-                if rep.proc.returncode is None and not (await rep.http.get(f"/v1/devices/{device_id}")).json()["online"]:
+                if (rep.proc.returncode is None
+                        and not (await rep.http.get(f"/v1/devices/{device_id}")).json()["online"]):
                     return False
             return True
         await eventually(online_everywhere, timeout=10, what=f"{device_id} online")

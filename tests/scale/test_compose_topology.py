@@ -19,8 +19,8 @@ import httpx
 
 from tests.conformance.brokers import free_port, wait_port_open
 from tests.dbs import empty_postgres_url
-from tests.natsserver import NatsServer
 from tests.latch.test_compose import LATCH_MOSQUITTO_DIR, _env, _mosquitto_conf, _services
+from tests.natsserver import NatsServer
 from tests.procs import LATCH, drain, read_until, run_to_end
 from tests.support import eventually, require, stop_process
 

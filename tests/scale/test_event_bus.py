@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.dbs import postgres_url
 from tests.natsserver import NatsServer
@@ -30,8 +29,9 @@ _emails = itertools.count(1)
 
 async def outbox_rows(url: str) -> int:
     """Events committed and not yet acknowledged by JetStream (api/nats_bus.py's outbox)."""
-    from api.pg_bus import libpq_dsn
     import psycopg
+
+    from api.pg_bus import libpq_dsn
 
     async with await psycopg.AsyncConnection.connect(libpq_dsn(url)) as conn:
         row = await (await conn.execute("SELECT count(*) FROM event_outbox")).fetchone()
@@ -156,7 +156,8 @@ async def test_nats_killed_and_restarted_loses_nothing_and_repeats_nothing(tmp_p
                                 streamed.append(json.loads(line[6:]))
 
             def ours() -> list[dict]:   # the commands' events as the stream carried them
-                return [e["data"] for e in streamed if e.get("kind") == "command" and e["data"]["command_id"] in commands]
+                return [e["data"] for e in streamed
+                        if e.get("kind") == "command" and e["data"]["command_id"] in commands]
 
             def finals() -> int:
                 return sum(1 for d in ours() if d["final"])

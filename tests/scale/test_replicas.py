@@ -114,7 +114,8 @@ async def test_streams_on_one_replica_carry_the_others_events_in_order(tmp_path:
         for batch in range(n_commands // 2):   # one command in flight per lock (a busy lock rejects another)
             done += await asyncio.gather(*(rep.http.post(f"/v1/devices/bike-s{1 + i}/commands",
                                                          params={"wait": 15}, json={"action": "locate"})
-                                           for i, rep in zip(range(2), c.replicas[batch % 2:] + c.replicas[:batch % 2])))
+                                           for i, rep in zip(range(2),
+                                                             c.replicas[batch % 2:] + c.replicas[:batch % 2])))
         assert [r.json()["status"] for r in done] == ["succeeded"] * n_commands
         ids = {r.json()["id"] for r in done}
 

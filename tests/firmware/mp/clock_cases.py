@@ -4,8 +4,9 @@ under CPython (pytest) and MicroPython (run_cases.py), like controller_cases (it
 that each compiles within a 64 KiB heap)."""
 import json
 
-from controller_cases import DEV, KEY, T0, SERVER, acks, actuations, cmd_payload, synced, time_reply
-from firmware.controller import LockController, CLOCK_SLACK_MS, MAX_SYNC_RTT_MS, REASON_CLOCK
+from controller_cases import DEV, KEY, SERVER, T0, acks, actuations, cmd_payload, synced, time_reply
+
+from firmware.controller import CLOCK_SLACK_MS, MAX_SYNC_RTT_MS, REASON_CLOCK, LockController
 from protocol import messages as m
 from protocol import topics
 
@@ -100,5 +101,5 @@ def case_slow_time_reply_refused():
     assert c.server_now(T0 + MAX_SYNC_RTT_MS + 25) == SERVER
 
 
-CASES = [case_waits_for_clock, case_time_reply_checked, case_nonce_is_random_not_the_time, case_clock_never_behind_what_the_lock_knows,
-         case_slow_time_reply_refused]
+CASES = [case_waits_for_clock, case_time_reply_checked, case_nonce_is_random_not_the_time,
+         case_clock_never_behind_what_the_lock_knows, case_slow_time_reply_refused]

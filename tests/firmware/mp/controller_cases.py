@@ -5,7 +5,7 @@ run_cases.py runs them all and prints one line per case.
 """
 import json
 
-from firmware.controller import LockController, IN_PROGRESS, REASON_INTERRUPTED
+from firmware.controller import IN_PROGRESS, REASON_INTERRUPTED, LockController
 from protocol import messages as m
 from protocol import topics
 

@@ -1,9 +1,9 @@
 """firmware.hal_esp32 driven under the Unix port against the simulated board in shim/machine.py."""
 import asyncio
-from time import ticks_ms, ticks_diff
+from time import ticks_diff, ticks_ms
 
-import machine
 from machine import WORLD
+
 from firmware.hal_esp32 import Esp32Hal
 
 
@@ -89,6 +89,7 @@ def case_locate_and_watchdog():
 
 def case_wifi_join():
     import network
+
     from firmware import link
     assert link.wifi is not None  # `network` exists here, as on the board
     lines = []

@@ -1,6 +1,7 @@
 """Reads 'key_hex msg_hex' lines on stdin, prints protocol.signing.hexdigest of each."""
-import sys
 import binascii
+import sys
+
 from protocol import signing
 
 for line in sys.stdin:

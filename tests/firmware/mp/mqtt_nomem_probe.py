@@ -1,8 +1,9 @@
 """Drives firmware.mqtt.MQTTClient under MicroPython with no memory for one packet: `micropython
 mqtt_nomem_probe.py PORT`. Building the first QoS 1 packet and one QoS 0 packet raises MemoryError (what a
 fragmented 64 KiB heap did in CI); the link must stay up and the QoS 1 message go out on a later tick."""
-import sys
 import asyncio
+import sys
+
 import firmware.mqtt as mqtt
 
 real = mqtt._publish

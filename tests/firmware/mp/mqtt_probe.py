@@ -1,7 +1,8 @@
 """Drives firmware.mqtt.MQTTClient under MicroPython against the fake broker of
 test_fw_mqtt.py: `micropython mqtt_probe.py PORT CLOSED_PORT`."""
-import sys
 import asyncio
+import sys
+
 from firmware.mqtt import MQTTClient, RefusedError
 
 port = int(sys.argv[1])

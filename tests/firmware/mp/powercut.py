@@ -14,8 +14,9 @@ the cut is mounted again ("reboot") and the store loaded. Checked each time:
 With "torn", the write at the cut is half done (the first half of its bytes).
 Prints "OK <fs> cuts=<n> ops=<total>" or raises.
 """
-import sys
 import os
+import sys
+
 import vfs
 
 from firmware.store import Store

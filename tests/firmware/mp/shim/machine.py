@@ -5,7 +5,8 @@ WORLD is the simulated hardware: an H-bridge motor or a servo moves a bolt in
 `travel_ms`; a reed switch on the sensor pin reads 0 (closed) while the bolt
 is in, and bounces for `bounce_ms` when it arrives; `jam` stops the bolt.
 """
-from time import ticks_ms, ticks_diff
+from time import ticks_diff, ticks_ms
+
 from umachine import *  # noqa: F401,F403  (what the Unix port has: idle, mem8, ...)
 
 

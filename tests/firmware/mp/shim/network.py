@@ -1,7 +1,7 @@
 """A `network` module for the MicroPython Unix port: a WiFi station that joins after a
 moment if the password is right (WORLD.wifi_password), for firmware/wifi.py's tests.
 (The host's real network carries the traffic.)"""
-from time import ticks_ms, ticks_diff
+from time import ticks_diff, ticks_ms
 
 STA_IF = 0
 
