@@ -10,7 +10,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from api import errors, event_models as ek, openapi_doc, pg_bus, schema, security_headers, wire
+from api import errors, openapi_doc, pg_bus, runtime_metrics, schema, security_headers, wire
+from api import event_models as ek
 from api.admission import Admission
 from api.background import reraise_if_stopping
 from api.boundary import BodyGuard, validation_error_handler
@@ -32,9 +33,8 @@ from api.pg_bus import PgListener
 from api.request_id import RequestId
 from api.rides import RideService
 from api.rights import Rights
-from api.routes import broker_auth, commands, devices, events, health, pages, rides, users, ws
+from api.routes import broker_auth, commands, devices, events, health, nearby, pages, rides, stats, users, ws
 from api.routes import fleet as fleet_routes
-from api.routes import nearby, stats
 from api.runtime import Runtime
 from api.sweeper import Sweeper
 from api.users import UserService
@@ -99,7 +99,8 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     bus = events_.bus
     if bus is not None:   # other replicas' answers wake waits here through NATS: re-read while it is away
         commands_.wakes_degraded = lambda: not bus.connected
-    commands_.hooks = registry.hooks = AllHooks(Journal(events_, settings), CommandLog())   # CommandLog: api/command_log.py
+    # CommandLog: api/command_log.py
+    commands_.hooks = registry.hooks = AllHooks(Journal(events_, settings), CommandLog())
 
     def to_rider_topic(ev: LiveEvent) -> None:   # the MQTT transport: each rider's own topic
         # only the process that made the event sends it, so a rider gets it once however many replicas;
@@ -136,7 +137,8 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     events_.plan = notifications.fanout.plan   # one decision for every rider with default preferences
     events_.sinks.append(notifications.mqtt_sink)
     return Runtime(settings=settings, db=db, registry=registry, commands=commands_, ingest=ingest, link=link,
-                   sweeper=Sweeper(commands_, lease, acks_behind=ingest.ack_lag.behind), metrics=metrics, waiters=waiters, events=events_,
+                   sweeper=Sweeper(commands_, lease, acks_behind=ingest.ack_lag.behind), metrics=metrics,
+                   waiters=waiters, events=events_,
                    rides=RideService(db, commands_, events_), rights=Rights(db, settings),
                    users=users,
                    fleet=fleet,
@@ -150,7 +152,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     own_db = db is None
     database = db or Database(settings.resolved_database_url(), sqlite_writer=settings.sqlite_writer)
     runtime = build_runtime(settings, database)
-    runtime.metrics.watch(runtime)   # GET /metrics: queue depths, transaction times (api/metrics.py)
+    runtime_metrics.watch(runtime)   # GET /metrics: queue depths, transaction times (api/runtime_metrics.py)
 
     def announce_dropped(device_id: str) -> None:   # the will an external broker may not send when it drops a device
         if runtime.link.is_connected:

@@ -35,8 +35,8 @@ from typing import Any
 
 from api import tokens
 from api.db import Database
-from api.rider_models import User
 from api.registry_credentials import SqlCredentialStore
+from api.rider_models import User
 from broker.fence import Gatekeeper, TopicFence
 from broker.identity import SERVICE_USERNAME, Identity, Role
 from protocol import topics

@@ -4,7 +4,8 @@ A ChangeHooks (api/hooks.py) composed beside the event log's Journal in api/app.
 CommandService already reports in each change's transaction. The lines are written after that transaction
 commits and is durable (a Session `after_commit` listener hands them to api/group_commit.py after_durable:
 for a unit of SQLite's group-committed batch, after the batch's COMMIT); a change that rolls back (a lost
-race, a failed write, a broken batch) logs nothing. Each line carries `command_id` and `device_id` as fields (foundation/logs.py), and the request id when
+race, a failed write, a broken batch) logs nothing. Each line carries `command_id` and `device_id` as fields
+(foundation/logs.py), and the request id when
 the change ran in the request's context (the asynchronous drivers; the threaded ones run it on a database
 thread, where the HTTP request's own DEBUG line in api/request_id.py carries it).
 

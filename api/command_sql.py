@@ -22,7 +22,9 @@ import sqlite3
 from typing import Any
 
 import orjson
-from sqlalchemy import bindparam, insert as sql_insert, select as sa_select, update
+from sqlalchemy import bindparam, update
+from sqlalchemy import insert as sql_insert
+from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
 from api.models import Command, CommandEvent, CommandRow, Device, HistoryRow

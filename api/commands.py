@@ -22,15 +22,25 @@ from sqlmodel import Session, col, select
 
 from api import command_sql, pg_bus
 from api.clock import now_ms, to_datetime
-from api.command_states import Event, Status, advance, is_final
 from api.command_priority import action_priority
+from api.command_states import Event, Status, advance, is_final
 from api.db import Database, Priority
 from api.devices import merge_reported
 from api.errors import TooLarge
 from api.hooks import NO_HOOKS, ChangeHooks
 from api.metrics import Metrics
-from api.models import (Command, CommandCreate, CommandEvent, CommandPublic, CommandRecord, CommandRow, Device,
-                        HistoryEntry, HistoryRecord, HistoryRow)
+from api.models import (
+    Command,
+    CommandCreate,
+    CommandEvent,
+    CommandPublic,
+    CommandRecord,
+    CommandRow,
+    Device,
+    HistoryEntry,
+    HistoryRecord,
+    HistoryRow,
+)
 from api.waiters import Waiters
 from foundation.settings import Settings
 from protocol import messages, topics

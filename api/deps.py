@@ -14,7 +14,6 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, status
 
 # async on purpose: FastAPI runs a plain `def` dependency in a worker thread, per request.
-
 from api.auth import Principal, authenticate
 from api.runtime import Runtime
 

@@ -12,7 +12,6 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
-
 from weakref import WeakKeyDictionary
 
 from sqlalchemy import Engine, event, text
@@ -26,7 +25,6 @@ from api.db import Database, Priority
 from api.hooks import NO_HOOKS, ChangeHooks
 from api.models import Device, DeviceCreate, DeviceCredentials, DevicePatch, DevicePublic, DeviceTag
 from broker.identity import hash_secret, new_secret
-
 
 log = logging.getLogger("latch.devices")
 

@@ -49,7 +49,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
-from sqlalchemy import event as sa_event, func, insert, text
+from sqlalchemy import event as sa_event
+from sqlalchemy import func, insert, text
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, col, select
 
@@ -57,13 +58,13 @@ from api import command_sql
 from api.auth import Principal
 from api.clock import now_ms
 from api.db import Database
+from api.errors import RateLimited
 from api.event_models import RIDERS, LogEvent
 from api.group_commit import after_durable_on_loop
 from api.heap import HeapKeeper
 from api.metrics import Metrics
 from api.nats_bus import NatsBus
 from api.pg_bus import EVENTS as EVENTS_CHANNEL
-from api.errors import RateLimited
 from foundation.settings import Settings
 
 log = logging.getLogger("latch.events")
@@ -488,7 +489,8 @@ class EventLog:
         if not rows or self._loop is None:
             return
         events = [LiveEvent.from_row(r) for r in rows]
-        publish = self.bus.hand_over if self.bus is not None else self._local_committed if self.shared else self._publish
+        publish = (self.bus.hand_over if self.bus is not None
+                   else self._local_committed if self.shared else self._publish)
         # published on the loop once durable: for a unit of a group commit that is the batch's COMMIT, not
         # this savepoint's, in the same wake-up of the loop as the batch's answers (api/group_commit.py)
         after_durable_on_loop(s, self._loop, lambda: publish(events))

@@ -8,7 +8,7 @@ Owns what is counted and how it is exposed (docs/observability.md lists every fa
   `latch_command_stage_seconds{stage}` (accepted -> sent -> received -> final) and the counters of
   commands created and finished by action and final status. Called where a transition is applied.
 - the HTTP middleware (`HttpMetrics`) and the database transaction timer (`time_transactions`).
-- `RuntimeCollector`: queue depths read when scraped, never maintained on a hot path.
+- queue depths read when scraped (api/runtime_metrics.py, which knows the runtime this module must not).
 
 Label values come from fixed sets only (action, status, stage, route template, status class): never a
 device id or a command id.
@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter as PromCounter, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
-from sqlalchemy import event as sa_event, exc as sa_exc
+from sqlalchemy import event as sa_event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from api.command_states import Status, is_final
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from api.models import CommandRow, HistoryRow
-    from api.runtime import Runtime
 
 # seconds: a command stage is milliseconds on a quiet system, up to its TTL (30 s by default) on a bad day
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -77,15 +78,9 @@ class Metrics:
                                     ["end"], buckets=DB_BUCKETS, registry=r)
         r.register(_EventCounts(self.counts))
         ProcessCollector(registry=r)   # process_cpu_seconds_total, process_resident_memory_bytes, ...
-        self.runtime: RuntimeCollector | None = None   # queue depths: watch() registers it
-
-    def watch(self, rt: Runtime) -> None:
-        """Expose `rt`'s queue depths and timings: its database's transactions from now on."""
-        self.runtime = RuntimeCollector(rt)
-        self.registry.register(self.runtime)
-        time_transactions(rt.db.engine, self)
-        if rt.db.async_engine is not None:
-            time_transactions(rt.db.async_engine.sync_engine, self)
+        # the registry's count of devices online, set by GET /metrics before each scrape (every replica reports
+        # the same); read by api/runtime_metrics.py's collector
+        self.devices_online: int | None = None
 
     # ---- the named counters (GET /v1/metrics and latch_api_events_total) -------------
     def inc(self, name: str, n: int = 1) -> None:
@@ -186,63 +181,3 @@ class HttpMetrics:
             method = scope.get("method", "GET")
             self.hist.labels(method if method in METHODS else "other", template or "unmatched",
                              f"{status[0] // 100}xx").observe(time.perf_counter() - started)
-
-
-class RuntimeCollector(Collector):
-    """Queue depths and live state of one API process, read when Prometheus scrapes (on the event loop)."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-        self.devices_online: int | None = None   # set by the /metrics route from the database before a scrape
-
-    def collect(self) -> Iterator[Any]:
-        rt = self.rt
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, value=value)
-
-        yield gauge("latch_db_write_queue", "Writes waiting for a database writer", _write_queue(rt.db))
-        yield gauge("latch_db_write_standing_delay_seconds",
-                    "How long a rider's write has stood in the write queue lately (admission control refuses "
-                    "new commands above LATCH_ADMIT_MAX_QUEUE_MS)", rt.db.write_delay.standing_s())
-        subs = list(rt.events._operators) + [s for v in rt.events._riders.values() for s in v]
-        yield gauge("latch_push_subscribers", "Live event subscriptions (SSE, WebSocket, long polls)", len(subs))
-        yield gauge("latch_push_buffered_events", "Events buffered for subscribers, not yet written to them",
-                    sum(len(s._buf) for s in subs))
-        yield gauge("latch_push_buffer_fullest_ratio",
-                    "The fullest subscriber buffer, as a share of LATCH_SUBSCRIBER_BUFFER (1 = cut off next)",
-                    max((len(s._buf) for s in subs), default=0) / max(1, rt.events.buffer))
-        yield gauge("latch_waiting_requests", "HTTP requests held waiting for a command to be final (?wait=)",
-                    len(rt.waiters))
-        yield gauge("latch_commands_being_created", "Commands being created in this process now",
-                    rt.admission.creating)
-        refused = CounterMetricFamily("latch_admission_refused", "New commands refused with 503 (overloaded)")
-        refused.add_metric([], rt.admission.refused)
-        yield refused
-        yield gauge("latch_broker_link_connected", "1 while the API's MQTT link to the broker is up",
-                    1 if rt.link.is_connected else 0)
-        yield gauge("latch_mqtt_outgoing_unacked", "QoS 1 messages the API published that the broker has not "
-                    "acknowledged yet", _unacked(rt))
-        yield gauge("latch_singleton_lease_held", "1 when this process runs the sweeper, rollouts and reports",
-                    1 if rt.sweeper.lease.held else 0)
-        if self.devices_online is not None:
-            yield gauge("latch_devices_online", "Devices the registry marks online (the same in every replica)",
-                        self.devices_online)
-
-    def describe(self) -> Iterable[Any]:
-        return []   # its families depend on the runtime: not checked at registration
-
-
-def _write_queue(db: Any) -> int:
-    pool = getattr(db, "_writer", None)
-    if pool is not None:
-        q = getattr(pool, "_q", None)   # a thread's queue, or the loop writer's own length
-        return q.qsize() if q is not None else len(pool)
-    gate = getattr(db, "_write_gate", None)
-    return len(gate._waiters) if gate is not None else 0
-
-
-def _unacked(rt: Runtime) -> int:
-    storage = getattr(getattr(rt.link.client, "_client", None), "_persistent_storage", None)
-    messages = getattr(storage, "_messages", None)
-    return len(messages) if messages is not None else 0

@@ -308,7 +308,8 @@ def cli_main(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     settings.ensure_secrets()
     try:
-        written = asyncio.run(_cli_generate(settings, args.out, (args.port, ("127.0.0.1" if args.bind is None else args.bind) or None, args.service_port or None,
+        bind = ("127.0.0.1" if args.bind is None else args.bind) or None
+        written = asyncio.run(_cli_generate(settings, args.out, (args.port, bind, args.service_port or None,
                                                                  args.service_bind or None)))
         pid = send_reload(args.reload_pid_file) if args.reload_pid_file is not None else None
     except MosquittoConfigError as e:

@@ -57,7 +57,8 @@ def _api_routes(routes: list[Any], prefix: str) -> list[tuple[str, APIRoute]]:
 
 
 def _error(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
 def install(app: FastAPI) -> None:

@@ -6,7 +6,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, Field as PField, field_validator
+from pydantic import BaseModel, field_validator
+from pydantic import Field as PField
 from sqlalchemy import BigInteger, Column, Index, text
 from sqlmodel import Field, SQLModel
 

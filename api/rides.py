@@ -18,16 +18,17 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api import command_sql, event_models as ek
+from api import command_sql
+from api import event_models as ek
 from api.auth import Principal
 from api.clock import now_ms, to_datetime
 from api.command_states import Status
 from api.commands import CommandService, new_command_id
 from api.db import Database
+from api.errors import Conflict, Forbidden, NotFound
 from api.events import EventLog
 from api.models import Command, CommandCreate, CommandRow, Device
 from api.rider_models import OPEN_RIDE, BikePublic, Ride, RideCreate, RidePublic, RideStatus
-from api.errors import Conflict, Forbidden, NotFound
 
 UNLOCK_TTL_S = 30
 

@@ -13,8 +13,8 @@ import math
 from sqlmodel import Session, col, select
 
 from api.auth import ADMIN_NAME, Principal
-from api.errors import Forbidden, RateLimited
 from api.db import Database
+from api.errors import Forbidden, RateLimited
 from api.models import Command
 from api.ratelimit import RateLimiter
 from api.rider_models import OPEN_RIDE, Ride

@@ -39,4 +39,5 @@ class Runtime:
     users: UserService
     fleet: FleetService          # fleet commands and their rollout worker (api/fleet.py)
     admission: Admission         # refuses new commands at once while this process is overloaded
-    notifications: Any = None    # api/notifications/service.py NotificationService (Any: it imports this module's peers)
+    # api/notifications/service.py NotificationService (Any: it imports this module's peers)
+    notifications: Any = None

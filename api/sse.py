@@ -55,7 +55,8 @@ class EventStream(Response):
             if wire is None:
                 watcher = asyncio.ensure_future(self._watch(receive))
             hello = json.dumps({"cursor": sub.cursor, "head": self.log.head}).encode()
-            await self._body(send, b"retry: %d\nid: %d\nevent: ready\ndata: %s\n\n" % (self.retry_ms, sub.cursor, hello))
+            await self._body(send, b"retry: %d\nid: %d\nevent: ready\ndata: %s\n\n"
+                             % (self.retry_ms, sub.cursor, hello))
             while not sub.live and not sub.closed:
                 page = await self.log.backlog(sub)
                 if page:

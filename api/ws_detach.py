@@ -56,7 +56,8 @@ Respond = Callable[[str | None, Callable[[str], None]], Awaitable[None]]
 
 
 def detachable_ws_wire(scope: Any, sub: Subscription, respond: Respond) -> WsWire | None:
-    """The wire for an accepted WebSocket (api/wire.py ws_wire), detachable when uvicorn's sans-I/O protocol serves it."""
+    """The wire for an accepted WebSocket (api/wire.py ws_wire), detachable when uvicorn's sans-I/O protocol
+    serves it."""
     wire = ws_wire(scope)
     if wire is None or type(wire.owner).__module__ != SANSIO:
         return wire

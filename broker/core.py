@@ -50,8 +50,22 @@ from typing import Any
 from broker import codec
 from broker import store as st
 from broker.codec import (
-    CONNECT, DISCONNECT, PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBSCRIBE, UNSUBACK, UNSUBSCRIBE,
-    ProtocolError, encode_ack, encode_connack, encode_publish, encode_suback,
+    CONNECT,
+    DISCONNECT,
+    PINGREQ,
+    PUBACK,
+    PUBCOMP,
+    PUBLISH,
+    PUBREC,
+    PUBREL,
+    SUBSCRIBE,
+    UNSUBACK,
+    UNSUBSCRIBE,
+    ProtocolError,
+    encode_ack,
+    encode_connack,
+    encode_publish,
+    encode_suback,
 )
 from broker.fence import Gatekeeper, TopicFence, may_own
 from broker.identity import Identity, Role

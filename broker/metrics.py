@@ -15,17 +15,24 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE   # what every Prometheus reads
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE  # what every Prometheus reads
 from prometheus_client.registry import Collector
 
 from broker.identity import Role
 
 if TYPE_CHECKING:
-    from broker.server import EmbeddedBroker
+    from broker.core import BrokerCore
+
+
+class Observed(Protocol):
+    """What the collector reads of a broker (broker/server.py Observed): its core, None while stopped.
+    A protocol, not the class, so this module does not import the server that starts it."""
+
+    core: BrokerCore | None
 
 log = logging.getLogger("latch.broker.metrics")
 
@@ -52,9 +59,9 @@ _DROPPED = {"queue_full": "dropped_queue_full", "slow_consumer": "dropped_slow_c
 
 
 class BrokerCollector(Collector):
-    """Everything about one EmbeddedBroker, read at scrape time."""
+    """Everything about one broker (an EmbeddedBroker), read at scrape time."""
 
-    def __init__(self, broker: EmbeddedBroker) -> None:
+    def __init__(self, broker: Observed) -> None:
         self.broker = broker
 
     def describe(self) -> list[Any]:
@@ -114,7 +121,7 @@ class BrokerCollector(Collector):
         yield ops
 
 
-def broker_registry(broker: EmbeddedBroker) -> CollectorRegistry:
+def broker_registry(broker: Observed) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(BrokerCollector(broker))
     ProcessCollector(registry=registry)   # this process's CPU, memory, open files

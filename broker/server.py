@@ -159,7 +159,8 @@ class EmbeddedBroker:
             if tls is not None:
                 port = 8883 if o.tls_port is None else o.tls_port
                 server = await loop.create_server(lambda: Connection(core), o.host, port, ssl=tls,
-                                                  backlog=LISTEN_BACKLOG, ssl_handshake_timeout=o.limits.connect_timeout)
+                                                  backlog=LISTEN_BACKLOG,
+                                                  ssl_handshake_timeout=o.limits.connect_timeout)
                 self._servers.append(server)
                 self.ports["tls"] = server.sockets[0].getsockname()[1]
             if o.ws_port is not None:

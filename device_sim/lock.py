@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_sim import ticker
 from device_sim.actuations import ActuationLog
 from device_sim.outbox import Outbox
-from device_sim.store import LockState, state_path
-from device_sim import ticker
-from firmware.config import DEFAULTS as FIRMWARE_DEFAULTS
 from device_sim.position import PositionedController, position_of
+from device_sim.store import LockState, state_path
+from firmware.config import DEFAULTS as FIRMWARE_DEFAULTS
 from mqtt_client import MqttClient, MqttError, Will, drop_connection
 from protocol import messages, topics
 
@@ -96,7 +96,8 @@ class SimulatedLock:
         self.controller = PositionedController(   # the firmware's, reporting a position too (device_sim/position.py)
             self.device_id, binascii.unhexlify(self.creds.command_key), record=record, clock_offset_ms=0,
             actuation_timeout_ms=cfg["actuation_timeout_ms"], heartbeat_ms=int(cfg["heartbeat_s"] * 1000),
-            telemetry_ms=int(cfg["telemetry_s"] * 1000), max_records=cfg["max_records"], pos=position_of(self.device_id))
+            telemetry_ms=int(cfg["telemetry_s"] * 1000), max_records=cfg["max_records"],
+            pos=position_of(self.device_id))
         self.bolt_locked = True           # where the bolt really is (the firmware's hal.read_locked())
         self.controller.on_sensor(self.bolt_locked, local_ms(), battery=self.behaviour.battery)  # boot reading
         self.record = ActuationLog.for_dir(self.data_dir) if self.data_dir is not None else None

@@ -22,7 +22,7 @@ import asyncio
 import gc
 import sys
 from random import getrandbits
-from time import ticks_ms, ticks_diff
+from time import ticks_diff, ticks_ms
 
 from firmware import link
 from firmware.controller import LockController

@@ -17,8 +17,9 @@ The state reported is always the debounced sensor, never what was commanded.
 """
 
 import asyncio
+from time import ticks_diff, ticks_ms
+
 import machine
-from time import ticks_ms, ticks_diff
 
 PINS = {
     "driver": "motor", "motor_a": 25, "motor_b": 26, "motor_duty": 65535,

@@ -21,7 +21,7 @@ the main loop stops feeding it. (Names reuse interned strings: see mqtt.py.)
 import asyncio
 import json
 import sys
-from time import sleep_ms, ticks_ms, ticks_diff
+from time import sleep_ms, ticks_diff, ticks_ms
 
 
 class UnixHal:

@@ -12,6 +12,7 @@ from protocol import messages, topics
 
 try:
     import network  # noqa: F401  (only to learn whether there is WiFi to join)
+
     from firmware import wifi
 except ImportError:  # the Unix port: the host's network is up
     wifi = None

@@ -9,6 +9,7 @@ import sys
 
 def main(path="config.json"):
     import asyncio
+
     import firmware
     from firmware import config
 

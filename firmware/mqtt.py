@@ -45,7 +45,7 @@ now is not a broken link either (see `push()`).
 """
 
 import asyncio
-from time import ticks_ms, ticks_diff
+from time import ticks_diff, ticks_ms
 
 try:
     from micropython import const

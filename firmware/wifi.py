@@ -1,8 +1,9 @@
 """WiFi station for the ESP32 (imported by firmware.link only where `network` exists)."""
 
 import asyncio
+from time import ticks_diff, ticks_ms
+
 import network
-from time import ticks_ms, ticks_diff
 
 _wlan = None
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import secrets
 import ssl
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal, NamedTuple
 
 from pydantic import Field, PrivateAttr

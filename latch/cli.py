@@ -123,7 +123,8 @@ def _broker_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mqtt-max-queued", type=_count(0), metavar="N", help="QoS 1/2 messages queued per session (1000)")
     p.add_argument("--mqtt-queue-policy", choices=("drop-new", "drop-oldest"), help="when a queue is full")
     p.add_argument("--mqtt-max-inflight", type=_count(1), metavar="N", help="unacknowledged messages per session (100)")
-    p.add_argument("--mqtt-max-packet-size", type=_count(64), metavar="BYTES", help="larger packets close the connection")
+    p.add_argument("--mqtt-max-packet-size", type=_count(64), metavar="BYTES",
+                   help="larger packets close the connection")
     p.add_argument("--mqtt-connect-timeout-s", type=_seconds, metavar="S", help="TCP accept to CONNECT (10)")
     p.add_argument("--mqtt-fsync", action="store_true", default=None,
                    help="fsync each broker commit: survive power loss, not only a killed process")
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--drop-rate", type=_share, default=0.0, help="share of commands never answered (0-1)")
     gone = sim.add_mutually_exclusive_group()
     gone.add_argument("--cleanup", action="store_true",
-                      help="revoke through the API the PREFIX locks this simulator registered (DELETE /v1/devices/ID), then exit")
+                      help="revoke through the API the PREFIX locks this simulator registered "
+                           "(DELETE /v1/devices/ID), then exit")
     gone.add_argument("--ephemeral", action="store_true",
                       help="revoke the locks it registered through the API when it stops (Ctrl-C)")
     _log_opts(sim)
@@ -299,7 +301,8 @@ async def _serve(settings: Settings, demo_fleet: int, embedded_broker: bool, mig
               f"  MQTT broker:    {'mqtts' if settings.broker_tls() else 'mqtt'}://{host}:{port}"
               + ("" if embedded_broker else " (external)") + "\n"
               + _operator_token_lines(settings)
-              + (f"  Demo fleet:     {demo_fleet} simulated locks, bike-0001..bike-{demo_fleet:04d}\n" if demo_fleet else "")
+              + (f"  Demo fleet:     {demo_fleet} simulated locks, bike-0001..bike-{demo_fleet:04d}\n"
+                 if demo_fleet else "")
               + (f"  Listening on {settings.host} only: LATCH_HOST=0.0.0.0 opens it to your network (a phone)\n"
                  if settings.host in ("127.0.0.1", "localhost", "::1") else "")
               + f"Try:\n  curl -s -X POST -H \"Authorization: Bearer {_token_shell(settings)}\" "
@@ -315,7 +318,8 @@ def _operator_token_lines(settings: Settings) -> str:
     (logs end up in journald and docker logs, where a token must not)."""
     source, path = settings.admin_token_source, settings.admin_token_file
     if source == "generated":
-        return f"  Operator token: {settings.admin_token}\n                  (shown this once; kept in {path}, mode 0600)\n"
+        return (f"  Operator token: {settings.admin_token}\n"
+                f"                  (shown this once; kept in {path}, mode 0600)\n")
     if source == "file":
         return f"  Operator token: in {path}\n"
     return "  Operator token: the one set in LATCH_ADMIN_TOKEN\n"
@@ -481,14 +485,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "db":
             asyncio.run(_db(settings, args.db_command))
         elif args.command == "serve":
-            from broker.server import run as run_fast   # uvloop when installed: broker, API, demo locks
+            from broker.server import run as run_fast  # uvloop when installed: broker, API, demo locks
             demo = args.demo_fleet if args.demo_fleet is not None else settings.demo_fleet
             run_fast(lambda: _serve(settings, demo, embedded_broker=settings.broker is None, migrate=args.migrate))
         elif args.command == "broker":
-            from broker.server import run as run_broker   # with uvloop when installed
+            from broker.server import run as run_broker  # with uvloop when installed
             run_broker(lambda: _broker(settings))
         else:
-            from broker.server import run as run_fast   # uvloop when installed (docs/performance.md)
+            from broker.server import run as run_fast  # uvloop when installed (docs/performance.md)
             run_fast(lambda: _serve(settings, 0, embedded_broker=False, migrate=False))
     except SchemaNotReady as e:
         raise SystemExit(f"latch {args.command}: {e}") from None

@@ -121,7 +121,8 @@ def node_conf(nodes: list[Node], i: int, *, issuer: str, auth_hash: str, fleet: 
     if tls is not None:
         tls_block = f', tls {{ cert_file: "{tls[0]}", key_file: "{tls[1]}" }}'
     lines.append(f'mqtt {{ listen: "{at}:{node.mqtt_port}", stream_replicas: {replicas}, '
-                 f'max_ack_pending: {MAX_ACK_PENDING}, ack_wait: "{ACK_WAIT_S}s", js_api_timeout: "{JS_API_TIMEOUT_S}s"{tls_block} }}')
+                 f'max_ack_pending: {MAX_ACK_PENDING}, ack_wait: "{ACK_WAIT_S}s", '
+                 f'js_api_timeout: "{JS_API_TIMEOUT_S}s"{tls_block} }}')
     lines += [
         "accounts {",
         f'  AUTH {{ users: [ {{ user: "{AUTH_USER}", password: "{auth_hash}" }} ] }}',
@@ -191,7 +192,8 @@ async def registry_size(settings: Settings) -> int:
     try:
         async with schema.opened(settings.resolved_database_url()) as db:
             return int(await db.read(lambda s: s.connection().execute(text(
-                'SELECT (SELECT count(*) FROM device WHERE NOT revoked) + (SELECT count(*) FROM "user")')).scalar_one()))
+                'SELECT (SELECT count(*) FROM device WHERE NOT revoked) + (SELECT count(*) FROM "user")'
+            )).scalar_one()))
     except schema.SchemaNotReady as e:
         raise NatsConfigError(str(e)) from None
 

@@ -44,4 +44,5 @@ def dumps(value):
                 raise ValueError("object keys must be strings")
             parts.append(_string(k) + ":" + dumps(value[k]))
         return "{" + ",".join(parts) + "}"
-    raise ValueError("value of type %s cannot be signed (use str, int, bool, null, list, object)" % type(value).__name__)
+    raise ValueError("value of type %s cannot be signed (use str, int, bool, null, list, object)"
+                     % type(value).__name__)

@@ -6,8 +6,10 @@ import json
 import re
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field as PField, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import Field as PField
 from sqlalchemy import JSON, BigInteger, Column, Index
 from sqlmodel import Field, SQLModel
 
@@ -231,10 +233,16 @@ class Prefs(Strict):
     @field_validator("timezone")
     @classmethod
     def _tz(cls, v: str) -> str:
-        from api.notifications.rules import zone
-
         zone(v)
         return v
+
+
+def zone(name: str) -> ZoneInfo:
+    """The IANA zone `name`; ValueError (a 422 at the boundary) when there is none."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"unknown time zone {name[:64]!r}: use an IANA name such as Europe/Paris") from None
 
 
 def parse_clock(v: str) -> int:

@@ -6,8 +6,14 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Path, Query, status
 
 from api.deps import CallerDep, OperatorDep, RuntimeDep
-from api.notifications.models import NotificationCreate, NotificationCreated, NotificationPublic, Prefs, \
-    ReceiptCreate, ReceiptPublic
+from api.notifications.models import (
+    NotificationCreate,
+    NotificationCreated,
+    NotificationPublic,
+    Prefs,
+    ReceiptCreate,
+    ReceiptPublic,
+)
 from api.notifications.service import NotificationService
 from api.paging import OffsetQuery
 from api.runtime import Runtime

@@ -14,20 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from functools import lru_cache
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from api.notifications.models import Category, NotificationPref
+from api.notifications.models import Category, NotificationPref, zone
 
 
 @lru_cache(maxsize=512)
-def zone(name: str) -> ZoneInfo:
-    """The IANA zone `name`; ValueError (a 422 at the boundary) when there is none."""
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        raise ValueError(f"unknown time zone {name[:64]!r}: use an IANA name such as Europe/Paris") from None
-
-
 @dataclass(frozen=True, slots=True)
 class RiderPrefs:
     opt_out: frozenset[str] = field(default_factory=frozenset)

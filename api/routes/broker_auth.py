@@ -83,7 +83,8 @@ async def _body(request: Request) -> Any:
 
 
 def _unauthorized() -> JSONResponse:
-    return JSONResponse(UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": 'Bearer realm="latch-broker-hooks"'})
+    return JSONResponse(UNAUTHORIZED, status_code=401,
+                        headers={"WWW-Authenticate": 'Bearer realm="latch-broker-hooks"'})
 
 
 @router.post("/emqx/authn", summary="EMQX 5.8+ HTTP authentication",

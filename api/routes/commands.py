@@ -2,12 +2,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
-from api.paging import OffsetQuery
 from api.command_states import Status, is_final
 from api.commands import IdempotencyConflict, new_command_id, public
-from api.runtime import Runtime
 from api.deps import CallerDep, PrincipalDep, RuntimeDep
 from api.models import CommandCreate, CommandPublic
+from api.paging import OffsetQuery
+from api.runtime import Runtime
 
 router = APIRouter(tags=["commands"])
 

@@ -3,11 +3,11 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from api import ops_queries
+from api.deps import PrincipalDep, RuntimeDep
+from api.devices import DeviceExists, public
+from api.models import DeviceCreate, DeviceCredentials, DevicePatch, DevicePublic
 from api.ops_queries import DeviceFilter, DeviceSort
 from api.paging import OffsetQuery
-from api.devices import DeviceExists, public
-from api.deps import PrincipalDep, RuntimeDep
-from api.models import DeviceCreate, DeviceCredentials, DevicePatch, DevicePublic
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 
@@ -19,7 +19,8 @@ async def register_device(body: DeviceCreate, rt: RuntimeDep, _: PrincipalDep) -
         return await rt.registry.register(body)
     except DeviceExists:
         raise HTTPException(status.HTTP_409_CONFLICT,
-                            f"device {body.id!r} already exists; POST /v1/devices/{body.id}/credentials to rotate its secrets")
+                            f"device {body.id!r} already exists; "
+                            f"POST /v1/devices/{body.id}/credentials to rotate its secrets")
 
 
 class DeviceListed(DevicePublic):

@@ -59,7 +59,8 @@ async def list_events(rt: RuntimeDep, who: CallerDep, after: AfterQuery = None,
     return Response(page_body(events, cursor), media_type="application/json")
 
 
-@router.get("/v1/events/stream", response_class=EventStream, status_code=200,   # explicit: FastAPI cannot infer it from EventStream
+# explicit: FastAPI cannot infer it from EventStream
+@router.get("/v1/events/stream", response_class=EventStream, status_code=200,
             responses={200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
                        400: {"description": "bad cursor"}, 401: {"description": "bad or expired token"}})
 async def stream(request: Request, rt: RuntimeDep, who: StreamCallerDep, after: AfterQuery = None,

@@ -4,10 +4,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
-from api.paging import OffsetQuery
 from api.deps import PrincipalDep, RuntimeDep
 from api.fleet import FleetError, FleetIdempotencyConflict, public
 from api.fleet_models import DEVICE_STATUSES, FleetCreate, FleetDevicePublic, FleetPublic, FleetStatus
+from api.paging import OffsetQuery
 from api.runtime import Runtime
 
 router = APIRouter(prefix="/v1/fleet/commands", tags=["fleet"])

@@ -3,7 +3,7 @@ import hmac
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE   # what every Prometheus reads
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4 as CONTENT_TYPE  # what every Prometheus reads
 from sqlalchemy import func
 from sqlmodel import col, select
 
@@ -42,10 +42,9 @@ async def prometheus_metrics(request: Request, rt: RuntimeDep) -> Response:
         if not (s.metrics_token and scheme.lower() == "bearer"
                 and hmac.compare_digest(token.strip().encode(), s.metrics_token.encode())):
             await get_principal(request)   # 401/403 unless an operator
-    collector = rt.metrics.runtime
-    if collector is not None:   # the registry's count, once per scrape (every replica reports the same)
-        collector.devices_online = await rt.db.read(lambda db: db.exec(
-            select(func.count()).select_from(Device).where(col(Device.online))).one())
+    # the registry's count, once per scrape (every replica reports the same)
+    rt.metrics.devices_online = await rt.db.read(lambda db: db.exec(
+        select(func.count()).select_from(Device).where(col(Device.online))).one())
     return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE)
 
 

@@ -8,8 +8,8 @@ distances are measured from the centre of the configured area (settings.sim_area
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
 from fastapi import APIRouter, Query
+from pydantic import BaseModel, Field
 from sqlmodel import Session, col, select
 
 from api.deps import CallerDep, RuntimeDep

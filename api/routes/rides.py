@@ -1,8 +1,8 @@
 from fastapi import APIRouter, Query, status
 
-from api.paging import OffsetQuery
 from api.commands import public as command_public
 from api.deps import CallerDep, RuntimeDep
+from api.paging import OffsetQuery
 from api.rider_models import BikePublic, RideCreate, RidePublic, RideStarted
 from api.rides import public
 

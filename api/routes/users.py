@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
-from api.paging import OffsetQuery
 from api.deps import CallerDep, OperatorDep, RuntimeDep
 from api.hashing import PoolBusy
+from api.paging import OffsetQuery
 from api.ratelimit import RateLimiter, client_address, too_many
 from api.rider_models import Login, PasswordChange, SignUp, StreamTokenPublic, TokenPublic, UserCreate, UserPublic
 from api.runtime import Runtime

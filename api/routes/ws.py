@@ -35,13 +35,14 @@ from starlette.responses import JSONResponse
 
 from api import tokens
 from api.auth import AuthError, Principal, bearer_token, resolve
-from api.commands import IdempotencyConflict, public
 from api.boundary import BadJson, check_json
+from api.commands import IdempotencyConflict, public
 from api.errors import Conflict, LatchError, NotFound, Overloaded
 from api.events import SESSION_ENDED, CursorError, Subscription, TooManyStreams
 from api.models import CommandCreate
 from api.runtime import Runtime
-from api.ws_detach import CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, MAX_MESSAGE as MAX_FRAME, detachable_ws_wire
+from api.ws_detach import CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, detachable_ws_wire
+from api.ws_detach import MAX_MESSAGE as MAX_FRAME
 
 log = logging.getLogger("latch.ws")
 router = APIRouter(tags=["events"])
@@ -126,7 +127,8 @@ class Connection:
             if not isinstance(msg, dict):
                 raise BadJson("not an object")
         except BadJson as e:
-            await self.send(json.dumps({"type": "error", "error": f"frames are strict JSON objects with a 'type': {e}"}))
+            await self.send(json.dumps({"type": "error",
+                                        "error": f"frames are strict JSON objects with a 'type': {e}"}))
             return
         await self.handle(msg)
 

@@ -1,7 +1,7 @@
 """initial schema
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-22 (the schema of Latch 0.1: devices, commands and their history, users, rides, the event log)
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 import sqlmodel
 from alembic import op
-
 
 revision = '0001'
 down_revision = None
@@ -109,8 +108,12 @@ def upgrade() -> None:
     with op.batch_alter_table('ride', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_ride_unlock_command_id'), ['unlock_command_id'], unique=False)
         batch_op.create_index('ix_ride_user_started', ['user_id', 'started_at'], unique=False)
-        batch_op.create_index('uq_ride_open_device', ['device_id'], unique=True, sqlite_where=sa.text("status IN ('starting', 'active')"), postgresql_where=sa.text("status IN ('starting', 'active')"))
-        batch_op.create_index('uq_ride_open_user', ['user_id'], unique=True, sqlite_where=sa.text("status IN ('starting', 'active')"), postgresql_where=sa.text("status IN ('starting', 'active')"))
+        batch_op.create_index('uq_ride_open_device', ['device_id'], unique=True,
+                              sqlite_where=sa.text("status IN ('starting', 'active')"),
+                              postgresql_where=sa.text("status IN ('starting', 'active')"))
+        batch_op.create_index('uq_ride_open_user', ['user_id'], unique=True,
+                              sqlite_where=sa.text("status IN ('starting', 'active')"),
+                              postgresql_where=sa.text("status IN ('starting', 'active')"))
 
     op.create_table('commandevent',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
@@ -135,8 +138,10 @@ def downgrade() -> None:
 
     op.drop_table('commandevent')
     with op.batch_alter_table('ride', schema=None) as batch_op:
-        batch_op.drop_index('uq_ride_open_user', sqlite_where=sa.text("status IN ('starting', 'active')"), postgresql_where=sa.text("status IN ('starting', 'active')"))
-        batch_op.drop_index('uq_ride_open_device', sqlite_where=sa.text("status IN ('starting', 'active')"), postgresql_where=sa.text("status IN ('starting', 'active')"))
+        batch_op.drop_index('uq_ride_open_user', sqlite_where=sa.text("status IN ('starting', 'active')"),
+                            postgresql_where=sa.text("status IN ('starting', 'active')"))
+        batch_op.drop_index('uq_ride_open_device', sqlite_where=sa.text("status IN ('starting', 'active')"),
+                            postgresql_where=sa.text("status IN ('starting', 'active')"))
         batch_op.drop_index('ix_ride_user_started')
         batch_op.drop_index(batch_op.f('ix_ride_unlock_command_id'))
 
