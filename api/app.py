@@ -10,8 +10,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from api import errors, openapi_doc, pg_bus, runtime_metrics, schema, security_headers, wire
-from api import event_models as ek
+from api import errors, openapi_doc, pg_bus, runtime_metrics, schema, security_headers
 from api.admission import Admission
 from api.background import reraise_if_stopping
 from api.boundary import BodyGuard, validation_error_handler
@@ -19,7 +18,6 @@ from api.command_log import CommandLog
 from api.commands import CommandService
 from api.db import Database
 from api.devices import REVOKED, ROTATED, DeviceRegistry
-from api.events import EventLog, LiveEvent
 from api.fleet import FleetService
 from api.hooks import AllHooks
 from api.ingest import Ingest
@@ -30,10 +28,14 @@ from api.metrics import HttpMetrics, Metrics
 from api.notifications import routes as notification_routes
 from api.notifications.service import NotificationService
 from api.pg_bus import PgListener
+from api.push import event_models as ek
+from api.push import routes as push_routes
+from api.push import wire, ws_routes
+from api.push.events import EventLog, LiveEvent
 from api.request_id import RequestId
 from api.rides import RideService
 from api.rights import Rights
-from api.routes import broker_auth, commands, devices, events, health, nearby, pages, rides, stats, users, ws
+from api.routes import broker_auth, commands, devices, health, nearby, pages, rides, stats, users
 from api.routes import fleet as fleet_routes
 from api.runtime import Runtime
 from api.sweeper import Sweeper
@@ -128,7 +130,7 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
 
     registry.after_change.append(drop_connections)
     users = UserService(db, settings)
-    events_.confirm = users.sessions.confirm   # open streams re-check their session (api/events.py still_allowed)
+    events_.confirm = users.sessions.confirm   # open streams re-check their session (api/push/events.py still_allowed)
     events_.sinks.append(wake_waiters)
     events_.sinks.append(wake_fleet)
     events_.sinks.append(to_rider_topic)
@@ -184,7 +186,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
             await runtime.registry.seal_plain_keys()   # command keys an older version stored in plain text
             if database.is_postgres:   # other replicas' changes (api/pg_bus.py); listening before reading the head
                 channels = {pg_bus.DEADLINE: runtime.sweeper.on_notify}
-                if runtime.events.bus is None:   # with NATS, events travel there (api/nats_bus.py)
+                if runtime.events.bus is None:   # with NATS, events travel there (api/push/nats_bus.py)
                     channels[pg_bus.EVENTS] = runtime.events.on_notify
                 listener = PgListener(database.url, channels, on_reconnect=runtime.events.resync)
                 parts.push_async_callback(listener.stop)
@@ -215,8 +217,8 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     _map_errors(app)
     app.state.mosquitto = mosquitto
     app.state.nats_auth = nats_auth
-    for r in (health.router, devices.router, commands.router, users.router, rides.router, events.router, ws.router,
-              pages.router, broker_auth.router, fleet_routes.router, nearby.router,
+    for r in (health.router, devices.router, commands.router, users.router, rides.router, push_routes.router,
+              ws_routes.router, pages.router, broker_auth.router, fleet_routes.router, nearby.router,
               notification_routes.router, stats.router):
         app.include_router(r)
     pages.mount_static(app)
@@ -225,7 +227,7 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     app.add_middleware(HttpMetrics, metrics=runtime.metrics)   # outside BodyGuard: its 413s are timed too
     security_headers.install(app)    # added last, so outermost: BodyGuard's 413/422 get the headers too
     app.add_middleware(RequestId)    # outside that: every response carries X-Request-ID (api/request_id.py)
-    wire.install(app)   # outermost: event streams written straight to their sockets (api/wire.py)
+    wire.install(app)   # outermost: event streams written straight to their sockets (api/push/wire.py)
     return app
 
 

@@ -1,6 +1,6 @@
 """The command path's statements: one place, run on SQLite's own cursor, through SQLAlchemy Core elsewhere.
 
-Every unit of work on the command path (api/commands.py, api/devices.py, api/events.py) reads and
+Every unit of work on the command path (api/commands.py, api/devices.py, api/push/events.py) reads and
 writes through these functions, so each statement of it is written here once.
 
 Why the driver's cursor on SQLite. Profiled on the e2e benchmark (docs/performance.md), SQLAlchemy
@@ -156,7 +156,7 @@ def update_reported(s: Session, device_id: str, reported: dict[str, Any], now: i
 
 def append_log_events_sqlite(s: Session, rows: list[tuple[int, str, str | None, dict[str, Any]]]) -> list[int] | None:
     """SQLite: insert event log rows (at, kind, audience, data) in order; their ids (the cursors).
-    None on any other database (api/events.py orders them across replicas there)."""
+    None on any other database (api/push/events.py orders them across replicas there)."""
     cur = sqlite_cursor(s)
     if cur is None:
         return None

@@ -159,7 +159,7 @@ class CommandService:
         # (deadline_changed), and a replica that takes the lease later sweeps from the table first
         self.notify: Callable[[Session, str, str], None] = pg_bus.notify if db.is_postgres else pg_bus.no_notify
         self.sweeps_here: Callable[[], bool] = lambda: False
-        # with NATS (api/nats_bus.py) another replica's answer wakes a wait here through the event stream: while
+        # with NATS (api/push/nats_bus.py) another replica's answer wakes a wait here through the event stream: while
         # this process cannot reach NATS that wake-up cannot come, and a wait re-reads its command every
         # DEGRADED_RECHECK_S instead (without it, a wait on an answer applied elsewhere ran to its full timeout)
         self.wakes_degraded: Callable[[], bool] = NEVER

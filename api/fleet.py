@@ -80,13 +80,11 @@ from sqlalchemy import bindparam, func, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api import event_models as ek
 from api.background import reraise_if_stopping
 from api.clock import now_ms, to_datetime
 from api.command_states import FINAL, Status
 from api.commands import CommandService, check_fits_any_device
 from api.db import Database, Priority
-from api.events import EventLog
 from api.fleet_models import (
     DEVICE_STATUSES,
     PENDING,
@@ -101,6 +99,8 @@ from api.fleet_models import (
 )
 from api.lease import LEASE_RETRY_S, Lease
 from api.models import Command, CommandCreate, Device, DeviceTag
+from api.push import event_models as ek
+from api.push.events import EventLog
 from foundation.settings import Settings
 
 log = logging.getLogger("latch.fleet")

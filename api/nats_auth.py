@@ -183,7 +183,7 @@ class NatsAuth:
                                          ["$SYS.REQ.SERVER.>"], ["_INBOX.>"])
             service = await self.auth.login("", username, password) if username == SERVICE_USERNAME else None
             if service is not None and service.role is Role.SERVICE:
-                # the API's event stream on the same cluster (LATCH_NATS_URL, api/nats_bus.py): JetStream in the
+                # the API's event stream on the same cluster (LATCH_NATS_URL, api/push/nats_bus.py): JetStream in the
                 # LATCH account, as the service, which may do everything there
                 return nats_jwt.user_jwt(self._seed, user_nkey, LATCH_ACCOUNT, username, [">"], [">"],
                                          connection_types=["STANDARD"])

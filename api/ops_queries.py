@@ -17,8 +17,8 @@ from sqlmodel import Session, col, select
 
 from api.clock import now_ms
 from api.command_states import Status, is_final
-from api.event_models import PRESENCE, LogEvent
 from api.models import Command, CommandEvent, Device
+from api.push.event_models import PRESENCE, LogEvent
 from api.rider_models import OPEN_RIDE, Ride, User
 from protocol import messages
 

@@ -19,15 +19,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from api import command_sql
-from api import event_models as ek
 from api.auth import Principal
 from api.clock import now_ms, to_datetime
 from api.command_states import Status
 from api.commands import CommandService, new_command_id
 from api.db import Database
 from api.errors import Conflict, Forbidden, NotFound
-from api.events import EventLog
 from api.models import Command, CommandCreate, CommandRow, Device
+from api.push import event_models as ek
+from api.push.events import EventLog
 from api.rider_models import OPEN_RIDE, BikePublic, Ride, RideCreate, RidePublic, RideStatus
 
 UNLOCK_TTL_S = 30

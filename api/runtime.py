@@ -9,11 +9,11 @@ from api.admission import Admission
 from api.commands import CommandService
 from api.db import Database
 from api.devices import DeviceRegistry
-from api.events import EventLog
 from api.fleet import FleetService
 from api.ingest import Ingest
 from api.link import BrokerLink
 from api.metrics import Metrics
+from api.push.events import EventLog
 from api.rides import RideService
 from api.rights import Rights
 from api.sweeper import Sweeper

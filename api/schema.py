@@ -33,7 +33,8 @@ class SchemaNotReady(RuntimeError):
 def target_metadata() -> MetaData:
     from sqlmodel import SQLModel
 
-    from api import event_models, models, rider_models  # noqa: F401  (registers the tables)
+    from api import models, rider_models  # noqa: F401  (registers the tables)
+    from api.push import event_models  # noqa: F401
     try:
         from api import fleet_models  # noqa: F401
     except ImportError:

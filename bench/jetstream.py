@@ -1,4 +1,4 @@
-"""JetStream throughput on this machine, as Latch uses it (api/nats_bus.py): events of a realistic size published
+"""JetStream throughput on this machine, as Latch uses it (api/push/nats_bus.py): events of a realistic size published
 with a Nats-Msg-Id and acknowledged (the relay), and read back by an ordered consumer (each replica's feed).
 
     python -m bench.jetstream                     # 50,000 events of ~300 bytes, 2 feeds

@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     # several API replicas (PostgreSQL; docs/scaling.md)
     ingest: bool = True                    # consume device uplink here; False: an HTTP-only replica
     share_group: str | None = None         # subscribe to uplink as $share/<group>/... (brokers that support it)
-    # events across replicas on NATS JetStream instead of PostgreSQL NOTIFY (api/nats_bus.py, docs/scaling.md):
+    # events across replicas on NATS JetStream instead of PostgreSQL NOTIFY (api/push/nats_bus.py, docs/scaling.md):
     # the server(s), comma-separated (nats://host:4222,...); None: no NATS (the single-process default)
     nats_url: str | None = None
     nats_stream: str = "LATCH_EVENTS"      # the JetStream stream of events; its sequence is every client's cursor
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     command_burst: int = 10
     low_battery_pct: int = 20
 
-    # the event log and its transports (see api/events.py)
+    # the event log and its transports (see api/push/events.py)
     event_ring: int = 10_000               # recent events kept in memory for resume without a query
     subscriber_buffer: int = 500           # events queued for one connection before it is cut off
     sse_keepalive_s: float = 15.0

@@ -85,7 +85,7 @@ class Stack:
         self.http_port = sock.getsockname()[1]
         # ws_per_message_deflate off: a socket that negotiates permessage-deflate (every browser asks for it) keeps
         # two zlib contexts, ~37 KiB measured, more than the rest of a held /v1/ws socket; the events it carries
-        # are small JSON, written uncompressed anyway (api/wire.py), and a detached socket (api/ws_detach.py)
+        # are small JSON, written uncompressed anyway (api/push/wire.py), and a detached socket (api/push/ws_detach.py)
         # reads no compressed frames (docs/notifications.md, "WebSocket memory")
         self._server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
                                                      timeout_graceful_shutdown=2, ws_per_message_deflate=False))

@@ -34,9 +34,9 @@ from collections.abc import Callable, Container
 from typing import Any
 
 from api.clock import now_ms
-from api.events import LiveEvent
 from api.notifications.models import Category
 from api.notifications.rules import DEFAULT, RiderPrefs, day_of, in_quiet, opted_out
+from api.push.events import LiveEvent
 
 NOT_AUDIENCE = "not_audience"
 OPTED_OUT = "opted_out"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -237,6 +238,7 @@ class Prefs(Strict):
         return v
 
 
+@lru_cache(maxsize=512)
 def zone(name: str) -> ZoneInfo:
     """The IANA zone `name`; ValueError (a 422 at the boundary) when there is none."""
     try:

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from functools import lru_cache
 
 from api.notifications.models import Category, NotificationPref, zone
 
 
-@lru_cache(maxsize=512)
 @dataclass(frozen=True, slots=True)
 class RiderPrefs:
     opt_out: frozenset[str] = field(default_factory=frozenset)

@@ -26,14 +26,11 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api import event_models as ek
 from api.auth import RIDER, Principal
 from api.background import reraise_if_stopping
 from api.clock import now_ms
 from api.db import Database, Priority
 from api.errors import Conflict, Forbidden, Invalid, LatchError, NotFound
-from api.event_models import LogEvent
-from api.events import EventLog, LiveEvent
 from api.link import BrokerLink
 from api.notifications.fanout import DELIVERED, MQTT, Fanout
 from api.notifications.models import (
@@ -55,6 +52,9 @@ from api.notifications.models import (
     parse_clock,
 )
 from api.notifications.rules import RiderPrefs
+from api.push import event_models as ek
+from api.push.event_models import LogEvent
+from api.push.events import EventLog, LiveEvent
 from api.rider_models import OPEN_RIDE, Ride, User
 from foundation.settings import Settings
 from mqtt_client import MqttError

@@ -20,7 +20,7 @@ async def healthz(rt: RuntimeDep) -> JSONResponse:
     it is false commands still work, and events wait in the outbox until NATS answers."""
     up = rt.link.is_connected
     body: dict[str, object] = {"status": "ok" if up else "degraded", "broker_connected": up}
-    if rt.events.bus is not None:   # NATS away: commands still work, events wait in the outbox (api/nats_bus.py)
+    if rt.events.bus is not None:   # NATS away: commands still work, events wait in the outbox (api/push/nats_bus.py)
         body["nats_connected"] = rt.events.bus.connected
     return JSONResponse(body, status_code=200 if up else 503)
 

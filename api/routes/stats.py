@@ -13,8 +13,8 @@ from api import ops_queries
 from api.clock import now_ms
 from api.commands import public
 from api.deps import PrincipalDep, RuntimeDep
-from api.event_models import EventPublic
 from api.models import CommandPublic
+from api.push.event_models import EventPublic
 
 router = APIRouter(prefix="/v1/ops", tags=["operator console"])
 

@@ -1,4 +1,4 @@
-"""Events on NATS JetStream in one API process (api/nats_bus.py), on this pass's database and a real
+"""Events on NATS JetStream in one API process (api/push/nats_bus.py), on this pass's database and a real
 nats-server: the stream's sequence is the cursor; a cursor older than the process's ring of recent events is
 served from the stream itself, an operator seeing everything and a rider only their own events and those
 offered to every rider; the outbox is empty once JetStream acknowledged every event."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlmodel import func, select
 
-from api.event_models import EventOutbox, LogEvent
+from api.push.event_models import EventOutbox, LogEvent
 from tests.api.push_support import User
 from tests.natsserver import NatsServer
 from tests.support import LiveStack, eventually, live_stack

@@ -1,4 +1,4 @@
-"""Event streams written straight to their sockets (api/wire.py): many riders' SSE and WebSocket streams on
+"""Event streams written straight to their sockets (api/push/wire.py): many riders' SSE and WebSocket streams on
 the real app over real sockets, a notification to all of them decided once (fanout.py plan) and written once
 per transport, per-rider rules still applied, order and resume by cursor, sessions revoked elsewhere closing
 streams (one query for all), and a small bounded run of bench/push.py's measurement."""
@@ -206,7 +206,7 @@ async def test_events_handed_over_together_go_out_in_one_write_each_in_order(sta
     """The broadcaster hands events over and EventLog._flush writes them: events committed together reach a
     direct subscriber in one write (one system call per subscriber, not per event), in id order, and
     the flush goes on in slices of FLUSH_CHUNK subscribers until every one is written."""
-    from api.events import FLUSH_CHUNK
+    from api.push.events import FLUSH_CHUNK
     rt = stack.runtime
     n = FLUSH_CHUNK + 20   # more than one slice
     riders = await make_riders(stack, n)

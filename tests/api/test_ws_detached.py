@@ -1,5 +1,5 @@
-"""A /v1/ws subscriber detached from its ASGI call (api/ws_detach.py), on the real server over real sockets: no task
-left per socket; messages, pings and close frames still answered; oversize, fragmented and invalid frames as
+"""A /v1/ws subscriber detached from its ASGI call (api/push/ws_detach.py), on the real server over real sockets: no
+task left per socket; messages, pings and close frames still answered; oversize, fragmented and invalid frames as
 before; keep-alive pings and the pong deadline; cut off (4008) and resumed, session ended (4401), server
 shutdown (1012); and a socket that negotiated permessage-deflate kept on its task, working as before."""
 
@@ -18,7 +18,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from api.ws_detach import DetachedSocket
+from api.push.ws_detach import DetachedSocket
 from tests.api.test_push_direct import make_riders
 from tests.api.test_sse import append_padded
 from tests.support import LiveStack, eventually, live_stack

@@ -10,7 +10,7 @@ import httpx
 from sqlmodel import Session
 
 from api import ops_queries
-from api.event_models import LogEvent
+from api.push.event_models import LogEvent
 from device_sim.lock import Behaviour
 from tests.support import LiveStack, eventually
 

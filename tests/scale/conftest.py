@@ -14,7 +14,7 @@ from tests.natsserver import NatsServer
 @pytest.fixture(params=["postgres-notify", "nats-jetstream"])
 async def bus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
     """The replicas' environment for one way of carrying events between them: PostgreSQL NOTIFY under the
-    ordering lock (api/pg_bus.py), or NATS JetStream (api/nats_bus.py) on a real nats-server. A test that
+    ordering lock (api/pg_bus.py), or NATS JetStream (api/push/nats_bus.py) on a real nats-server. A test that
     takes `bus` runs against both (the shared suite of docs/scaling.md)."""
     if request.param == "postgres-notify":
         yield {}

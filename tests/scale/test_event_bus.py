@@ -1,5 +1,5 @@
 """One suite, both ways events travel between API replicas: PostgreSQL NOTIFY under the ordering lock
-(api/pg_bus.py, the default with PostgreSQL) and NATS JetStream (api/nats_bus.py, LATCH_NATS_URL). Real
+(api/pg_bus.py, the default with PostgreSQL) and NATS JetStream (api/push/nats_bus.py, LATCH_NATS_URL). Real
 processes on loopback: `latch broker`, two `latch api`, PostgreSQL, and for NATS a real nats-server.
 
 - a rider whose stream drops from replica A and who reconnects to replica B with its cursor, while
@@ -28,7 +28,7 @@ _emails = itertools.count(1)
 
 
 async def outbox_rows(url: str) -> int:
-    """Events committed and not yet acknowledged by JetStream (api/nats_bus.py's outbox)."""
+    """Events committed and not yet acknowledged by JetStream (api/push/nats_bus.py's outbox)."""
     import psycopg
 
     from api.pg_bus import libpq_dsn

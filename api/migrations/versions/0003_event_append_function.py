@@ -2,7 +2,7 @@
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-12-01 (api/events.py: on PostgreSQL a transaction's events are inserted by
+Create Date: 2026-12-01 (api/push/events.py: on PostgreSQL a transaction's events are inserted by
 latch_append_events(), which takes the event-order lock, inserts them in order and sends NOTIFY — one
 statement, so the lock that orders every replica's events is held for one round trip and the COMMIT,
 not for three). SQLite has no functions and needs none (one writer): nothing changes there.

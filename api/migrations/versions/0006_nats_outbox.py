@@ -2,7 +2,7 @@
 
 Revision ID: 0006
 Revises: 0005
-Create Date: 2026-12-07 (issue 14, section 3: api/nats_bus.py). `event.seq`: an event's JetStream sequence
+Create Date: 2026-12-07 (issue 14, section 3: api/push/nats_bus.py). `event.seq`: an event's JetStream sequence
 once relayed (the cursor when LATCH_NATS_URL is set; NULL without NATS); `event_outbox`: with NATS, the events
 committed but not yet acknowledged by JetStream, written in the transaction of the change and deleted once
 relayed, so nothing committed is lost while NATS is away.

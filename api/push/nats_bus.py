@@ -51,8 +51,8 @@ from sqlalchemy import bindparam, delete, false, or_, select, update
 from api.background import reraise_if_stopping
 from api.clock import now_ms
 from api.db import Database, Priority
-from api.event_models import RIDERS, EventOutbox, LogEvent
 from api.metrics import Metrics
+from api.push.event_models import RIDERS, EventOutbox, LogEvent
 from broker.identity import SERVICE_USERNAME
 from foundation.settings import Settings
 from protocol import topics
@@ -60,8 +60,8 @@ from protocol import topics
 if TYPE_CHECKING:
     from sqlmodel import Session
 
-# api/events.py's LiveEvent, which EventLog hands in (start()'s `make`): not imported, so that this module, which
-# api/events.py uses, does not point back up at it
+# api/push/events.py's LiveEvent, which EventLog hands in (start()'s `make`): not imported, so that this module, which
+# api/push/events.py uses, does not point back up at it
 LiveEvent = Any
 
 log = logging.getLogger("latch.nats")
@@ -309,7 +309,7 @@ class NatsBus:
 
     # ---- the relay: this replica's committed events into the stream ------------------------------
     def stage(self, s: "Session", event_ids: list[int]) -> None:
-        """In the transaction that appends the events (api/events.py): their outbox rows."""
+        """In the transaction that appends the events (api/push/events.py): their outbox rows."""
         s.connection().execute(EventOutbox.__table__.insert(),   # type: ignore[attr-defined]
                                [{"event_id": i, "origin": self.origin} for i in event_ids])
 

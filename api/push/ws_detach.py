@@ -3,8 +3,8 @@
 Why: a WebSocket held by uvicorn's sans-I/O protocol for its whole life costs ~38 KiB (measured with 1,000
 sockets, docs/notifications.md): the ASGI task and the coroutine frames of every middleware (~16 KiB), and
 uvicorn's protocol with websockets' ServerProtocol, the parsed request and its headers, a queue, events and
-timers (~17 KiB). Once a subscription is direct (api/wire.py: the event log writes the frames to the socket
-itself) none of that is needed any more, as for a detached SSE stream (api/events.py EventLog.detach).
+timers (~17 KiB). Once a subscription is direct (api/push/wire.py: the event log writes the frames to the socket
+itself) none of that is needed any more, as for a detached SSE stream (api/push/events.py EventLog.detach).
 
 This module owns:
 - `DetachableWsWire`: the WsWire of a socket served by uvicorn's sans-I/O protocol. `detach()` (called by
@@ -36,8 +36,8 @@ from websockets.frames import apply_mask
 from websockets.protocol import State
 from websockets.streams import StreamReader
 
-from api.events import SESSION_ENDED, Subscription, ws_text_frame
-from api.wire import SCOPE_KEY, WsWire, ws_wire
+from api.push.events import SESSION_ENDED, Subscription, ws_text_frame
+from api.push.wire import SCOPE_KEY, WsWire, ws_wire
 
 log = logging.getLogger("latch.ws")
 
@@ -56,7 +56,7 @@ Respond = Callable[[str | None, Callable[[str], None]], Awaitable[None]]
 
 
 def detachable_ws_wire(scope: Any, sub: Subscription, respond: Respond) -> WsWire | None:
-    """The wire for an accepted WebSocket (api/wire.py ws_wire), detachable when uvicorn's sans-I/O protocol
+    """The wire for an accepted WebSocket (api/push/wire.py ws_wire), detachable when uvicorn's sans-I/O protocol
     serves it."""
     wire = ws_wire(scope)
     if wire is None or type(wire.owner).__module__ != SANSIO:

@@ -59,12 +59,12 @@ from api.auth import Principal
 from api.clock import now_ms
 from api.db import Database
 from api.errors import RateLimited
-from api.event_models import RIDERS, LogEvent
 from api.group_commit import after_durable_on_loop
 from api.heap import HeapKeeper
 from api.metrics import Metrics
-from api.nats_bus import NatsBus
 from api.pg_bus import EVENTS as EVENTS_CHANNEL
+from api.push.event_models import RIDERS, LogEvent
+from api.push.nats_bus import NatsBus
 from foundation.settings import Settings
 
 log = logging.getLogger("latch.events")
@@ -193,7 +193,7 @@ class LiveEvent:
     @property
     def sse_chunk(self) -> bytes:
         """The SSE message as one HTTP/1.1 chunk: what a stream written straight to its socket sends
-        (api/wire.py), the same bytes for every subscriber."""
+        (api/push/wire.py), the same bytes for every subscriber."""
         if self._sse_chunk is None:
             sse = self.sse
             self._sse_chunk = b"%x\r\n%s\r\n" % (len(sse), sse)
@@ -230,7 +230,7 @@ class Subscription:
     """One connection's view of the log: a bounded buffer of events it may see, after its cursor.
 
     Two ways out to the client. Buffered: the broadcaster appends to `_buf` and wakes the connection's
-    task, which writes the batch through the server (ASGI send). Direct (`wire`, api/wire.py): once the
+    task, which writes the batch through the server (ASGI send). Direct (`wire`, api/push/wire.py): once the
     backlog is written and the buffer drained, the broadcaster writes each event's bytes, encoded once per
     event, straight to the socket; no task wakes per event. A direct subscriber whose socket stops
     draining is cut off when `limit` events were written while the socket's own buffer was not empty."""
@@ -252,7 +252,7 @@ class Subscription:
         self.cut = False          # closed because the client fell too far behind
         self.reason: str | None = None
         self.task: asyncio.Task[Any] | None = None   # the writer; cancelled when cut off while blocked
-        self.wire: Any = None     # api/wire.py Wire: events written straight to the socket
+        self.wire: Any = None     # api/push/wire.py Wire: events written straight to the socket
         self.queued = 0           # direct: events written while the socket's buffer was not empty
         self.wrote = False        # direct: something was written since the last keep-alive check
         self.on_close: Callable[[Subscription], None] | None = None   # direct: the transport ends the connection
@@ -403,7 +403,7 @@ class EventLog:
         self._flushing = False
         self.settings = settings
         self._loop: asyncio.AbstractEventLoop | None = None
-        # with NATS (LATCH_NATS_URL) events travel on JetStream and its sequence is the cursor (api/nats_bus.py);
+        # with NATS (LATCH_NATS_URL) events travel on JetStream and its sequence is the cursor (api/push/nats_bus.py);
         # without it, on PostgreSQL, other processes may append too (api/pg_bus.py)
         self.bus: NatsBus | None = NatsBus(settings, db, metrics) if settings.nats_url else None
         self.shared = db.is_postgres and self.bus is None
@@ -468,7 +468,7 @@ class EventLog:
                 ).scalars().all()
             for row, event_id in zip(rows, ids, strict=True):
                 row.id = int(event_id)
-            if self.bus is not None:   # the outbox rows, in the same transaction (api/nats_bus.py)
+            if self.bus is not None:   # the outbox rows, in the same transaction (api/push/nats_bus.py)
                 self.bus.stage(s, [int(i) for i in ids])
             return
         # PostgreSQL: ids in commit order across processes (see the module's docstring). Everything else
@@ -690,7 +690,7 @@ class EventLog:
 
     # ---- detached SSE streams: the ASGI call ended, the event log writes and ends the connection ------
     def detach(self, sub: Subscription, keepalive_s: float) -> bool:
-        """A direct SSE subscription whose connection this log now owns (api/wire.py SseWire.detach):
+        """A direct SSE subscription whose connection this log now owns (api/push/wire.py SseWire.detach):
         keep-alives and noticing a closed connection are this log's housekeeping (one pass over the
         detached streams), ending the body its on_close. False: the caller keeps the connection."""
         wire = sub.wire

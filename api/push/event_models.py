@@ -1,4 +1,4 @@
-"""The event log's table and its public shape (api/events.py appends and serves it)."""
+"""The event log's table and its public shape (api/push/events.py appends and serves it)."""
 
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ class LogEvent(SQLModel, table=True):
     kind: str
     audience: str | None = None   # the one user (rider) who may see it besides operators; None: operators only
     data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    # with NATS: its JetStream sequence, once relayed (api/nats_bus.py); None before, and without NATS
+    # with NATS: its JetStream sequence, once relayed (api/push/nats_bus.py); None before, and without NATS
     seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
 class EventOutbox(SQLModel, table=True):
     """With NATS: an event committed but not yet stored in JetStream. Written in the transaction of the change
-    (so an event is never lost while NATS is away), deleted once JetStream acknowledged it (api/nats_bus.py)."""
+    (so an event is never lost while NATS is away), deleted once JetStream acknowledged it (api/push/nats_bus.py)."""
     __tablename__ = "event_outbox"
     event_id: int = Field(sa_column=Column(BigId, primary_key=True, autoincrement=False))
     origin: str = Field(max_length=128)   # the API replica that wrote it (LATCH_API_CLIENT_ID): it relays it

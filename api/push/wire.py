@@ -2,12 +2,12 @@
 
 An SSE or WebSocket subscriber starts as any ASGI response does: headers, the `ready` message or the
 `subscribed` reply and the backlog go through the server's `send`. Once it is live and has nothing
-buffered, the event log writes each new event to its socket itself (api/events.py Subscription.push hands
+buffered, the event log writes each new event to its socket itself (api/push/events.py Subscription.push hands
 it over, EventLog._flush writes what each subscriber was handed since its last turn in one `write`): the
 bytes are made once per event and transport (an HTTP/1.1 chunk holding the SSE message; an unmasked
 WebSocket text frame) and are the same for every subscriber, so a delivery is a `transport.write` and a
 look at the socket's write buffer. Then the ASGI call ends (`detach`): an SSE stream's response is marked
-complete for uvicorn, a WebSocket moves to api/ws_detach.py's protocol; the event log's housekeeping sends
+complete for uvicorn, a WebSocket moves to api/push/ws_detach.py's protocol; the event log's housekeeping sends
 keep-alives and, when the subscription closes, the wire's `finish` ends it (`event: error` and the
 terminating chunk; the close frame with its code).
 
@@ -19,7 +19,7 @@ HTTP/1.0, another server, a test client without a socket) falls back to the buff
 
 Slow clients: the kernel's socket buffer takes what it can; what it cannot stays in the transport's
 buffer. A subscriber that got LATCH_SUBSCRIBER_BUFFER events while that buffer was not empty is cut off
-(api/events.py), as a buffered one is when that many events wait for it.
+(api/push/events.py), as a buffered one is when that many events wait for it.
 
 A WebSocket that negotiated permessage-deflate still gets these frames uncompressed (RSV1 clear), which
 RFC 7692 allows message by message; the server's own replies may be compressed.
@@ -31,7 +31,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from api.events import LiveEvent
+from api.push.events import LiveEvent
 
 SCOPE_KEY = "latch.server_connection"
 KEEPALIVE_CHUNK = b"%x\r\n%s\r\n" % (len(b": keep-alive\n\n"), b": keep-alive\n\n")
@@ -48,7 +48,7 @@ def install(app: Any) -> None:
 
 
 class TransportTap:
-    """ASGI middleware (outermost): keeps the server's connection object in the scope for api/wire.py."""
+    """ASGI middleware (outermost): keeps the server's connection object in the scope for api/push/wire.py."""
 
     def __init__(self, app: Any) -> None:
         self.app = app

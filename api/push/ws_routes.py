@@ -14,7 +14,7 @@ frames, each with a "type":
 The command's progress arrives as events. A subscriber that falls too far behind is closed with code
 4008 and the reason; it reconnects and subscribes after the last event id it received.
 
-Once the subscription is live and written directly (api/wire.py), the socket is detached (api/ws_detach.py):
+Once the subscription is live and written directly (api/push/wire.py), the socket is detached (api/push/ws_detach.py):
 the ASGI call ends, a lean protocol of ours holds the socket, and each message that arrives after is
 handled here as before (`answer`), its replies written by that protocol.
 """
@@ -38,11 +38,11 @@ from api.auth import AuthError, Principal, bearer_token, resolve
 from api.boundary import BadJson, check_json
 from api.commands import IdempotencyConflict, public
 from api.errors import Conflict, LatchError, NotFound, Overloaded
-from api.events import SESSION_ENDED, CursorError, Subscription, TooManyStreams
 from api.models import CommandCreate
+from api.push.events import SESSION_ENDED, CursorError, Subscription, TooManyStreams
+from api.push.ws_detach import CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, detachable_ws_wire
+from api.push.ws_detach import MAX_MESSAGE as MAX_FRAME
 from api.runtime import Runtime
-from api.ws_detach import CLOSE_TOO_SLOW, CLOSE_UNAUTHORIZED, detachable_ws_wire
-from api.ws_detach import MAX_MESSAGE as MAX_FRAME
 
 log = logging.getLogger("latch.ws")
 router = APIRouter(tags=["events"])
@@ -107,7 +107,7 @@ class Connection:
                         await self.writer
 
     def _detach(self) -> bool:
-        """Hand the socket over (api/ws_detach.py), when its subscription is direct and no message is being
+        """Hand the socket over (api/push/ws_detach.py), when its subscription is direct and no message is being
         handled here; tried when the writer goes direct and after each message. True: run() ends."""
         sub = self.sub
         if self.detached or self.busy or sub is None or sub.closed or not hasattr(sub.wire, "detach"):
@@ -164,7 +164,7 @@ class Connection:
     async def write_events(self, sub: Subscription) -> None:
         sub.task = asyncio.current_task()
         assert self.ws is not None
-        # None: frames go through the server (api/wire.py)
+        # None: frames go through the server (api/push/wire.py)
         wire = detachable_ws_wire(self.ws.scope, sub, functools.partial(answer, self.rt, sub))
         try:
             while not sub.live and not sub.closed:
@@ -250,7 +250,8 @@ class Connection:
 
 
 async def answer(rt: Runtime, sub: Subscription, text: str | None, write: Callable[[str], None]) -> None:
-    """A message on a detached socket (api/ws_detach.py): handled as on the ASGI path; a subscribe is refused (409)."""
+    """A message on a detached socket (api/push/ws_detach.py): handled as on the ASGI path; a subscribe is refused
+    (409)."""
     conn = Connection(None, rt, sub.who, write)
     conn.sub = sub
     await conn.handle_text(text)

@@ -24,8 +24,8 @@ from typing import Any
 
 from starlette.responses import Response
 
-from api.events import SESSION_ENDED, EventLog, LiveEvent, Subscription
-from api.wire import sse_wire
+from api.push.events import SESSION_ENDED, EventLog, LiveEvent, Subscription
+from api.push.wire import sse_wire
 
 HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
            (b"x-accel-buffering", b"no")]
@@ -51,7 +51,7 @@ class EventStream(Response):
         detached = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            wire = sse_wire(scope)   # None: written through the server (api/wire.py)
+            wire = sse_wire(scope)   # None: written through the server (api/push/wire.py)
             if wire is None:
                 watcher = asyncio.ensure_future(self._watch(receive))
             hello = json.dumps({"cursor": sub.cursor, "head": self.log.head}).encode()

@@ -6,10 +6,10 @@ from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, 
 
 from api.auth import Principal
 from api.deps import CallerDep, RuntimeDep, StreamCallerDep
-from api.event_models import EventPage
-from api.events import CursorError, EventLog, LiveEvent
+from api.push.event_models import EventPage
+from api.push.events import CursorError, EventLog, LiveEvent
+from api.push.sse import EventStream
 from api.runtime import Runtime
-from api.sse import EventStream
 
 router = APIRouter(tags=["events"])
 
