@@ -14,13 +14,16 @@ from api import errors, openapi_doc, pg_bus, runtime_metrics, schema, security_h
 from api.admission import Admission
 from api.background import reraise_if_stopping
 from api.boundary import BodyGuard, validation_error_handler
-from api.command_log import CommandLog
-from api.commands import CommandService
+from api.commands import routes as command_routes
+from api.commands.ingest import Ingest
+from api.commands.log import CommandLog
+from api.commands.service import CommandService
+from api.commands.sweeper import Sweeper
+from api.commands.waiters import Waiters
 from api.db import Database
-from api.devices import REVOKED, ROTATED, DeviceRegistry
-from api.fleet import FleetService
+from api.fleet import routes as fleet_routes
+from api.fleet.service import FleetService
 from api.hooks import AllHooks
-from api.ingest import Ingest
 from api.journal import Journal
 from api.lease import Lease
 from api.link import BrokerLink
@@ -32,15 +35,16 @@ from api.push import event_models as ek
 from api.push import routes as push_routes
 from api.push import wire, ws_routes
 from api.push.events import EventLog, LiveEvent
+from api.registry import broker_auth_routes
+from api.registry import routes as device_routes
+from api.registry.devices import REVOKED, ROTATED, DeviceRegistry
 from api.request_id import RequestId
-from api.rides import RideService
+from api.riders import nearby_routes, ride_routes, user_routes
+from api.riders.rides import RideService
+from api.riders.users import UserService
 from api.rights import Rights
-from api.routes import broker_auth, commands, devices, health, nearby, pages, rides, stats, users
-from api.routes import fleet as fleet_routes
+from api.routes import health, pages, stats
 from api.runtime import Runtime
-from api.sweeper import Sweeper
-from api.users import UserService
-from api.waiters import Waiters
 from broker.identity import SERVICE_USERNAME
 from foundation.settings import Settings
 from protocol import messages, topics
@@ -101,7 +105,7 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     bus = events_.bus
     if bus is not None:   # other replicas' answers wake waits here through NATS: re-read while it is away
         commands_.wakes_degraded = lambda: not bus.connected
-    # CommandLog: api/command_log.py
+    # CommandLog: api/commands/log.py
     commands_.hooks = registry.hooks = AllHooks(Journal(events_, settings), CommandLog())
 
     def to_rider_topic(ev: LiveEvent) -> None:   # the MQTT transport: each rider's own topic
@@ -124,7 +128,7 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     async def drop_connections(device_id: str, change: str) -> None:
         # Latch's broker closes a revoked or rotated device's open connections at once (broker/core.py
         # drop_device); an external Mosquitto drops them on the reload its files' rewrite causes
-        # (api/mosquitto_config.py), and this message is routed to nobody there
+        # (api/registry/mosquitto_config.py), and this message is routed to nobody there
         if change in (ROTATED, REVOKED) and link.is_connected:
             link.publish(topics.drop_topic(device_id), change.encode(), qos=1)
 
@@ -162,14 +166,14 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
 
     mosquitto = None
     if settings.mosquitto_config_dir is not None:   # an external Mosquitto reads the registry from files
-        from api.mosquitto_config import MosquittoSync
+        from api.registry.mosquitto_config import MosquittoSync
 
         mosquitto = MosquittoSync(database, settings)
         runtime.registry.after_change.append(mosquitto.device_changed)
         mosquitto.on_dropped = announce_dropped
     nats_auth = None
-    if settings.nats_auth_url is not None:   # a NATS cluster asks this API who may log in (api/nats_auth.py)
-        from api.nats_auth import NatsAuth
+    if settings.nats_auth_url is not None:   # a NATS cluster asks this API who may log in (api/registry/nats_auth.py)
+        from api.registry.nats_auth import NatsAuth
 
         nats_auth = NatsAuth(database, settings)
         runtime.registry.after_change.append(nats_auth.device_changed)
@@ -217,9 +221,9 @@ def create_app(settings: Settings, db: Database | None = None) -> FastAPI:
     _map_errors(app)
     app.state.mosquitto = mosquitto
     app.state.nats_auth = nats_auth
-    for r in (health.router, devices.router, commands.router, users.router, rides.router, push_routes.router,
-              ws_routes.router, pages.router, broker_auth.router, fleet_routes.router, nearby.router,
-              notification_routes.router, stats.router):
+    for r in (health.router, device_routes.router, command_routes.router, user_routes.router, ride_routes.router,
+              push_routes.router, ws_routes.router, pages.router, broker_auth_routes.router, fleet_routes.router,
+              nearby_routes.router, notification_routes.router, stats.router):
         app.include_router(r)
     pages.mount_static(app)
     openapi_doc.install(app)

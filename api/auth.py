@@ -4,7 +4,7 @@ Roles: "operator" sees and commands everything; "rider" commands only a bike it 
 its own rides, commands and events (api/rights.py). The admin token is an operator with no user account.
 
 Two steps, so the signature check stays free of I/O: `resolve` checks a token's signature, expiry and
-kind and says whose it claims to be; `api/users.py Sessions.confirm` then checks, against the database
+kind and says whose it claims to be; `api/riders/users.py Sessions.confirm` then checks, against the database
 (briefly cached), that its session stands and its user exists, and takes the role from the user's row.
 `authenticate` (the HTTP dependencies) does both. A JWT names the operator without an account
 (`sub == "admin"`) only as a stream token carrying the mark of the current admin token (tokens.admin_mark).

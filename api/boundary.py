@@ -13,7 +13,7 @@ Every HTTP request passes `BodyGuard` (an ASGI middleware) first:
 
 The broker hooks (/v1/broker/...) are left to parse their own bodies: EMQX treats any 4xx as "no
 opinion" and asks its next authenticator, so they answer every body, however malformed, with an explicit
-deny (api/routes/broker_auth.py). Their bodies are still bounded.
+deny (api/registry/broker_auth_routes.py). Their bodies are still bounded.
 
 `validation_error_handler` renders 422s without echoing the input (passwords came back in the
 detail) — at most a short prefix of a non-secret scalar.

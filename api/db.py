@@ -1,7 +1,7 @@
 """The database: one SQLModel codebase, run through a synchronous or an asynchronous driver.
 
-Every unit of work is a plain function of a Session that runs a whole transaction (api/commands.py,
-api/devices.py, ...). The URL's driver decides how it is driven from asyncio:
+Every unit of work is a plain function of a Session that runs a whole transaction (api/commands/service.py,
+api/registry/devices.py, ...). The URL's driver decides how it is driven from asyncio:
 
     URL scheme                         driver       how a unit of work runs
     sqlite://  (the default)           sqlite3      writes: on the event loop, group-committed once per
@@ -77,7 +77,7 @@ _SYNC_TWIN = {"sqlite+aiosqlite": "sqlite", "postgresql+asyncpg": "postgresql+ps
 
 
 class Priority(IntEnum):
-    """Order of the write queue: lower first. See api/command_priority.py for which command gets which."""
+    """Order of the write queue: lower first. See api/commands/priority.py for which command gets which."""
     ANSWER = -1       # work already accepted: a device's answer, a timeout (finishing beats starting)
     INTERACTIVE = 0   # a person is waiting: unlock, lock
     REPORT = 3        # a device's presence and state reports (a burst of them must not hold an unlock)

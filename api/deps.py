@@ -2,7 +2,7 @@
 
     PrincipalDep  an operator (the admin token or an operator's token); a rider gets 403.
                   The fleet-management endpoints use it, as they did before riders existed.
-    CallerDep     anyone with a valid token whose session stands (api/users.py Sessions); the route
+    CallerDep     anyone with a valid token whose session stands (api/riders/users.py Sessions); the route
                   applies rider rights itself (api/rights.py).
     StreamCallerDep  like CallerDep, but also accepts a short-lived stream token in ?token=.
 """

@@ -7,7 +7,7 @@ hashes run at once (default 1: one core of a small host; argon2 holds the GIL re
 real parallel work) and at most `queue` more wait their turn; anything beyond is refused at once
 with PoolBusy, which the routes answer 503 with Retry-After. Refusing, not queueing without bound:
 a queued login that waits longer than the client's patience is work thrown away, and an unbounded
-queue is unbounded memory. The per-address and per-account rate limits (api/routes/users.py) come
+queue is unbounded memory. The per-address and per-account rate limits (api/riders/user_routes.py) come
 first; this pool is the ceiling for what gets past them from many addresses at once.
 """
 

@@ -14,12 +14,12 @@ from typing import Any
 from sqlmodel import Session
 
 from api.clock import now_ms
-from api.command_states import Status, is_final
+from api.commands.states import Status, is_final
 from api.models import CommandRow, Device, HistoryRow
 from api.push import event_models as ek
 from api.push.events import EventLog
-from api.rider_models import RideStatus
-from api.rides import move, open_ride_for_device, ride_data, settle_unlock
+from api.riders.models import RideStatus
+from api.riders.rides import move, open_ride_for_device, ride_data, settle_unlock
 from api.rights import audience_of_owner
 from foundation.settings import Settings
 

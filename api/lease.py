@@ -1,5 +1,5 @@
 """Which API process does the singleton work: the sweeper's expiries and timeouts, fleet rollouts,
-and applying device reports (presence, state, telemetry, clock sync — api/ingest.py), which must be
+and applying device reports (presence, state, telemetry, clock sync — api/commands/ingest.py), which must be
 applied in the order a device sent them, so by one process.
 
 PostgreSQL: whoever holds a session-level advisory lock, on a connection of its own. When that

@@ -77,7 +77,7 @@ class BrokerLink:
         if not self.ingest:
             return
         # only acks are shared: presence and state go to every replica, and the lease holder applies them
-        # (api/ingest.py), so one process sees each device's reports in order
+        # (api/commands/ingest.py), so one process sees each device's reports in order
         prefix = f"$share/{self.share_group}/" if self.share_group else ""
         granted = await self.client.subscribe([((prefix if k == topics.ACK else "") + topics.all_devices_filter(k), 1)
                                                for k in UPLINK_KINDS])

@@ -29,7 +29,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
-from api.command_states import Status, is_final
+from api.commands.states import Status, is_final
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send

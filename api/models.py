@@ -11,8 +11,8 @@ from pydantic import Field as PField
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from api.command_params import check_params
-from api.command_states import Status
+from api.commands.params import check_params
+from api.commands.states import Status
 from protocol import messages, topics
 
 # ---- tables -------------------------------------------------------------------
@@ -29,7 +29,7 @@ class Device(SQLModel, table=True):
     last_seen: int | None = Field(default=None, sa_column=Column(BigInteger))
     reported: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     reported_at: int | None = Field(default=None, sa_column=Column(BigInteger))
-    zone: str | None = Field(default=None, max_length=64, index=True)   # fleet targeting (api/fleet.py)
+    zone: str | None = Field(default=None, max_length=64, index=True)   # fleet targeting (api/fleet/service.py)
 
 
 class DeviceTag(SQLModel, table=True):
@@ -82,7 +82,7 @@ class CommandEvent(SQLModel, table=True):
 @dataclass(slots=True)
 class CommandRecord:
     """A command's row as plain data: what the command path builds, changes in memory and writes with its own
-    statements (api/command_sql.py). Same attributes as `Command`; an ORM `Command` costs ~60 us to build
+    statements (api/commands/sql.py). Same attributes as `Command`; an ORM `Command` costs ~60 us to build
     (SQLModel's validation and SQLAlchemy's instrumentation), this ~1 us, and a command is built once at
     create and once per state change (docs/performance.md)."""
     id: str

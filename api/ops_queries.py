@@ -16,10 +16,10 @@ from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
 from api.clock import now_ms
-from api.command_states import Status, is_final
+from api.commands.states import Status, is_final
 from api.models import Command, CommandEvent, Device
 from api.push.event_models import PRESENCE, LogEvent
-from api.rider_models import OPEN_RIDE, Ride, User
+from api.riders.models import OPEN_RIDE, Ride, User
 from protocol import messages
 
 JAM_REASONS = (messages.REASON_JAMMED, messages.REASON_ACTUATION_TIMEOUT)

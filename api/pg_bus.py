@@ -3,7 +3,7 @@
     channel          payload                         sent by                      heard by
     latch_events     the commit's events, or its      latch_append_events()        every replica's EventLog
                      newest id when they do not fit   (migration 0003; api/push/events.py)
-    latch_deadline   a command deadline, ms           api/commands.py              the sweeper (api/sweeper.py)
+    latch_deadline   a command deadline, ms           api/commands/service.py      the sweeper (commands/sweeper.py)
 
 A notification is sent with pg_notify() inside the transaction that makes the change (for events, by
 the same SQL function that inserts them), so it is

@@ -17,7 +17,7 @@ from api.db import Database
 from api.errors import Forbidden, RateLimited
 from api.models import Command
 from api.ratelimit import RateLimiter
-from api.rider_models import OPEN_RIDE, Ride
+from api.riders.models import OPEN_RIDE, Ride
 from foundation.settings import Settings
 
 RIDER_ACTIONS = ("unlock", "lock", "locate")

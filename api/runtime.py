@@ -6,19 +6,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.admission import Admission
-from api.commands import CommandService
+from api.commands.ingest import Ingest
+from api.commands.service import CommandService
+from api.commands.sweeper import Sweeper
+from api.commands.waiters import Waiters
 from api.db import Database
-from api.devices import DeviceRegistry
-from api.fleet import FleetService
-from api.ingest import Ingest
+from api.fleet.service import FleetService
 from api.link import BrokerLink
 from api.metrics import Metrics
 from api.push.events import EventLog
-from api.rides import RideService
+from api.registry.devices import DeviceRegistry
+from api.riders.rides import RideService
+from api.riders.users import UserService
 from api.rights import Rights
-from api.sweeper import Sweeper
-from api.users import UserService
-from api.waiters import Waiters
 from foundation.settings import Settings
 
 
@@ -37,7 +37,7 @@ class Runtime:
     rides: RideService
     rights: Rights
     users: UserService
-    fleet: FleetService          # fleet commands and their rollout worker (api/fleet.py)
+    fleet: FleetService          # fleet commands and their rollout worker (api/fleet/service.py)
     admission: Admission         # refuses new commands at once while this process is overloaded
     # api/notifications/service.py NotificationService (Any: it imports this module's peers)
     notifications: Any = None

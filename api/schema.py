@@ -33,10 +33,10 @@ class SchemaNotReady(RuntimeError):
 def target_metadata() -> MetaData:
     from sqlmodel import SQLModel
 
-    from api import models, rider_models  # noqa: F401  (registers the tables)
+    from api import models  # noqa: F401  (registers the tables)
     from api.push import event_models  # noqa: F401
     try:
-        from api import fleet_models  # noqa: F401
+        from api.fleet import models as fleet_models  # noqa: F401
     except ImportError:
         pass
     from api.notifications import models as notification_models  # noqa: F401

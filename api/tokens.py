@@ -4,7 +4,7 @@
     stream  short-lived, for ?token= where a client cannot send headers (EventSource, WebSocket in a browser)
 
 A valid signature is necessary, not sufficient: every user token names its session (`sid`, a row of
-`user_session`), and the API (api/users.py Sessions) and the broker (api/registry_credentials.py) accept it
+`user_session`), and the API (api/riders/users.py Sessions) and the broker (api/registry/credentials.py) accept it
 only while that session is not revoked and its user not deleted; the role is then the database's, never
 the token's (`role` in the token is informational). A stream token minted by the admin token carries
 `sub: "admin"` and `adm`, a fingerprint of the admin token it was minted with (admin_mark): that, and only
@@ -65,7 +65,7 @@ def looks_like_jwt(token: str) -> bool:
 
 def verify(secret: str, token: str, kinds: tuple[str, ...] = (ACCESS,)) -> Claims:
     """The claims of a token signed with `secret`, of one of `kinds`; TokenError otherwise. Signature and
-    expiry only: whether its session still stands is api/users.py Sessions' (and the broker's) question."""
+    expiry only: whether its session still stands is api/riders/users.py Sessions' (and the broker's) question."""
     try:
         claims = jwt.decode(token, secret, algorithms=[ALGORITHM], issuer=ISSUER,
                             options={"require": ["exp", "iat", "sub", "typ", "iss"]})

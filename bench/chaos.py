@@ -57,7 +57,7 @@ from pathlib import Path
 
 import aiohttp
 
-from api.command_states import FINAL
+from api.commands.states import FINAL
 from bench.procs import Lives, Proc, cpu_seconds, free_port, machine_busy_seconds, machine_steal_seconds, pct
 from firmware.controller import ACTUATION
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from api import schema
 from api.app import build_runtime
-from api.command_states import Event
+from api.commands.states import Event
 from api.db import Database
 from api.models import CommandCreate, DeviceCreate
 from bench.procs import cpu_seconds

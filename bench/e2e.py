@@ -79,7 +79,7 @@ class RunResult:
     slowest_due_s: dict[str, int] | None = None
 
 
-# A succeeded command's time, split at the points its history records (api/command_states.py events):
+# A succeeded command's time, split at the points its history records (api/commands/states.py events):
 # "generator" from the time it was due to be sent until the load generator began sending it (its own lag),
 # "intake" from then to its creation (connecting, the kernel's queues, the HTTP stack, admission, the
 # create's write), "dispatch" until it was published to its lock (waiting behind the lock's

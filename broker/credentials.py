@@ -3,7 +3,7 @@
 The broker decides nothing about who may log in by itself: a CredentialStore answers, for a user name and
 password (or a TLS client certificate's common name), with the Identity that logs in or with None. Latch's
 own answer reads the device registry and the riders' sessions, which the API owns: it lives with them,
-in api/registry_credentials.py (SqlCredentialStore), and `latch broker` / `latch serve` hand it to the
+in api/registry/credentials.py (SqlCredentialStore), and `latch broker` / `latch serve` hand it to the
 broker. So the broker imports nothing of the API.
 """
 

@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     nats_duplicate_window_s: float = 600.0   # a relay retried within this after NATS comes back is stored once
     # a NATS cluster as the MQTT broker (issue 18; docs/external-brokers.md, latch/nats_config.py): its client
     # URL(s), comma-separated; set, this API answers the cluster's auth callout (every MQTT login, against the
-    # registry and the fence: api/nats_auth.py) and disconnects a revoked or rotated device there. The two
+    # registry and the fence: api/registry/nats_auth.py) and disconnects a revoked or rotated device there. The two
     # secrets below are generated into DATA_DIR (nats-auth.secret, nats-issuer.seed) by the API or by
     # `latch broker-config nats`, whichever runs first; every replica and the cluster's files share them
     nats_auth_url: str | None = None
@@ -80,15 +80,16 @@ class Settings(BaseSettings):
     # the rider page centres its map here until the browser gives a location
     sim_area: str = "52.5200,13.4050,2500"
 
-    # riders: accounts, tokens, rights (see api/users.py, api/rides.py)
+    # riders: accounts, tokens, rights (see api/riders/users.py, api/riders/rides.py)
     jwt_secret: str | None = None          # HS256 signing key; generated into DATA_DIR/jwt.secret
-    # seals device command keys at rest (api/keyseal.py); generated into DATA_DIR/command-keys.secret.
+    # seals device command keys at rest (api/registry/keyseal.py); generated into DATA_DIR/command-keys.secret.
     # Every API replica must hold the same one (like jwt_secret)
     command_key_secret: str | None = None
     token_ttl_s: int = 12 * 3600           # access tokens (Authorization: Bearer, MQTT password)
     stream_token_ttl_s: int = 120          # short-lived tokens for ?token= (EventSource, WebSocket)
-    session_cache_s: float = 5.0           # a session's standing/role cached per process (api/sessions.py says why)
-    # login and sign-up (api/routes/users.py, api/hashing.py): token buckets per client address and per account
+    # a session's standing/role cached per process (api/riders/sessions.py says why)
+    session_cache_s: float = 5.0
+    # login and sign-up (api/riders/user_routes.py, api/hashing.py): token buckets per client address and per account
     login_rate_per_address_per_s: float = 0.2   # sustained: 12 a minute per address (an IPv6 /64 counts as one)
     login_burst_per_address: int = 20
     login_rate_per_account_per_s: float = 1 / 30   # after the burst, one try per account every 30 s
@@ -129,7 +130,7 @@ class Settings(BaseSettings):
     # persistent session there (LATCH_MQTT_SESSION_EXPIRY_S on Latch's broker); others read by cursor
     notify_mqtt_session_s: float = Field(7 * 86_400.0, gt=0)
 
-    # fleet commands (api/fleet.py)
+    # fleet commands (api/fleet/service.py)
     fleet_max_devices: int = 100_000       # devices one fleet command may target
     fleet_max_rate_per_min: int = 60_000   # highest rollout rate a fleet command may ask for
     fleet_tick_s: float = 0.25             # the rollout worker issues each running fleet's due devices this often
@@ -203,9 +204,9 @@ class Settings(BaseSettings):
             self.broker_hook_secret = _stored_secret(self.data_dir / "broker-hook.secret")
         if self.command_key_secret is None:
             self.command_key_secret = _stored_secret(self.data_dir / "command-keys.secret")
-        if self.nats_auth_url is not None:   # the API decides a NATS cluster's MQTT logins (api/nats_auth.py)
+        if self.nats_auth_url is not None:   # the API decides a NATS cluster's MQTT logins (api/registry/nats_auth.py)
             self.ensure_nats_auth_secrets()
-        # the registry finds the master key of its database's command-key seal here (api/keyseal.py)
+        # the registry finds the master key of its database's command-key seal here (api/registry/keyseal.py)
         _COMMAND_KEY_SECRETS[self.resolved_database_url()] = self.command_key_secret
         databases = [self.data_dir / "broker.db"]
         sqlite_file = _sqlite_file(self.resolved_database_url())   # also a SQLite database outside the data dir
@@ -329,12 +330,13 @@ _COMMAND_KEY_SECRETS: dict[str, str] = {}   # database URL -> the command-key ma
 
 def command_key_secret_for(database_url: str) -> str | None:
     """The command-key master secret of the database at `database_url`, once Settings.ensure_secrets() ran for it
-    in this process (api/keyseal.py seals the locks' command keys with it)."""
+    in this process (api/registry/keyseal.py seals the locks' command keys with it)."""
     return _COMMAND_KEY_SECRETS.get(database_url)
 
 
 def new_nats_account_seed() -> bytes:
-    """A fresh NATS account nkey seed (``SA...``): the auth callout's issuer (api/nats_jwt.py signs with it)."""
+    """A fresh NATS account nkey seed (``SA...``): the auth callout's issuer (api/registry/nats_jwt.py signs
+    with it)."""
     import nkeys
 
     return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT))

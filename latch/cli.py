@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="revoke the locks it registered through the API when it stops (Ctrl-C)")
     _log_opts(sim)
 
-    _broker_config_parser(sub)   # `latch broker-config mosquitto --out DIR` (api/mosquitto_config.py)
+    _broker_config_parser(sub)   # `latch broker-config mosquitto --out DIR` (api/registry/mosquitto_config.py)
 
     try:
         from firmware.tools import add_parser as add_firmware
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _broker_config_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """`latch broker-config mosquitto ...`; its work is api/mosquitto_config.py cli_main, imported when run."""
+    """`latch broker-config mosquitto ...`; its work is api/registry/mosquitto_config.py cli_main, imported when run."""
     p = sub.add_parser("broker-config", help="write an external broker's configuration from Latch's registry",
                        description="Write Mosquitto's password_file, acl_file and latch.conf from the device "
                                    "registry, or a NATS cluster's node files (docs/external-brokers.md).")
@@ -235,7 +235,7 @@ def _broker_config_parser(sub: argparse._SubParsersAction) -> None:  # type: ign
         if args.flavour == "nats":
             from latch import nats_config
             return nats_config.cli_main(args)
-        from api.mosquitto_config import cli_main
+        from api.registry.mosquitto_config import cli_main
         return cli_main(args)
 
     p.set_defaults(func=run)
@@ -333,7 +333,7 @@ def _token_shell(settings: Settings) -> str:
 async def _broker(settings: Settings) -> None:
     from api import schema
     from api.db import Database
-    from api.registry_credentials import SqlCredentialStore
+    from api.registry.credentials import SqlCredentialStore
     from broker.server import EmbeddedBroker, broker_options, tune_gc
 
     settings.ensure_secrets()

@@ -17,9 +17,9 @@ import uvicorn
 from api import schema
 from api.app import create_app
 from api.db import Database
-from api.devices import DeviceExists, DeviceRegistry
 from api.models import DeviceCreate
-from api.registry_credentials import SqlCredentialStore
+from api.registry.credentials import SqlCredentialStore
+from api.registry.devices import DeviceExists, DeviceRegistry
 from broker.server import EmbeddedBroker, broker_options
 from device_sim.fleet import Fleet
 from device_sim.lock import Behaviour, Credentials

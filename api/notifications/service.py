@@ -55,7 +55,7 @@ from api.notifications.rules import RiderPrefs
 from api.push import event_models as ek
 from api.push.event_models import LogEvent
 from api.push.events import EventLog, LiveEvent
-from api.rider_models import OPEN_RIDE, Ride, User
+from api.riders.models import OPEN_RIDE, Ride, User
 from foundation.settings import Settings
 from mqtt_client import MqttError
 from protocol import topics

@@ -54,9 +54,9 @@ from sqlalchemy import func, insert, text
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, col, select
 
-from api import command_sql
 from api.auth import Principal
 from api.clock import now_ms
+from api.commands import sql as command_sql
 from api.db import Database
 from api.errors import RateLimited
 from api.group_commit import after_durable_on_loop
@@ -894,7 +894,7 @@ RECHECK_CHUNK = 500
 
 def _sessions_standing(s: Session, sids: list[str]) -> dict[str, str]:
     """Of these session ids, the ones still accepted (not revoked, their user not deleted): id -> user id."""
-    from api.rider_models import User, UserSession
+    from api.riders.models import User, UserSession
 
     rows = s.exec(select(UserSession.id, UserSession.user_id)
                   .join(User, col(User.id) == col(UserSession.user_id))

@@ -29,7 +29,7 @@ No loss, no duplicates:
   last sequence after NATS restarts (nats-py).
 
 Latency: an event reaches local subscribers after the JetStream round trip (~1 ms on loopback). A
-`?wait=` answer does not wait for it (api/commands.py answers from the command in hand).
+`?wait=` answer does not wait for it (api/commands/service.py answers from the command in hand).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class NatsBus:
         self.duplicate_window_s = settings.nats_duplicate_window_s
         self.origin = settings.api_client_id   # unique per replica (it is also its MQTT client id)
         # on the NATS cluster that is also Latch's MQTT broker (LATCH_NATS_AUTH_URL), logins go through Latch's
-        # auth callout: the API logs in as the service (api/nats_auth.py places it in the LATCH account);
+        # auth callout: the API logs in as the service (api/registry/nats_auth.py places it in the LATCH account);
         # credentials in LATCH_NATS_URL itself (nats://user:pass@host) win
         self.credentials: dict[str, str] = {}
         if settings.nats_auth_url is not None and not any("@" in u for u in self.servers):

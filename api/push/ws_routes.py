@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse
 from api import tokens
 from api.auth import AuthError, Principal, bearer_token, resolve
 from api.boundary import BadJson, check_json
-from api.commands import IdempotencyConflict, public
+from api.commands.service import IdempotencyConflict, public
 from api.errors import Conflict, LatchError, NotFound, Overloaded
 from api.models import CommandCreate
 from api.push.events import SESSION_ENDED, CursorError, Subscription, TooManyStreams

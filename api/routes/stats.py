@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from api import ops_queries
 from api.clock import now_ms
-from api.commands import public
+from api.commands.service import public
 from api.deps import PrincipalDep, RuntimeDep
 from api.models import CommandPublic
 from api.push.event_models import EventPublic

@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from api.clock import now_ms
-from api.ingest import AckLag
+from api.commands.ingest import AckLag
 from mqtt_client import MqttClient
 from protocol import messages, topics
 from tests.support import eventually, live_stack

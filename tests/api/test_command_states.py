@@ -2,7 +2,7 @@
 
 import itertools
 
-from api.command_states import FINAL, TRANSITIONS, Event, Status, advance, is_final
+from api.commands.states import FINAL, TRANSITIONS, Event, Status, advance, is_final
 
 EXPECTED_MOVES = {
     Status.QUEUED: {Event.DISPATCH: Status.SENT, Event.DEVICE_RECEIVED: Status.RECEIVED,

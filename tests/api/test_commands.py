@@ -256,7 +256,7 @@ async def test_the_wait_answer_is_what_the_database_holds(stack: LiveStack) -> N
 
 
 async def test_the_command_path_sees_presence_revocation_and_rotation_at_once(stack: LiveStack) -> None:
-    """The command route keeps what a command needs of a device in memory (api/devices.py get_for_command):
+    """The command route keeps what a command needs of a device in memory (api/registry/devices.py get_for_command):
     each change of it must hold for the very next command."""
     lock = await stack.lock("bike-c1")
     assert (await stack.command("bike-c1", "unlock")).json()["status"] == "succeeded"   # now kept in memory

@@ -293,7 +293,7 @@ async def test_rollout_rate_is_respected(stack: LiveStack) -> None:
     assert [r["status"] for r in rows] == ["queued"] * 20
     issued_at = sorted(ms(r["issued_at"]) for r in rows)
     tick = stack.settings.fleet_tick_s
-    carry = max(1.0, 5 * tick * 2)   # the most budget carried from tick to tick (api/fleet.py _Pace)
+    carry = max(1.0, 5 * tick * 2)   # the most budget carried from tick to tick (api/fleet/service.py _Pace)
     # 20 devices at 5/s: at most one tick's worth plus the carry can go ahead of the rate
     assert issued_at[-1] - issued_at[0] >= (20 - carry - max(1.0, 5 * tick) - 1) / 5 * 1000, issued_at
     for i, t in enumerate(issued_at):   # no 1-second window holds much more than 5
@@ -357,7 +357,7 @@ async def test_a_device_issued_before_a_crash_is_not_issued_twice(stack: LiveSta
     the command is made by hand while the worker is stopped). The next worker records that same command:
     the idempotency key fleet:<id>:<seq> gives it back instead of a second one."""
     from api.db import Priority
-    from api.fleet import device_key, fleet_owner
+    from api.fleet.service import device_key, fleet_owner
     from api.models import CommandCreate
 
     rt = stack.runtime
@@ -476,7 +476,7 @@ async def test_a_rollout_gives_way_to_a_busy_event_loop() -> None:
     first; on an idle loop it returns after one pass."""
     import time
 
-    from api.fleet import GIVE_WAY_MAX_S, give_way
+    from api.fleet.service import GIVE_WAY_MAX_S, give_way
 
     t0 = time.monotonic()
     await give_way()

@@ -118,7 +118,7 @@ async def test_a_failing_unit_undoes_only_its_own_work(db: Database, tmp_path: P
 async def test_a_unit_that_rolls_back_and_retries_inside_a_batch(db: Database, tmp_path: Path) -> None:
     def retries(s: Session) -> int:
         s.execute(text("insert into t (k, v) values ('try', 1)"))
-        s.rollback()   # as a state change that lost a race re-reads and tries again (api/commands.py)
+        s.rollback()   # as a state change that lost a race re-reads and tries again (api/commands/service.py)
         s.execute(text("insert into t (k, v) values ('try', 2)"))
         s.commit()
         return 2

@@ -1,13 +1,13 @@
-"""The NATS auth callout's pieces without a server: the fence as NATS subjects, and the JWTs (api/nats_jwt.py).
+"""The NATS auth callout's pieces without a server: the fence as NATS subjects, and the JWTs (api/registry/nats_jwt.py).
 The callout against a real 3-node cluster: tests/external/test_nats_cluster.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from api import nats_jwt
-from api.broker_auth import FENCE
-from api.nats_auth import nats_subject, permissions
+from api.registry import nats_jwt
+from api.registry.broker_auth import FENCE
+from api.registry.nats_auth import nats_subject, permissions
 from broker.identity import SERVICE_USERNAME, Identity, Role
 from protocol import topics
 

@@ -1,4 +1,4 @@
-"""GET /v1/bikes/nearby (api/routes/nearby.py): free bikes nearest first, your own bike on top, taken and
+"""GET /v1/bikes/nearby (api/riders/nearby_routes.py): free bikes nearest first, your own bike on top, taken and
 offline bikes left out, pages that reach every bike, a clear 422 for a point off the globe. Positions
 are what the locks report (`pos`, foundation/geo.py)."""
 

@@ -18,7 +18,7 @@ from websockets.asyncio.client import connect
 
 from api.clock import now_ms
 from api.notifications.models import Notification
-from api.rider_models import User as UserRow
+from api.riders.models import User as UserRow
 from protocol import topics
 from tests.api.push_support import User, sse_messages
 from tests.support import LiveStack, eventually, live_stack

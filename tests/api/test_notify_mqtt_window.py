@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import update
 
 from api.clock import now_ms
-from api.rider_models import User
+from api.riders.models import User
 from protocol import topics
 from tests.api.test_notifications import detail, send
 from tests.support import LiveStack, eventually, live_stack

@@ -17,8 +17,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from api import tokens
-from api.rider_models import User as UserRow
-from api.rider_models import UserSession
+from api.riders.models import User as UserRow
+from api.riders.models import UserSession
 from tests.support import LiveStack, eventually
 
 SSE_ID = re.compile(rb"id: (\d+)\nevent: ([a-z_]+)\ndata: ")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from api import keyseal
+from api.registry import keyseal
 from tests.dbs import ON_POSTGRES
 from tests.procs import read_until, running
 from tests.support import LiveStack

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from api import mosquitto_config
+from api.registry import mosquitto_config
 from tests.conformance.brokers import free_port, mosquitto_binary
 from tests.support import require, stop_process
 

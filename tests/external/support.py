@@ -12,8 +12,9 @@ from typing import Any
 
 import httpx
 
-from api import mosquitto_config, schema
+from api import schema
 from api.db import Database
+from api.registry import mosquitto_config
 from foundation.settings import Settings
 from latch.stack import Stack
 from mqtt_client import MqttClient

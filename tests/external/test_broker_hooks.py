@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from api import broker_auth, tokens
+from api import tokens
+from api.registry import broker_auth
 from broker.fence import TopicFence
 from broker.identity import SERVICE_USERNAME, Identity, Role
 from protocol import topics
@@ -334,7 +335,7 @@ def test_the_enumerated_grants_are_the_fence() -> None:
         assert broker_auth.may_publish(service, topic) is topic.startswith("latch/v1/")
     assert broker_auth.grants(Identity(Role.ANONYMOUS, "")) == []
     # Mosquitto's patterns are the device grants with %u for the device id
-    from api.mosquitto_config import acl_file_text
+    from api.registry.mosquitto_config import acl_file_text
     patterns = [line.split(" ", 2)[1:] for line in acl_file_text().splitlines() if line.startswith("pattern ")]
     assert [(("publish" if m == "write" else "subscribe"), t.replace("%u", "bike-a")) for m, t in patterns] == \
         [(g.action, g.topic) for g in broker_auth.grants(Identity(Role.DEVICE, "bike-a"))]

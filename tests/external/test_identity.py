@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from api.mosquitto_config import DeviceRow, password_file_text
+from api.registry.mosquitto_config import DeviceRow, password_file_text
 from broker.identity import PBKDF2_ITERATIONS, hash_secret, is_mosquitto_hash, new_secret, secret_matches
 from tests.support import require
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from api import mosquitto_config, schema
+from api import schema
 from api.db import Database
-from api.devices import DeviceRegistry
 from api.models import DeviceCreate
+from api.registry import mosquitto_config
+from api.registry.devices import DeviceRegistry
 from broker.identity import SERVICE_USERNAME
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
 from mqtt_client import MqttClient, MqttConnectError

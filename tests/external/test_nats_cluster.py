@@ -1,5 +1,5 @@
 """Latch on a 3-node NATS cluster (its MQTT listeners), configured by `latch broker-config nats`, logins decided by
-the API through NATS's auth callout (api/nats_auth.py; issue 18).
+the API through NATS's auth callout (api/registry/nats_auth.py; issue 18).
 
 The fence checks are those tests/external/test_mosquitto.py makes against Mosquitto, with the clients spread over
 the three nodes. Negative checks ("nothing arrived") use a marker sent after the forbidden message on the same
@@ -23,9 +23,9 @@ import pytest
 
 from api import schema
 from api.db import Database
-from api.devices import DeviceRegistry
 from api.models import DeviceCreate
-from api.nats_auth import NatsAuth
+from api.registry.devices import DeviceRegistry
+from api.registry.nats_auth import NatsAuth
 from broker.identity import SERVICE_USERNAME
 from device_sim.lock import Behaviour, Credentials, SimulatedLock
 from foundation.settings import Settings

@@ -254,7 +254,7 @@ def test_the_nodes_files_follow_the_compose_wiring(tmp_path: Path) -> None:
     """`latch broker-config nats` run with the compose file's own arguments (paths moved into tmp_path): a file per
     node, listening on the container's interfaces, the health check's monitoring port, and the callout's issuer
     the key the replicas sign with."""
-    from api import nats_jwt
+    from api.registry import nats_jwt
     from latch import nats_config
 
     s = _services()

@@ -118,7 +118,7 @@ async def test_a_rider_cannot_use_the_console(served: Served, browser) -> None: 
 def add_devices(served: Served, n: int, prefix: str = "load-") -> None:
     """`n` offline devices straight into the registry's table (registering 10,000 through the API would
     hash 10,000 secrets): the list's queries are what is measured, not registration. Every tenth has a
-    low battery. Their command key is plain hex, which api/keyseal.py takes as it is."""
+    low battery. Their command key is plain hex, which api/registry/keyseal.py takes as it is."""
     assert served.data_dir is not None
     db = sqlite3.connect(served.data_dir / "latch.db", timeout=10)
     try:
@@ -244,7 +244,7 @@ async def test_duplicate_and_late_answers_are_marked(served: Served, browser) ->
         c = (await h.post("/v1/devices/bike-0001/commands", params={"wait": 5}, json={"action": "locate"})).json()
         assert c["status"] == "succeeded"
     # the history as the ingest records a lock's repeated "received" and a "failed" after it succeeded:
-    # not applied, nothing changed (api/command_states.py)
+    # not applied, nothing changed (api/commands/states.py)
     assert served.data_dir is not None
     db = sqlite3.connect(served.data_dir / "latch.db", timeout=10)
     now = int(time.time() * 1000)

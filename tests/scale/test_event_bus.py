@@ -194,7 +194,7 @@ async def test_nats_killed_and_restarted_loses_nothing_and_repeats_nothing(tmp_p
                 stream.result()   # the stream ended early: its error
             stream.cancel()
             # a's waits on answers b applied could not be woken through NATS while it was away: they re-read
-            # the command instead (api/commands.py wait_on), and none ran to its 15 s timeout
+            # the command instead (api/commands/service.py wait_on), and none ran to its 15 s timeout
             assert (await a.metrics())["counts"].get("waits_timed_out", 0) == 0
 
             async def relayed() -> bool:

@@ -2,7 +2,7 @@
 
 Revision ID: 0004
 Revises: 0003
-Create Date: 2026-12-08 (issue 12, defect 7: api/users.py Sessions). `user_session`: one row per login,
+Create Date: 2026-12-08 (issue 12, defect 7: api/riders/users.py Sessions). `user_session`: one row per login,
 named by the access token's `sid` claim, refused once revoked (logout, password change) or once its user is
 deleted; `user.deleted_at` marks a deleted account (the row stays: rides and commands still name it).
 Tokens issued before this revision carry no `sid` and are refused: everyone logs in once again.

@@ -3,7 +3,7 @@
 Revision ID: 0007
 Revises: 0006
 Create Date: 2026-12-07 (issue 14). `user.mqtt_login_at`: when the rider's app last logged into the broker
-(recorded at most hourly by the login check, api/registry_credentials.py). A notification's MQTT copies go only to
+(recorded at most hourly by the login check, api/registry/credentials.py). A notification's MQTT copies go only to
 riders who logged in within LATCH_NOTIFY_MQTT_SESSION_S: a copy on the topic of a rider with no session on
 the broker is dropped by it, and at 10,000 riders one notification to all was 10,000 such publishes.
 """

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import event
 from sqlmodel import Session
 
-from api.command_states import Status, is_final
+from api.commands.states import Status, is_final
 from api.group_commit import after_durable
 from foundation.logs import request_id
 

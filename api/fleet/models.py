@@ -1,4 +1,4 @@
-"""Fleet commands: their tables and public shapes (api/fleet.py runs them, api/routes/fleet.py serves them).
+"""Fleet commands: their tables and public shapes (api/fleet/service.py runs them, api/fleet/routes.py serves them).
 
     fleet_command   one row per fleet command: what to send, to whom (the target as asked), how fast,
                     when to give up, where it stands (running → completed | aborted | cancelled)
@@ -21,8 +21,8 @@ from pydantic import Field as PField
 from sqlalchemy import JSON, BigInteger, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from api.command_params import check_params
-from api.command_states import Status
+from api.commands.params import check_params
+from api.commands.states import Status
 from api.models import known_action
 from protocol import topics
 

@@ -1,7 +1,7 @@
 """Which writes go first when the database is busy (api/db.py Priority).
 
 A rider standing at a bike is waiting on unlock and lock; a device's answer is someone's wait ending.
-Those go first. Other single commands come next; fleet rollouts (api/fleet.py) last, so a
+Those go first. Other single commands come next; fleet rollouts (api/fleet/service.py) last, so a
 10,000-device rollout never holds an unlock behind its queue.
 """
 

@@ -1,12 +1,12 @@
-"""Fleet commands over HTTP (operators only): create, list, progress, per-device rows, cancel (api/fleet.py)."""
+"""Fleet commands over HTTP (operators only): create, list, progress, per-device rows, cancel (api/fleet/service.py)."""
 
 from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
 from api.deps import PrincipalDep, RuntimeDep
-from api.fleet import FleetError, FleetIdempotencyConflict, public
-from api.fleet_models import DEVICE_STATUSES, FleetCreate, FleetDevicePublic, FleetPublic, FleetStatus
+from api.fleet.models import DEVICE_STATUSES, FleetCreate, FleetDevicePublic, FleetPublic, FleetStatus
+from api.fleet.service import FleetError, FleetIdempotencyConflict, public
 from api.paging import OffsetQuery
 from api.runtime import Runtime
 

@@ -1,10 +1,10 @@
 from fastapi import APIRouter, Query, status
 
-from api.commands import public as command_public
+from api.commands.service import public as command_public
 from api.deps import CallerDep, RuntimeDep
 from api.paging import OffsetQuery
-from api.rider_models import BikePublic, RideCreate, RidePublic, RideStarted
-from api.rides import public
+from api.riders.models import BikePublic, RideCreate, RidePublic, RideStarted
+from api.riders.rides import public
 
 router = APIRouter(tags=["rides"])
 

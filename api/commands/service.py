@@ -20,12 +20,13 @@ from typing import Any, Protocol
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api import command_sql, pg_bus
+from api import pg_bus
 from api.clock import now_ms, to_datetime
-from api.command_priority import action_priority
-from api.command_states import Event, Status, advance, is_final
+from api.commands import sql as command_sql
+from api.commands.priority import action_priority
+from api.commands.states import Event, Status, advance, is_final
+from api.commands.waiters import Waiters
 from api.db import Database, Priority
-from api.devices import merge_reported
 from api.errors import TooLarge
 from api.hooks import NO_HOOKS, ChangeHooks
 from api.metrics import Metrics
@@ -41,7 +42,7 @@ from api.models import (
     HistoryRecord,
     HistoryRow,
 )
-from api.waiters import Waiters
+from api.registry.devices import merge_reported
 from foundation.settings import Settings
 from protocol import messages, topics
 
@@ -332,7 +333,7 @@ class CommandService:
             for _ in range(8):  # a lost race re-reads the row; bounded, each loss means another writer won
                 now = now_ms()
                 # the row, as a CommandRecord changed in memory and written only by the conditional
-                # UPDATE below (api/command_sql.py: the ORM's identity map cost more than the statement)
+                # UPDATE below (api/commands/sql.py: the ORM's identity map cost more than the statement)
                 row = command_sql.select_command(s, command_id)
                 if row is None:
                     return None
@@ -405,7 +406,7 @@ class CommandService:
             self.waiters.unregister(command_id, fut)
 
     async def wait_on(self, command_id: str, fut: asyncio.Future[Any], timeout: float) -> None:
-        """Hold until `fut` (the command's wake-up: api/waiters.py) resolves or `timeout` passes. While
+        """Hold until `fut` (the command's wake-up: api/commands/waiters.py) resolves or `timeout` passes. While
         wake-ups are degraded (`wakes_degraded`), the command is re-read every DEGRADED_RECHECK_S as well."""
         if self.wakes_degraded is NEVER:
             await wait_until(fut, timeout, self.metrics)
@@ -442,7 +443,7 @@ class CommandService:
     async def sweep(self, limit: int = 500, hold_timeouts: bool = False) -> int | None:
         """Expire or time out every command whose deadline passed; returns the next deadline.
 
-        `hold_timeouts` (acks are being applied late: api/ingest.py AckLag): sent and received commands
+        `hold_timeouts` (acks are being applied late: api/commands/ingest.py AckLag): sent and received commands
         are not timed out yet — their answer may be waiting for us — unless their deadline passed more
         than MAX_TIMEOUT_HOLD_S ago, so every command still ends. Queued ones expire as usual."""
         now = now_ms()

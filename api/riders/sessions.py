@@ -12,7 +12,7 @@ changes a few times in a session's life. Anything revoked through this process d
 so here it takes effect on the next request; another replica sharing the database sees it within
 `session_cache_s`. That bound is the price, and 5 s is shorter than any human round trip between "log out"
 and "try the old token" that would matter (a stolen token is replayed in minutes, not milliseconds).
-The broker reads the same rows without a cache (api/registry_credentials.py): an MQTT login is rarer than a request.
+The broker reads the same rows without a cache (api/registry/credentials.py): an MQTT login is rarer than a request.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from sqlmodel import Session, col, delete, select, update
 from api.auth import ADMIN_NAME, AuthError, Principal
 from api.clock import now_ms
 from api.db import Database
-from api.rider_models import User, UserSession
+from api.riders.models import User, UserSession
 
 REVOKED = "this token's session was revoked (logged out or password changed): log in again"
 GONE = "this token's user no longer exists"

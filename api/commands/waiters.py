@@ -1,7 +1,7 @@
 """In-process wake-ups for requests waiting on a command to reach a final state.
 
 A waiter's future resolves with what the waker knows: the command and its whole history when this
-process made it final (api/commands.py keeps the history of a command someone waits on, so the
+process made it final (api/commands/service.py keeps the history of a command someone waits on, so the
 `?wait=` answer needs no read), or None when it only heard of it (another replica's event): then the
 caller reads the command back.
 """

@@ -82,10 +82,10 @@ from sqlmodel import Session, col, select
 
 from api.background import reraise_if_stopping
 from api.clock import now_ms, to_datetime
-from api.command_states import FINAL, Status
-from api.commands import CommandService, check_fits_any_device
+from api.commands.service import CommandService, check_fits_any_device
+from api.commands.states import FINAL, Status
 from api.db import Database, Priority
-from api.fleet_models import (
+from api.fleet.models import (
     DEVICE_STATUSES,
     PENDING,
     AbortRule,

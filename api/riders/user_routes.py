@@ -14,9 +14,9 @@ from api.deps import CallerDep, OperatorDep, RuntimeDep
 from api.hashing import PoolBusy
 from api.paging import OffsetQuery
 from api.ratelimit import RateLimiter, client_address, too_many
-from api.rider_models import Login, PasswordChange, SignUp, StreamTokenPublic, TokenPublic, UserCreate, UserPublic
+from api.riders.models import Login, PasswordChange, SignUp, StreamTokenPublic, TokenPublic, UserCreate, UserPublic
+from api.riders.users import EmailTaken, admin_public, public
 from api.runtime import Runtime
-from api.users import EmailTaken, admin_public, public
 
 router = APIRouter(tags=["users"])
 

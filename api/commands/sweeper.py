@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from api.background import reraise_if_stopping
 from api.clock import now_ms
-from api.commands import CommandService
+from api.commands.service import CommandService
 from api.lease import LEASE_RETRY_S, Lease
 
 log = logging.getLogger("latch.sweeper")
@@ -26,7 +26,7 @@ BEHIND_RECHECK_S = 0.25   # while acks are applied late, how often timeouts are 
 class Sweeper:
     def __init__(self, commands: CommandService, lease: Lease | None = None,
                  acks_behind: Callable[[], bool] = lambda: False) -> None:
-        """`acks_behind`: True while this process applies device acks late (api/ingest.py AckLag): then
+        """`acks_behind`: True while this process applies device acks late (api/commands/ingest.py AckLag): then
         timeouts wait (an answer may be queued for us), up to commands.MAX_TIMEOUT_HOLD_S; expiries of
         never-sent commands do not."""
         self.commands = commands

@@ -1,5 +1,5 @@
 """User accounts: sign-up, login (argon2 on a bounded pool, api/hashing.py), the tokens they get, their
-sessions (api/sessions.py), password change and deletion."""
+sessions (api/riders/sessions.py), password change and deletion."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from api.auth import ADMIN_NAME, OPERATOR, Principal
 from api.clock import now_ms, to_datetime
 from api.db import Database
 from api.hashing import HashPool
-from api.rider_models import SignUp, StreamTokenPublic, TokenPublic, User, UserPublic
-from api.sessions import Sessions
+from api.riders.models import SignUp, StreamTokenPublic, TokenPublic, User, UserPublic
+from api.riders.sessions import Sessions
 from foundation.settings import Settings
 
 

@@ -8,9 +8,10 @@ rotation and revocation would be a configuration reload on every node. With the 
 Latch at each login; the answer is the registry's as it is now, and nothing is reloaded.
 
     MQTT CONNECT (username, password, client id) ─▶ a NATS node ─▶ $SYS.REQ.USER.AUTH (signed request JWT)
-        ─▶ here: api/broker_auth.py BrokerAuth.login — the gatekeeper of Latch's own broker, over the registry
+        ─▶ here: api/registry/broker_auth.py BrokerAuth.login — the gatekeeper of Latch's own broker, over the registry
         ◀─ a user JWT signed by the issuer (LATCH_NATS_ISSUER_SEED): account LATCH, and exactly the subjects
-           api/broker_auth.py grants() lists, as NATS subjects (``latch/v1/d/bike-1/cmd`` → ``latch.v1.d.bike-1.cmd``)
+           api/registry/broker_auth.py grants() lists, as NATS subjects
+           (``latch/v1/d/bike-1/cmd`` → ``latch.v1.d.bike-1.cmd``)
 
 - A device may connect over MQTT only, with its id as client id; it may publish its uplink topics and
   subscribe to its command topic, nothing else (nats-server refuses anything else: a SUBACK 0x80, a dropped
@@ -39,10 +40,11 @@ import nats
 import nats.errors
 import orjson
 
-from api import nats_jwt, tokens
-from api.broker_auth import ALL, PUBLISH, SUBSCRIBE, BrokerAuth, grants
+from api import tokens
 from api.db import Database
-from api.devices import REVOKED, ROTATED
+from api.registry import nats_jwt
+from api.registry.broker_auth import ALL, PUBLISH, SUBSCRIBE, BrokerAuth, grants
+from api.registry.devices import REVOKED, ROTATED
 from broker.identity import SERVICE_USERNAME, Identity, Role
 from foundation.settings import Settings
 
@@ -68,7 +70,7 @@ def nats_subject(topic: str) -> str:
 
 
 def permissions(identity: Identity) -> tuple[list[str], list[str]]:
-    """(publish, subscribe) subjects for `identity`: api/broker_auth.py's grants, in NATS's terms."""
+    """(publish, subscribe) subjects for `identity`: api/registry/broker_auth.py's grants, in NATS's terms."""
     publish: list[str] = []
     subscribe: list[str] = []
     for g in grants(identity):

@@ -11,7 +11,7 @@ a float can not be signed). Bounds, and why:
   which hold no more exactly.
 - strings valid Unicode (no lone surrogates: they have no UTF-8 form to sign or store) without NUL.
 - the whole signed command at most protocol.messages.MAX_PAYLOAD bytes (4 KiB), the most a lock
-  reads; checked where the message is built (api/commands.py), before anything is written.
+  reads; checked where the message is built (api/commands/service.py), before anything is written.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The command path's statements: one place, run on SQLite's own cursor, through SQLAlchemy Core elsewhere.
 
-Every unit of work on the command path (api/commands.py, api/devices.py, api/push/events.py) reads and
+Every unit of work on the command path (api/commands/service.py, api/registry/devices.py, api/push/events.py) reads and
 writes through these functions, so each statement of it is written here once.
 
 Why the driver's cursor on SQLite. Profiled on the e2e benchmark (docs/performance.md), SQLAlchemy
@@ -28,7 +28,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session
 
 from api.models import Command, CommandEvent, CommandRow, Device, HistoryRow
-from api.rider_models import OPEN_RIDE, Ride
+from api.riders.models import OPEN_RIDE, Ride
 
 _CMD = Command.__table__
 _DEV = Device.__table__

@@ -10,7 +10,7 @@ writes into DIR (each file atomically: a temporary file, then a rename):
   legacy SHA-256 hash is left out, with a warning: rotate its credentials to use it on Mosquitto.
 * ``acl_file`` (0644): the service may read and write ``latch/v1/#``; ``pattern`` rules with ``%u``
   give each device what broker/fence.py gives it on Latch's own broker (publish its uplink topics,
-  read its command topic), enumerated by api/broker_auth.py's ``device_grants``. Nobody else gets
+  read its command topic), enumerated by api/registry/broker_auth.py's ``device_grants``. Nobody else gets
   anything. (Mosquitto 2.0's dynamic-security plugin cannot do this: it does not substitute
   ``%u``/``%c`` in its ACLs, so it would need one role per device.)
 * ``latch.conf`` (0644): the listener and the lines that use the two files, to be included from
@@ -42,9 +42,9 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from api.broker_auth import PUBLISH, SERVICE_FILTER, SUBSCRIBE, device_grants
 from api.db import Database
-from api.devices import REVOKED, ROTATED
+from api.registry.broker_auth import PUBLISH, SERVICE_FILTER, SUBSCRIBE, device_grants
+from api.registry.devices import REVOKED, ROTATED
 from broker.identity import SERVICE_USERNAME, hash_secret, is_mosquitto_hash, secret_matches
 from foundation.settings import Settings
 from protocol import topics
@@ -82,7 +82,7 @@ class Written:
 
 
 async def registry_rows(db: Database) -> list[DeviceRow]:
-    """id, secret_hash, revoked of every device, with plain SQL (as api/registry_credentials.py reads them)."""
+    """id, secret_hash, revoked of every device, with plain SQL (as api/registry/credentials.py reads them)."""
     rows = await db.read(lambda s: s.connection().execute(
         text("SELECT id, secret_hash, revoked FROM device ORDER BY id")).all())
     return [DeviceRow(r[0], r[1], bool(r[2])) for r in rows]

@@ -1,9 +1,9 @@
 """Who may log in to an external MQTT broker, and what they may do there: the decisions behind
-Mosquitto's generated ACL file (api/mosquitto_config.py) and the HTTP hooks EMQX and VerneMQ call
-(api/routes/broker_auth.py).
+Mosquitto's generated ACL file (api/registry/mosquitto_config.py) and the HTTP hooks EMQX and VerneMQ call
+(api/registry/broker_auth_routes.py).
 
 There is one truth, the one Latch's own broker runs: logins go through broker/fence.py's
-``Gatekeeper`` over api/registry_credentials.py's ``SqlCredentialStore`` (device secrets from the
+``Gatekeeper`` over api/registry/credentials.py's ``SqlCredentialStore`` (device secrets from the
 registry, revoked devices refused, the service secret, riders' access tokens; a device's client id
 must be its id), and per-topic answers through broker/fence.py's ``TopicFence``. Where a broker
 wants the rules as a list instead of asking per topic (EMQX's ``acl`` in the authentication
@@ -35,8 +35,8 @@ from typing import Any
 
 from api import tokens
 from api.db import Database
-from api.registry_credentials import SqlCredentialStore
-from api.rider_models import User
+from api.registry.credentials import SqlCredentialStore
+from api.riders.models import User
 from broker.fence import Gatekeeper, TopicFence
 from broker.identity import SERVICE_USERNAME, Identity, Role
 from protocol import topics

@@ -32,12 +32,12 @@ class User(SQLModel, table=True):
     email: str = Field(unique=True, max_length=254)
     name: str = ""
     password_hash: str
-    role: str                     # the role every request gets (api/users.py Sessions), whatever a token says
+    role: str                     # the role every request gets (api/riders/users.py Sessions), whatever a token says
     created_at: int = Field(sa_column=Column(BigInteger, nullable=False))
     # set by DELETE /v1/users/{id}: the row stays (rides and commands still name it), every session is
     # refused, the email is released for a new account
     deleted_at: int | None = Field(default=None, sa_column=Column(BigInteger))
-    # when the rider's app last logged into the broker (at most hourly: api/registry_credentials.py); a notification's
+    # when the rider's app last logged into the broker (at most hourly: api/registry/credentials.py); a notification's
     # MQTT copies go to riders who did within LATCH_NOTIFY_MQTT_SESSION_S (api/notifications/service.py)
     mqtt_login_at: int | None = Field(default=None, sa_column=Column(BigInteger, index=True))
 

@@ -2,8 +2,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
-from api.command_states import Status, is_final
-from api.commands import IdempotencyConflict, new_command_id, public
+from api.commands.service import IdempotencyConflict, new_command_id, public
+from api.commands.states import Status, is_final
 from api.deps import CallerDep, PrincipalDep, RuntimeDep
 from api.models import CommandCreate, CommandPublic
 from api.paging import OffsetQuery

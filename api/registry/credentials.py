@@ -10,7 +10,7 @@ writes: when a rider's app logged in (`user.mqtt_login_at`, at most once an
 hour per rider), so the API publishes notification copies only to the topics
 of riders who have a session on the broker (api/notifications/service.py).
 
-Every broker tier uses it: Latch's own broker (`latch broker`, `latch serve`), and through api/broker_auth.py
+Every broker tier uses it: Latch's own broker (`latch broker`, `latch serve`), and through api/registry/broker_auth.py
 the EMQX/VerneMQ HTTP hooks and the NATS auth callout.
 """
 

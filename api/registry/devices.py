@@ -1,8 +1,8 @@
 """The device registry: registration, credentials, presence and reported state.
 
-Command keys are stored sealed (api/keyseal.py). The registry seals them when it writes them and opens
+Command keys are stored sealed (api/registry/keyseal.py). The registry seals them when it writes them and opens
 them as a Device row is loaded (an ORM load/refresh hook on the registry's engines), so code that reads
-`device.command_key` in a unit of work (api/commands.py signing, api/ingest.py time replies) gets the
+`device.command_key` in a unit of work (api/commands/service.py signing, api/commands/ingest.py time replies) gets the
 key in hex, as before, and the database never holds it in the clear. Only this module writes the column.
 """
 
@@ -19,11 +19,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, delete, select
 
-from api import command_sql, keyseal
 from api.clock import now_ms, to_datetime
+from api.commands import sql as command_sql
 from api.db import Database, Priority
 from api.hooks import NO_HOOKS, ChangeHooks
 from api.models import Device, DeviceCreate, DeviceCredentials, DevicePatch, DevicePublic, DeviceTag
+from api.registry import keyseal
 from broker.identity import hash_secret, new_secret
 
 log = logging.getLogger("latch.devices")

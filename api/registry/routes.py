@@ -4,10 +4,10 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from api import ops_queries
 from api.deps import PrincipalDep, RuntimeDep
-from api.devices import DeviceExists, public
 from api.models import DeviceCreate, DeviceCredentials, DevicePatch, DevicePublic
 from api.ops_queries import DeviceFilter, DeviceSort
 from api.paging import OffsetQuery
+from api.registry.devices import DeviceExists, public
 
 router = APIRouter(prefix="/v1/devices", tags=["devices"])
 

@@ -21,11 +21,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from api.clock import now_ms
-from api.command_states import Event
-from api.commands import CommandService, ForeignCommand, Publisher
-from api.devices import DeviceRegistry
+from api.commands.service import CommandService, ForeignCommand, Publisher
+from api.commands.states import Event
 from api.lease import Lease
 from api.metrics import Metrics
+from api.registry.devices import DeviceRegistry
 from protocol import messages, topics
 
 log = logging.getLogger("latch.ingest")

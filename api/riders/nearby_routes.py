@@ -14,7 +14,7 @@ from sqlmodel import Session, col, select
 
 from api.deps import CallerDep, RuntimeDep
 from api.models import Device
-from api.rider_models import OPEN_RIDE, Ride
+from api.riders.models import OPEN_RIDE, Ride
 from foundation.geo import distance_m, parse_area, valid_position
 
 router = APIRouter(tags=["rides"])

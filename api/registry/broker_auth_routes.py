@@ -10,7 +10,7 @@ DATA_DIR/broker-hook.secret): ``Authorization: Bearer <secret>``, ``X-Latch-Hook
 or HTTP Basic with the secret as password (VerneMQ sends no custom headers, but its HTTP client
 turns ``http://latch:<secret>@host/...`` into Basic auth). Without it: 401. Everything else is
 answered 200, refusals included: for EMQX a 4xx means "ignore this authenticator", not "deny".
-The decisions are in api/broker_auth.py; how to configure the brokers: docs/external-brokers.md.
+The decisions are in api/registry/broker_auth.py; how to configure the brokers: docs/external-brokers.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from api.broker_auth import BrokerAuth
+from api.registry.broker_auth import BrokerAuth
 
 router = APIRouter(prefix="/v1/broker", tags=["external brokers"])
 

@@ -18,17 +18,17 @@ from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from api import command_sql
 from api.auth import Principal
 from api.clock import now_ms, to_datetime
-from api.command_states import Status
-from api.commands import CommandService, new_command_id
+from api.commands import sql as command_sql
+from api.commands.service import CommandService, new_command_id
+from api.commands.states import Status
 from api.db import Database
 from api.errors import Conflict, Forbidden, NotFound
 from api.models import Command, CommandCreate, CommandRow, Device
 from api.push import event_models as ek
 from api.push.events import EventLog
-from api.rider_models import OPEN_RIDE, BikePublic, Ride, RideCreate, RidePublic, RideStatus
+from api.riders.models import OPEN_RIDE, BikePublic, Ride, RideCreate, RidePublic, RideStatus
 
 UNLOCK_TTL_S = 30
 
