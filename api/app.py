@@ -55,8 +55,13 @@ log = logging.getLogger("latch.app")
 def build_runtime(settings: Settings, db: Database) -> Runtime:
     assert settings.service_secret, "settings.ensure_secrets() first"
     metrics, waiters = Metrics(), Waiters()
-    registry = DeviceRegistry(db)
-    holder: list[Ingest] = []
+    # one lease (api/lease.py) for every singleton job: device reports, the sweeper, fleet rollouts
+    lease = Lease(db.url if db.is_postgres else None, eligible=settings.ingest)
+    events_ = EventLog(db, settings, metrics)
+    bus = events_.bus
+    hooks = AllHooks(Journal(events_, settings), CommandLog())   # inside each change's transaction
+    registry = DeviceRegistry(db, hooks=hooks)
+    holder: list[Ingest] = []   # the link's handler is the ingest, which needs the link: bound once both exist
 
     async def handle(topic: str, payload: bytes, qos: int, retain: bool) -> None:
         await holder[0].handle(topic, payload, qos, retain)
@@ -64,7 +69,9 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
     link = BrokerLink(settings.api_client_id, SERVICE_USERNAME, settings.service_secret, handle,
                       ingest=settings.ingest, share_group=settings.share_group,
                       max_packet_size=settings.mqtt_max_packet_size)
-    commands_ = CommandService(db, settings, link, waiters, metrics)
+    # with NATS, other replicas' answers wake waits here through it: while it is away a wait re-reads
+    commands_ = CommandService(db, settings, link, waiters, metrics, hooks=hooks, sweeps_here=lambda: lease.held,
+                               wakes_degraded=(lambda: not bus.connected) if bus is not None else None)
 
     def command_dropped(topic: str, payload: bytes) -> None:   # the link gave up on a sent command
         parsed = topics.parse(topic)
@@ -95,18 +102,9 @@ def build_runtime(settings: Settings, db: Database) -> Runtime:
         task.add_done_callback(sending.discard)
 
     link.on_reconnected.append(on_reconnected)
-    # one lease (api/lease.py) for every singleton job: device reports, the sweeper, fleet rollouts
-    lease = Lease(db.url if db.is_postgres else None, eligible=settings.ingest)
     lease.on_acquired.append(lambda: asyncio.get_running_loop().create_task(link.refresh_retained()))
-    commands_.sweeps_here = lambda: lease.held
     ingest = Ingest(registry, commands_, link, metrics, lease)
     holder.append(ingest)
-    events_ = EventLog(db, settings, metrics)
-    bus = events_.bus
-    if bus is not None:   # other replicas' answers wake waits here through NATS: re-read while it is away
-        commands_.wakes_degraded = lambda: not bus.connected
-    # CommandLog: api/commands/log.py
-    commands_.hooks = registry.hooks = AllHooks(Journal(events_, settings), CommandLog())
 
     def to_rider_topic(ev: LiveEvent) -> None:   # the MQTT transport: each rider's own topic
         # only the process that made the event sends it, so a rider gets it once however many replicas;

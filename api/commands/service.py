@@ -129,6 +129,21 @@ def _request_hash(device_id: str, body: CommandCreate) -> str:
 DEGRADED_RECHECK_S = 0.5   # see CommandService.wakes_degraded
 
 
+class Deadlines:
+    """A command's new deadline, told to whoever sweeps in this process: the sweeper subscribes when it is made
+    (`listen`), so neither writes into the other."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[int], None]] = []
+
+    def listen(self, fn: Callable[[int], None]) -> None:
+        self._listeners.append(fn)
+
+    def changed(self, deadline_ms: int) -> None:
+        for fn in self._listeners:
+            fn(deadline_ms)
+
+
 def NEVER() -> bool:   # noqa: N802 (a constant function: wake-ups never degrade without NATS)
     return False
 
@@ -147,23 +162,27 @@ async def wait_until(fut: asyncio.Future[None], timeout: float, metrics: Metrics
 
 class CommandService:
     def __init__(self, db: Database, settings: Settings, publisher: Publisher, waiters: Waiters,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, *, hooks: ChangeHooks = NO_HOOKS, sweeps_here: Callable[[], bool] = lambda: False,
+                 wakes_degraded: Callable[[], bool] | None = None) -> None:
+        """`hooks`: run inside each change's transaction (the event log, the command log: api/hooks.py).
+        `sweeps_here`: True while this process holds the sweeper's lease (api/lease.py). `wakes_degraded`: True
+        while another replica's answer cannot wake a wait here (NATS unreachable; see below)."""
         self.db = db
         self.settings = settings
         self.publisher = publisher
         self.waiters = waiters
         self.metrics = metrics
-        self.deadline_changed: Callable[[int], None] = lambda deadline_ms: None  # the sweeper hooks in here
-        self.hooks: ChangeHooks = NO_HOOKS   # the event log hooks in here (inside each change's transaction)
+        self.deadlines = Deadlines()   # a new deadline, to whoever sweeps in this process (api/commands/sweeper.py)
+        self.hooks = hooks
         # tells other API processes of a new deadline, inside the transaction (api/pg_bus.py) — unless this
         # process holds the sweeper's lease (api/lease.py): its own sweeper hears of it in-process
-        # (deadline_changed), and a replica that takes the lease later sweeps from the table first
+        # (deadlines), and a replica that takes the lease later sweeps from the table first
         self.notify: Callable[[Session, str, str], None] = pg_bus.notify if db.is_postgres else pg_bus.no_notify
-        self.sweeps_here: Callable[[], bool] = lambda: False
+        self.sweeps_here = sweeps_here
         # with NATS (api/push/nats_bus.py) another replica's answer wakes a wait here through the event stream: while
         # this process cannot reach NATS that wake-up cannot come, and a wait re-reads its command every
         # DEGRADED_RECHECK_S instead (without it, a wait on an answer applied elsewhere ran to its full timeout)
-        self.wakes_degraded: Callable[[], bool] = NEVER
+        self.wakes_degraded = wakes_degraded or NEVER
         # the history of each command a `?wait=` caller waits on in this process, as it is written: the
         # answer once final, without reading the command and its history back (docs/performance.md)
         self._trails: dict[str, list[HistoryRow]] = {}
@@ -318,7 +337,7 @@ class CommandService:
             trail = self._trails.pop(cmd.id, None)
             self.waiters.notify(cmd.id, (cmd, trail) if trail is not None else None)
         elif cmd.deadline_ms is not None:
-            self.deadline_changed(cmd.deadline_ms)
+            self.deadlines.changed(cmd.deadline_ms)
 
     async def transition(self, command_id: str, event: Event, *, reason: str | None = None,
                          detail: str | None = None, device_id: str | None = None,

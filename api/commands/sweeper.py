@@ -19,7 +19,7 @@ from api.lease import LEASE_RETRY_S, Lease
 
 log = logging.getLogger("latch.sweeper")
 
-IDLE_RECHECK_S = 30.0  # with nothing due: a safety net only (deadlines arrive by deadline_changed or NOTIFY)
+IDLE_RECHECK_S = 30.0  # with nothing due: a safety net only (deadlines arrive by commands.deadlines or NOTIFY)
 BEHIND_RECHECK_S = 0.25   # while acks are applied late, how often timeouts are reconsidered
 
 
@@ -35,7 +35,7 @@ class Sweeper:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._next_due: float = 0.0
-        commands.deadline_changed = self._deadline_changed
+        commands.deadlines.listen(self._deadline_changed)
 
     def _deadline_changed(self, deadline_ms: int) -> None:
         if deadline_ms < self._next_due:

@@ -87,13 +87,14 @@ def tags_of(s: Session, device_ids: list[str]) -> dict[str, list[str]]:
 
 
 class DeviceRegistry:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, hooks: ChangeHooks = NO_HOOKS) -> None:
+        """`hooks`: run inside each device change's transaction (the event log: api/hooks.py)."""
         self.db = db
         self.seal = keyseal.for_url(db.url)
         _SEALS[db.engine] = self.seal
         if db.async_engine is not None:
             _SEALS[db.async_engine.sync_engine] = self.seal
-        self.hooks: ChangeHooks = NO_HOOKS   # the event log hooks in here (inside each change's transaction)
+        self.hooks = hooks
         # awaited after a registration, rotation or revocation has committed, with the device id and
         # REGISTERED / ROTATED / REVOKED (e.g. to rewrite an external Mosquitto's password file); a
         # failing callback is logged, never raised
