@@ -3,6 +3,10 @@
 Every state change is a conditional UPDATE (`WHERE id = ? AND status = ?`),
 so it is applied exactly once even when several writers race (an ack and
 the sweeper, or two API replicas sharing a database).
+
+Why one module of ~480 lines: CommandService is the one place a command's row changes (create, dispatch,
+transition, expiry) and where `?wait=` answers are kept in hand; its statements live in sql.py, its state table
+in states.py, its answers' parsing in ingest.py.
 """
 
 from __future__ import annotations

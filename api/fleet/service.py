@@ -63,6 +63,9 @@ Decisions, and why:
 * **One worker, under the singleton lease** (api/lease.py, shared with the sweeper): with several
   API replicas only the holder issues, so no device is issued twice over (and if two ever overlapped,
   the idempotency key still lets only one command per target exist).
+
+Why one module of ~550 lines: a rollout's creation, its waves and its worker change one row set (fleet and
+fleet_command) under one set of conditional transitions; the module's parts are its phases, in order.
 """
 
 from __future__ import annotations

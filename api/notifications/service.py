@@ -10,6 +10,9 @@
     tick        every LATCH_NOTIFY_TICK_S: reload preferences changed on other replicas, write a release
                 position for marketing held by quiet hours that ended (the lease holder only), flush
                 the counts into the notification rows, forget old notifications
+
+Why one module of ~410 lines: the service is the notification's whole life (send, per-rider offer, receipts,
+counts, preferences); the decisions per rider are fanout.py's and rules.py's.
 """
 
 from __future__ import annotations
