@@ -1,10 +1,11 @@
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, Query, Response, status
 
 from api.commands.service import IdempotencyConflict, new_command_id, public
 from api.commands.states import Status, is_final
 from api.deps import CallerDep, PrincipalDep, RuntimeDep
+from api.errors import Conflict, NotFound
 from api.models import CommandCreate, CommandPublic
 from api.paging import OffsetQuery
 from api.runtime import Runtime
@@ -33,9 +34,9 @@ async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who:
     await rt.rights.check_command(who, device_id, body.action)
     device = await rt.registry.get_for_command(device_id)
     if device is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+        raise NotFound(f"no device {device_id!r}")
     if device.revoked:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"device {device_id!r} is revoked")
+        raise Conflict(f"device {device_id!r} is revoked")
     command_id = new_command_id()
     outcome = rt.waiters.register(command_id)   # before the command exists, so no outcome can slip past
     try:
@@ -43,8 +44,7 @@ async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who:
             with rt.admission.creating_one():
                 cmd, created = await rt.commands.create(device, body, who.name, idempotency_key, command_id)
         except IdempotencyConflict as e:
-            raise HTTPException(status.HTTP_409_CONFLICT,
-                                f"Idempotency-Key was already used for command {e.args[0]} with a different request")
+            raise Conflict(f"Idempotency-Key was already used for command {e.args[0]} with a different request")
         if not created:
             response.status_code = status.HTTP_200_OK
             if wait:   # a replay: wait on the original command
@@ -64,7 +64,7 @@ async def send_command(device_id: str, body: CommandCreate, rt: RuntimeDep, who:
 async def _with_history(rt: Runtime, command_id: str) -> CommandPublic:
     found = await rt.commands.with_history(command_id)
     if found is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command {command_id!r}")
+        raise NotFound(f"no command {command_id!r}")
     return public(*found)
 
 
@@ -82,7 +82,7 @@ async def get_command(command_id: str, rt: RuntimeDep, who: CallerDep, wait: Wai
     if not who.is_operator:
         cmd = await rt.commands.get(command_id)
         if cmd is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command {command_id!r}")
+            raise NotFound(f"no command {command_id!r}")
         rt.rights.check_sees_command(who, cmd)
     if wait:
         await rt.commands.wait_final(command_id, wait)
@@ -94,10 +94,9 @@ async def get_command(command_id: str, rt: RuntimeDep, who: CallerDep, wait: Wai
 async def cancel_command(command_id: str, rt: RuntimeDep, _: PrincipalDep) -> CommandPublic:
     out = await rt.commands.cancel(command_id)
     if out is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command {command_id!r}")
+        raise NotFound(f"no command {command_id!r}")
     if not out.applied:
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            f"command is {out.command.status}; only a queued command can be cancelled")
+        raise Conflict(f"command is {out.command.status}; only a queued command can be cancelled")
     return await _with_history(rt, command_id)
 
 
@@ -106,5 +105,5 @@ async def list_device_commands(device_id: str, rt: RuntimeDep, _: PrincipalDep,
                                limit: int = Query(50, ge=1, le=500),
                                offset: OffsetQuery = 0) -> list[CommandPublic]:
     if await rt.registry.get(device_id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+        raise NotFound(f"no device {device_id!r}")
     return [public(c) for c in await rt.commands.list_for_device(device_id, limit, offset)]

@@ -5,6 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 
 from api.deps import PrincipalDep, RuntimeDep
+from api.errors import Conflict, NotFound
 from api.fleet.models import DEVICE_STATUSES, FleetCreate, FleetDevicePublic, FleetPublic, FleetStatus
 from api.fleet.service import FleetError, FleetIdempotencyConflict, public
 from api.paging import OffsetQuery
@@ -42,7 +43,7 @@ async def create_fleet_command(body: FleetCreate, rt: RuntimeDep, who: Principal
     except FleetError as e:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e))
     except FleetIdempotencyConflict as e:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"Idempotency-Key was already used for fleet command "
+        raise Conflict(f"Idempotency-Key was already used for fleet command "
                                                       f"{e.args[0]} with a different request")
     if not created:
         response.status_code = status.HTTP_200_OK
@@ -52,7 +53,7 @@ async def create_fleet_command(body: FleetCreate, rt: RuntimeDep, who: Principal
 async def _public(rt: Runtime, fleet_id: str) -> FleetPublic:
     found = await rt.fleet.get(fleet_id)
     if found is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no fleet command {fleet_id!r}")
+        raise NotFound(f"no fleet command {fleet_id!r}")
     return public(*found)
 
 
@@ -82,7 +83,7 @@ async def list_fleet_devices(fleet_id: str, rt: RuntimeDep, _: PrincipalDep,
                             f"unknown status {status_[:40]!r}; one of: {_STATUSES}")
     rows = await rt.fleet.devices(fleet_id, status_, limit, offset)
     if rows is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no fleet command {fleet_id!r}")
+        raise NotFound(f"no fleet command {fleet_id!r}")
     return rows
 
 
@@ -94,9 +95,8 @@ async def cancel_fleet_command(fleet_id: str, rt: RuntimeDep, _: PrincipalDep) -
     POST /v1/commands/{id}/cancel)."""
     out = await rt.fleet.cancel(fleet_id)
     if out is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no fleet command {fleet_id!r}")
+        raise NotFound(f"no fleet command {fleet_id!r}")
     fleet, applied = out
     if not applied:
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            f"fleet command is {fleet.status}; only a running one can be cancelled")
+        raise Conflict(f"fleet command is {fleet.status}; only a running one can be cancelled")
     return await _public(rt, fleet_id)

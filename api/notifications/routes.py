@@ -3,9 +3,10 @@ Riders receive notifications on the event transports (kind "notification"), not 
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, Path, Query, status
 
 from api.deps import CallerDep, OperatorDep, RuntimeDep
+from api.errors import Forbidden
 from api.notifications.models import (
     NotificationCreate,
     NotificationCreated,
@@ -58,7 +59,7 @@ async def receipt(body: ReceiptCreate, rt: RuntimeDep, who: CallerDep,
     """Report that the notification was shown (`{"seen": true}`) or which action was pressed
     (`{"action": "<id>"}`, which also means seen). Repeating a report changes nothing."""
     if who.is_operator:
-        raise HTTPException(403, "receipts come from the riders it was sent to")
+        raise Forbidden("receipts come from the riders it was sent to")
     return await _svc(rt).receipt(who, notification_id, body)
 
 

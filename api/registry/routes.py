@@ -4,6 +4,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from api import ops_queries
 from api.deps import PrincipalDep, RuntimeDep
+from api.errors import Conflict, NotFound
 from api.models import DeviceCreate, DeviceCredentials, DevicePatch, DevicePublic
 from api.ops_queries import DeviceFilter, DeviceSort
 from api.paging import OffsetQuery
@@ -18,8 +19,7 @@ async def register_device(body: DeviceCreate, rt: RuntimeDep, _: PrincipalDep) -
     try:
         return await rt.registry.register(body)
     except DeviceExists:
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            f"device {body.id!r} already exists; "
+        raise Conflict(f"device {body.id!r} already exists; "
                             f"POST /v1/devices/{body.id}/credentials to rotate its secrets")
 
 
@@ -55,7 +55,7 @@ async def list_devices(rt: RuntimeDep, _: PrincipalDep, response: Response,
 async def get_device(device_id: str, rt: RuntimeDep, _: PrincipalDep) -> DevicePublic:
     device = await rt.registry.get(device_id)
     if device is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+        raise NotFound(f"no device {device_id!r}")
     return public(device, (await rt.registry.tags_of([device_id]))[device_id])
 
 
@@ -66,7 +66,7 @@ async def patch_device(device_id: str, body: DevicePatch, rt: RuntimeDep, _: Pri
         raise HTTPException(422, "nothing to change: send zone and/or tags")
     found = await rt.registry.patch(device_id, body)
     if found is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+        raise NotFound(f"no device {device_id!r}")
     return public(*found)
 
 
@@ -75,7 +75,7 @@ async def rotate_credentials(device_id: str, rt: RuntimeDep, _: PrincipalDep) ->
     """New MQTT password and command key; the old ones stop working at once."""
     creds = await rt.registry.rotate(device_id)
     if creds is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+        raise NotFound(f"no device {device_id!r}")
     return creds
 
 
@@ -86,5 +86,5 @@ async def revoke_device(device_id: str, rt: RuntimeDep, _: PrincipalDep) -> Devi
     and its history stay; POST /v1/devices/{id}/credentials issues new credentials and lets it back in."""
     device = await rt.registry.revoke(device_id)
     if device is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+        raise NotFound(f"no device {device_id!r}")
     return public(device, (await rt.registry.tags_of([device_id]))[device_id])

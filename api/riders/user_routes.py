@@ -11,6 +11,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 
 from api.deps import CallerDep, OperatorDep, RuntimeDep
+from api.errors import Conflict, NotFound
 from api.hashing import PoolBusy
 from api.paging import OffsetQuery
 from api.ratelimit import RateLimiter, client_address, too_many
@@ -65,7 +66,7 @@ async def sign_up(body: SignUp, request: Request, rt: RuntimeDep) -> TokenPublic
     try:
         user = await rt.users.create(body, "rider")
     except EmailTaken:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"{body.email} already has an account: log in instead")
+        raise Conflict(f"{body.email} already has an account: log in instead")
     except PoolBusy as e:
         raise _busy(e) from e
     return await rt.users.token_for(user)
@@ -141,7 +142,7 @@ async def create_user(body: UserCreate, rt: RuntimeDep, _: OperatorDep) -> UserP
     try:
         return public(await rt.users.create(body, body.role))
     except EmailTaken:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"{body.email} already has an account")
+        raise Conflict(f"{body.email} already has an account")
     except PoolBusy as e:
         raise _busy(e) from e
 
@@ -158,6 +159,6 @@ async def delete_user(user_id: str, rt: RuntimeDep, _: OperatorDep) -> Response:
     """Delete an account: its tokens are refused everywhere at once (MQTT logins too), its email is free for a
     new account; its rides and commands stay in the history under its id."""
     if not await rt.users.delete(user_id):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no user {user_id[:64]!r}")
+        raise NotFound(f"no user {user_id[:64]!r}")
     rt.events.end_sessions(user_id)   # every open stream of the account ends now
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, status
+from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, Field
 
 from api import ops_queries
 from api.clock import now_ms
 from api.commands.service import public
 from api.deps import PrincipalDep, RuntimeDep
+from api.errors import NotFound
 from api.models import CommandPublic
 from api.push.event_models import EventPublic
 
@@ -87,7 +88,7 @@ async def presence(rt: RuntimeDep, _: PrincipalDep, device_id: str = Path(patter
                    hours: int = Query(24, ge=1, le=168), limit: int = Query(50, ge=1, le=500)) -> list[PresenceChange]:
     """The device's online/offline changes over the last `hours`, newest first."""
     if await rt.registry.get(device_id) is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
+        raise NotFound(f"no device {device_id!r}")
     since = now_ms() - hours * 3_600_000
     rows = await rt.db.read(lambda s: ops_queries.presence_history(s, device_id, since, limit))
     return [PresenceChange(**r) for r in rows]
@@ -100,7 +101,7 @@ async def command(rt: RuntimeDep, _: PrincipalDep,
     """One command with its history and who issued it."""
     found = await rt.commands.with_history(command_id)
     if found is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no command {command_id!r}")
+        raise NotFound(f"no command {command_id!r}")
     cmd = found[0]
     who = await rt.db.read(lambda s: ops_queries.owner_words(s, cmd.owner))
     return CommandDetail(**public(*found).model_dump(), owner=cmd.owner, issued_by=who)
